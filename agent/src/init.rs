@@ -1,0 +1,150 @@
+//! What the agent does as PID 1 before it serves: the guest's base mounts,
+//! kernel modules, a switch from the initramfs to a tmpfs root (pivot_root,
+//! which containers need, refuses to run from the initramfs itself),
+//! cgroups, loopback, and the shared directory from the host. Also the
+//! power-off at the end.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use nix::mount::{mount, MsFlags};
+use podvisor_protocol::{GUEST_SHARED_DIR, SHARED_FS_TAG};
+
+use crate::container::cgroup;
+use crate::modules;
+
+/// The list of modules to load, written by the guest image build.
+const MODULE_LIST: &str = "/etc/podvisor/modules";
+
+/// Brings the guest up. Errors on the way that leave the agent able to
+/// serve (no shared directory, say) are logged, not returned.
+pub fn boot() -> Result<()> {
+    mount_fs("proc", "/proc", "proc", MsFlags::empty(), None)?;
+    mount_fs("sysfs", "/sys", "sysfs", MsFlags::empty(), None)?;
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::empty(), None)?;
+
+    load_modules();
+    switch_root().context("switching from the initramfs to a tmpfs root")?;
+
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    mount_fs("shm", "/dev/shm", "tmpfs", nosuid, Some("mode=1777"))?;
+    mount_fs("cgroup2", cgroup::CGROUP_ROOT, "cgroup2", nosuid, None)?;
+    cgroup::init_hierarchy(Path::new(cgroup::CGROUP_ROOT)).context("setting up cgroups")?;
+    for dir in ["/tmp", "/run", "/etc"] {
+        fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
+    }
+    fs::write("/etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost\n").context("/etc/hosts")?;
+    if let Err(e) = loopback_up() {
+        tracing::warn!("bringing lo up: {e}");
+    }
+    if let Err(e) = mount_fs(SHARED_FS_TAG, GUEST_SHARED_DIR, "virtiofs", MsFlags::empty(), None) {
+        tracing::warn!("no shared directory from the host, containers cannot start: {e:#}");
+    }
+    Ok(())
+}
+
+fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
+    fs::create_dir_all(target).with_context(|| format!("creating {target}"))?;
+    mount(Some(src), target, Some(fstype), flags, data)
+        .with_context(|| format!("mounting {fstype} on {target}"))
+}
+
+fn load_modules() {
+    let release = match nix::sys::utsname::uname() {
+        Ok(u) => u.release().to_string_lossy().into_owned(),
+        Err(e) => return tracing::warn!("uname: {e}"),
+    };
+    let list = fs::read_to_string(MODULE_LIST).unwrap_or_default();
+    let names: Vec<&str> = list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let dir = Path::new("/lib/modules").join(&release);
+    match modules::load(&dir, &names) {
+        Ok(n) => tracing::info!("loaded {n} kernel modules"),
+        Err(e) => tracing::warn!("kernel modules: {e}"),
+    }
+}
+
+/// Moves the base mounts onto a new tmpfs, frees the initramfs and makes
+/// the tmpfs `/` (busybox switch_root, minus the exec).
+fn switch_root() -> Result<()> {
+    const NEW: &str = "/newroot";
+    mount_fs("tmpfs", NEW, "tmpfs", MsFlags::empty(), Some("mode=0755"))?;
+    for dir in ["proc", "sys", "dev"] {
+        let target = format!("{NEW}/{dir}");
+        fs::create_dir_all(&target)?;
+        mount(Some(Path::new("/").join(dir).as_path()), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+            .with_context(|| format!("moving /{dir}"))?;
+    }
+    let root_dev = fs::metadata("/")?.dev();
+    delete_tree(Path::new("/"), root_dev);
+    nix::unistd::chdir(NEW)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("moving the new root to /")?;
+    nix::unistd::chroot(".").context("chroot")?;
+    nix::unistd::chdir("/")?;
+    Ok(())
+}
+
+/// Removes what is on the initramfs, without crossing into mounts.
+fn delete_tree(dir: &Path, dev: u64) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+        if meta.dev() != dev {
+            continue;
+        }
+        if meta.is_dir() {
+            delete_tree(&path, dev);
+            let _ = fs::remove_dir(&path);
+        } else {
+            let _ = fs::remove_file(&path);
+        }
+    }
+}
+
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new socket we own.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&sock);
+    // SAFETY: ifreq is plain data; the ioctls read and write it in place.
+    unsafe {
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            ifr.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(raw, libc::SIOCGIFFLAGS as _, &mut ifr) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(raw, libc::SIOCSIFFLAGS as _, &ifr) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Flushes filesystems and powers the machine off.
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let e = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    tracing::error!("power off failed: {e:?}");
+    // Nothing else sensible is left for PID 1.
+    std::process::abort()
+}

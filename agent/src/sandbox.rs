@@ -1,0 +1,237 @@
+//! The guest as one pod sandbox: its containers by id, the sandbox-wide
+//! settings (hostname, DNS, sysctls), facts about the guest, and the
+//! power-off at the end.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use podvisor_protocol::api;
+
+use crate::container::{validate_id, Container};
+use crate::lock;
+use crate::error::{internal, invalid, not_found, precondition, AgentError, Result};
+use crate::reaper::Reaper;
+
+/// Delay between answering DestroySandbox and powering off, so the answer
+/// leaves the guest first.
+const POWEROFF_DELAY: Duration = Duration::from_millis(100);
+
+pub struct Sandbox {
+    reaper: Arc<Reaper>,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// Ids being created, so a second create of the same id fails at once.
+    creating: Mutex<HashSet<String>>,
+    /// Whether DestroySandbox powers the machine off (the agent is PID 1).
+    owns_machine: bool,
+    ready_ms: u64,
+}
+
+impl Sandbox {
+    pub fn new(reaper: Arc<Reaper>, owns_machine: bool) -> Sandbox {
+        Sandbox {
+            reaper,
+            containers: Mutex::new(HashMap::new()),
+            creating: Mutex::new(HashSet::new()),
+            owns_machine,
+            ready_ms: boottime_ms(),
+        }
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>> {
+        lock(&self.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_found!("container {id:?} not found"))
+    }
+
+    pub fn guest_details(&self) -> api::GuestDetailsResponse {
+        let uts = nix::sys::utsname::uname().ok();
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        api::GuestDetailsResponse {
+            kernel_release: uts
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            memory_total_bytes: kib_field(&meminfo, "MemTotal:") * 1024,
+            // SAFETY: sysconf has no preconditions.
+            online_cpus: unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(0) as u32,
+            agent_rss_bytes: kib_field(&status, "VmRSS:") * 1024,
+            agent_ready_ms: self.ready_ms,
+            ..Default::default()
+        }
+    }
+
+    pub fn create_sandbox(&self, req: &api::CreateSandboxRequest) -> Result<()> {
+        if !req.hostname.is_empty() {
+            nix::unistd::sethostname(&req.hostname)
+                .map_err(|e| invalid!("hostname {:?}: {e}", req.hostname))?;
+        }
+        let mut resolv = String::new();
+        for s in &req.dns_servers {
+            if s.parse::<std::net::IpAddr>().is_err() {
+                return Err(invalid!("DNS server {s:?} is not an IP address"));
+            }
+            resolv.push_str(&format!("nameserver {s}\n"));
+        }
+        if !req.dns_searches.is_empty() {
+            resolv.push_str(&format!("search {}\n", req.dns_searches.join(" ")));
+        }
+        if !req.dns_options.is_empty() {
+            resolv.push_str(&format!("options {}\n", req.dns_options.join(" ")));
+        }
+        if !resolv.is_empty() {
+            std::fs::create_dir_all("/etc").map_err(|e| internal!("/etc: {e}"))?;
+            std::fs::write("/etc/resolv.conf", resolv)
+                .map_err(|e| internal!("writing /etc/resolv.conf: {e}"))?;
+        }
+        for (key, value) in &req.sysctls {
+            if key.is_empty() || key.contains("..") || key.contains('/') {
+                return Err(invalid!("bad sysctl name {key:?}"));
+            }
+            let path = format!("/proc/sys/{}", key.replace('.', "/"));
+            std::fs::write(&path, value).map_err(|e| invalid!("sysctl {key}={value}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub async fn create_container(
+        &self,
+        req: &api::CreateContainerRequest,
+    ) -> Result<api::StdioPorts> {
+        let id = req.container_id.as_str();
+        validate_id("container", id)?;
+        {
+            let containers = lock(&self.containers);
+            let mut creating = lock(&self.creating);
+            if containers.contains_key(id) || !creating.insert(id.to_string()) {
+                return Err(AgentError::AlreadyExists(format!(
+                    "container {id} already exists"
+                )));
+            }
+        }
+        let stdio = req.stdio.clone().unwrap_or_default();
+        let result = Container::create(id, &req.oci_spec_json, &stdio, &self.reaper).await;
+        lock(&self.creating).remove(id);
+        let (container, ports) = result?;
+        lock(&self.containers).insert(id.to_string(), Arc::new(container));
+        tracing::info!(container = id, "created");
+        Ok(ports)
+    }
+
+    pub async fn start(&self, id: &str, exec_id: &str) -> Result<()> {
+        let c = self.container(id)?;
+        if exec_id.is_empty() {
+            c.start().await
+        } else {
+            c.start_exec(exec_id).await
+        }
+    }
+
+    pub async fn exec(&self, req: &api::ExecProcessRequest) -> Result<api::ExecProcessResponse> {
+        let c = self.container(&req.container_id)?;
+        let stdio = req.stdio.clone().unwrap_or_default();
+        let (pid, ports) = c
+            .exec(&req.exec_id, &req.process_json, &stdio, &self.reaper)
+            .await?;
+        Ok(api::ExecProcessResponse {
+            ports: Some(ports).into(),
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    pub fn signal(&self, req: &api::SignalProcessRequest) -> Result<()> {
+        let signal = i32::try_from(req.signal)
+            .ok()
+            .filter(|s| (1..=64).contains(s))
+            .ok_or_else(|| invalid!("invalid signal {}", req.signal))?;
+        self.container(&req.container_id)?
+            .signal(&req.exec_id, signal, req.all)
+    }
+
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<api::WaitProcessResponse> {
+        self.container(id)?.wait(exec_id).await
+    }
+
+    pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        self.container(id)?.close_stdin(exec_id)
+    }
+
+    pub fn resize(&self, req: &api::TtyWinResizeRequest) -> Result<()> {
+        self.container(&req.container_id)?
+            .resize(&req.exec_id, req.rows, req.columns)
+    }
+
+    pub fn pids(&self, id: &str) -> Result<Vec<u32>> {
+        Ok(self.container(id)?.pids())
+    }
+
+    pub fn stats(&self, id: &str) -> Result<api::StatsContainerResponse> {
+        Ok(self.container(id)?.stats())
+    }
+
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
+        self.container(id)?.update(resources_json)
+    }
+
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let c = self.container(id)?;
+        if c.running() {
+            return Err(precondition!(
+                "container {id} is still running: signal it and wait first"
+            ));
+        }
+        lock(&self.containers).remove(id);
+        c.destroy();
+        tracing::info!(container = id, "removed");
+        Ok(())
+    }
+
+    /// Kills every container and, as PID 1, powers the guest off shortly
+    /// after the answer is sent.
+    pub fn destroy(&self) {
+        let all: Vec<_> = lock(&self.containers).drain().map(|(_, c)| c).collect();
+        for c in &all {
+            c.kill_all();
+        }
+        if self.owns_machine {
+            tokio::spawn(async move {
+                tokio::time::sleep(POWEROFF_DELAY).await;
+                crate::init::power_off();
+            });
+        }
+    }
+}
+
+fn kib_field(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Milliseconds since the kernel started.
+fn boottime_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kib_fields_parse() {
+        let status = "Name:\tagent\nVmRSS:\t    2048 kB\n";
+        assert_eq!(kib_field(status, "VmRSS:"), 2048);
+        assert_eq!(kib_field(status, "VmHWM:"), 0);
+    }
+}

@@ -1,0 +1,163 @@
+//! The agent API on vsock: each ttrpc call goes to the [`Sandbox`], and each
+//! failure comes back as a status with a code and a message. A bad request
+//! never ends the agent: it is PID 1, and its exit is the VM's.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use podvisor_protocol::{api, API_VERSION};
+use tokio_vsock::{VsockAddr, VsockListener};
+use ttrpc::r#async::TtrpcContext;
+
+use crate::error::AgentError;
+use crate::sandbox::Sandbox;
+
+type Rpc<T> = ttrpc::Result<T>;
+
+pub struct Service {
+    sandbox: Arc<Sandbox>,
+}
+
+/// Serves the agent API on vsock `port` until the process ends.
+pub async fn serve(sandbox: Arc<Sandbox>, port: u32) -> anyhow::Result<()> {
+    let listener = VsockListener::bind(VsockAddr::new(libc::VMADDR_CID_ANY, port))
+        .map_err(|e| anyhow::anyhow!("binding vsock port {port}: {e}"))?;
+    let service = Arc::new(Service { sandbox });
+    let mut server = ttrpc::r#async::Server::new()
+        .add_listener(listener.into())
+        .register_service(api::create_agent(service));
+    server.start().await?;
+    tracing::info!("agent API serving on vsock port {port}");
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+fn log_err<T>(call: &str, r: Result<T, AgentError>) -> Rpc<T> {
+    r.map_err(|e| {
+        tracing::warn!("{call}: {e}");
+        e.into()
+    })
+}
+
+#[async_trait]
+impl api::Agent for Service {
+    async fn check(&self, _: &TtrpcContext, _: api::CheckRequest) -> Rpc<api::CheckResponse> {
+        Ok(api::CheckResponse {
+            serving: true,
+            ..Default::default()
+        })
+    }
+
+    async fn version(&self, _: &TtrpcContext, _: api::VersionRequest) -> Rpc<api::VersionResponse> {
+        Ok(api::VersionResponse {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            api_version: API_VERSION,
+            ..Default::default()
+        })
+    }
+
+    async fn get_guest_details(
+        &self,
+        _: &TtrpcContext,
+        _: api::GuestDetailsRequest,
+    ) -> Rpc<api::GuestDetailsResponse> {
+        Ok(self.sandbox.guest_details())
+    }
+
+    async fn create_sandbox(&self, _: &TtrpcContext, req: api::CreateSandboxRequest) -> Rpc<api::Empty> {
+        log_err("CreateSandbox", self.sandbox.create_sandbox(&req)).map(|()| api::Empty::new())
+    }
+
+    async fn destroy_sandbox(&self, _: &TtrpcContext, _: api::DestroySandboxRequest) -> Rpc<api::Empty> {
+        tracing::info!("DestroySandbox: stopping every container and powering off");
+        self.sandbox.destroy();
+        Ok(api::Empty::new())
+    }
+
+    async fn create_container(
+        &self,
+        _: &TtrpcContext,
+        req: api::CreateContainerRequest,
+    ) -> Rpc<api::CreateContainerResponse> {
+        let ports = log_err("CreateContainer", self.sandbox.create_container(&req).await)?;
+        Ok(api::CreateContainerResponse {
+            ports: Some(ports).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn start_container(&self, _: &TtrpcContext, req: api::StartContainerRequest) -> Rpc<api::Empty> {
+        log_err(
+            "StartContainer",
+            self.sandbox.start(&req.container_id, &req.exec_id).await,
+        )
+        .map(|()| api::Empty::new())
+    }
+
+    async fn exec_process(
+        &self,
+        _: &TtrpcContext,
+        req: api::ExecProcessRequest,
+    ) -> Rpc<api::ExecProcessResponse> {
+        log_err("ExecProcess", self.sandbox.exec(&req).await)
+    }
+
+    async fn signal_process(&self, _: &TtrpcContext, req: api::SignalProcessRequest) -> Rpc<api::Empty> {
+        log_err("SignalProcess", self.sandbox.signal(&req)).map(|()| api::Empty::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _: &TtrpcContext,
+        req: api::WaitProcessRequest,
+    ) -> Rpc<api::WaitProcessResponse> {
+        log_err(
+            "WaitProcess",
+            self.sandbox.wait(&req.container_id, &req.exec_id).await,
+        )
+    }
+
+    async fn close_stdin(&self, _: &TtrpcContext, req: api::CloseStdinRequest) -> Rpc<api::Empty> {
+        log_err(
+            "CloseStdin",
+            self.sandbox.close_stdin(&req.container_id, &req.exec_id),
+        )
+        .map(|()| api::Empty::new())
+    }
+
+    async fn tty_win_resize(&self, _: &TtrpcContext, req: api::TtyWinResizeRequest) -> Rpc<api::Empty> {
+        log_err("TtyWinResize", self.sandbox.resize(&req)).map(|()| api::Empty::new())
+    }
+
+    async fn list_processes(
+        &self,
+        _: &TtrpcContext,
+        req: api::ListProcessesRequest,
+    ) -> Rpc<api::ListProcessesResponse> {
+        let pids = log_err("ListProcesses", self.sandbox.pids(&req.container_id))?;
+        Ok(api::ListProcessesResponse {
+            pids,
+            ..Default::default()
+        })
+    }
+
+    async fn stats_container(
+        &self,
+        _: &TtrpcContext,
+        req: api::StatsContainerRequest,
+    ) -> Rpc<api::StatsContainerResponse> {
+        log_err("StatsContainer", self.sandbox.stats(&req.container_id))
+    }
+
+    async fn update_container(&self, _: &TtrpcContext, req: api::UpdateContainerRequest) -> Rpc<api::Empty> {
+        log_err(
+            "UpdateContainer",
+            self.sandbox.update(&req.container_id, &req.resources_json),
+        )
+        .map(|()| api::Empty::new())
+    }
+
+    async fn remove_container(&self, _: &TtrpcContext, req: api::RemoveContainerRequest) -> Rpc<api::Empty> {
+        log_err("RemoveContainer", self.sandbox.remove(&req.container_id)).map(|()| api::Empty::new())
+    }
+}

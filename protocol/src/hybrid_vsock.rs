@@ -1,0 +1,224 @@
+//! Host side of hybrid vsock: reaching a guest vsock port through the VM's
+//! Unix socket.
+//!
+//! Firecracker's protocol, which the in-tree VMM and `vhost-device-vsock`
+//! both speak: connect to the VM's UDS, write `CONNECT <port>\n`, read
+//! `OK <host-port>\n`; from then on the stream is the guest's. A guest with
+//! no listener on that port makes the backend close the stream instead.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::time::{sleep, timeout_at, Instant};
+
+use crate::api::AgentClient;
+use crate::AGENT_PORT;
+
+/// The longest handshake reply we accept ("OK 4294967295\n" is 14 bytes).
+const MAX_REPLY: usize = 32;
+
+/// Pause between attempts while a guest is still booting.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("cannot connect to hybrid-vsock socket {path}: {source}")]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("hybrid-vsock handshake for guest port {port} on {path}: {source}")]
+    Handshake {
+        path: PathBuf,
+        port: u32,
+        source: io::Error,
+    },
+    #[error("guest refused vsock port {port} (nothing listens there)")]
+    Refused { port: u32 },
+    #[error("unexpected hybrid-vsock reply for guest port {port}: {reply:?}")]
+    BadReply { port: u32, reply: String },
+    #[error("guest vsock port {port} not reachable through {path} within {after:?}: {last}")]
+    Timeout {
+        path: PathBuf,
+        port: u32,
+        after: Duration,
+        last: String,
+    },
+}
+
+impl DialError {
+    /// Worth another try while the guest boots: the socket is not there
+    /// yet, or the guest has not started listening.
+    fn is_transient(&self) -> bool {
+        match self {
+            DialError::Connect { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ),
+            DialError::Refused { .. } => true,
+            DialError::Handshake { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// One attempt: connect to `uds` and ask for guest `port`.
+pub async fn dial(uds: &Path, port: u32) -> Result<UnixStream, DialError> {
+    let mut stream = UnixStream::connect(uds)
+        .await
+        .map_err(|source| DialError::Connect {
+            path: uds.to_owned(),
+            source,
+        })?;
+    let hs_err = |source| DialError::Handshake {
+        path: uds.to_owned(),
+        port,
+        source,
+    };
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .map_err(hs_err)?;
+
+    // Byte by byte: whatever follows the newline is the guest's data.
+    let mut reply = Vec::with_capacity(16);
+    loop {
+        let mut b = [0u8; 1];
+        let n = stream.read(&mut b).await.map_err(hs_err)?;
+        if n == 0 {
+            if reply.is_empty() {
+                return Err(DialError::Refused { port });
+            }
+            break;
+        }
+        if b[0] == b'\n' {
+            return parse_reply(port, &reply).map(|()| stream);
+        }
+        reply.push(b[0]);
+        if reply.len() > MAX_REPLY {
+            break;
+        }
+    }
+    Err(DialError::BadReply {
+        port,
+        reply: String::from_utf8_lossy(&reply).into_owned(),
+    })
+}
+
+fn parse_reply(port: u32, reply: &[u8]) -> Result<(), DialError> {
+    let text = String::from_utf8_lossy(reply);
+    match text.strip_prefix("OK ") {
+        Some(n) if n.trim().parse::<u32>().is_ok() => Ok(()),
+        _ => Err(DialError::BadReply {
+            port,
+            reply: text.into_owned(),
+        }),
+    }
+}
+
+/// Dials until the guest answers or `within` has passed, retrying while the
+/// VM's socket is missing or the guest does not listen yet.
+pub async fn dial_within(uds: &Path, port: u32, within: Duration) -> Result<UnixStream, DialError> {
+    let deadline = Instant::now() + within;
+    let timeout = |last: String| DialError::Timeout {
+        path: uds.to_owned(),
+        port,
+        after: within,
+        last,
+    };
+    loop {
+        let err = match timeout_at(deadline, dial(uds, port)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) if e.is_transient() => e,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(timeout("handshake did not complete".into())),
+        };
+        if Instant::now() + RETRY_PAUSE >= deadline {
+            return Err(timeout(err.to_string()));
+        }
+        sleep(RETRY_PAUSE).await;
+    }
+}
+
+/// A ttrpc client of the agent behind the VM's hybrid-vsock socket `uds`,
+/// waiting up to `within` for the agent to listen.
+pub async fn connect_agent(uds: &Path, within: Duration) -> Result<AgentClient, DialError> {
+    let stream = dial_within(uds, AGENT_PORT, within).await?;
+    Ok(AgentClient::new(ttrpc::r#async::Client::new(stream.into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::net::UnixListener;
+
+    /// A fake backend that answers the first line with `reply` and then
+    /// echoes; it stands in for vhost-device-vsock, which the guest tests
+    /// exercise for real.
+    async fn backend(reply: &'static str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.vsock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (r, mut w) = s.into_split();
+                    let mut r = BufReader::new(r);
+                    let mut line = String::new();
+                    r.read_line(&mut line).await.unwrap();
+                    assert!(line.starts_with("CONNECT "));
+                    if reply.is_empty() {
+                        return;
+                    }
+                    w.write_all(reply.as_bytes()).await.unwrap();
+                    tokio::io::copy(&mut r, &mut w).await.ok();
+                });
+            }
+        });
+        (dir, path)
+    }
+
+    #[tokio::test]
+    async fn handshake_then_stream_is_the_guests() {
+        let (_d, path) = backend("OK 1073741824\n").await;
+        let mut s = dial(&path, 1024).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+
+    #[tokio::test]
+    async fn closed_stream_is_refused() {
+        let (_d, path) = backend("").await;
+        assert!(matches!(
+            dial(&path, 1024).await,
+            Err(DialError::Refused { port: 1024 })
+        ));
+    }
+
+    #[tokio::test]
+    async fn garbage_reply_is_an_error() {
+        let (_d, path) = backend("NOPE\n").await;
+        let err = dial(&path, 7).await.unwrap_err();
+        assert!(matches!(err, DialError::BadReply { port: 7, .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn missing_socket_times_out_with_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.sock");
+        let err = dial_within(&path, 1024, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, DialError::Timeout { .. }), "{msg}");
+        assert!(msg.contains("absent.sock"), "{msg}");
+    }
+}
