@@ -16,8 +16,19 @@ help:
 	@echo "make test-guest   boot the guest under QEMU and run the agent tests"
 	@echo "make bench        print the guest figures (boot to agent, agent RSS, image size)"
 
+# Debian 12 packages: QEMU (+ virtiofsd in qemu-system-common, SeaBIOS),
+# busybox-static for test rootfs, and the image build's tools.
+DEB_PACKAGES := qemu-system-x86 qemu-system-common seabios busybox-static \
+                cpio kmod zstd file ca-certificates
+VHOST_DEVICE_VSOCK_VERSION := 0.3.0
+
 deps:
-	ci/install-deps.sh
+	DEBIAN_FRONTEND=noninteractive apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEB_PACKAGES)
+	rustup target add $(AGENT_TARGET)
+	rustup component add rustfmt clippy
+	command -v vhost-device-vsock >/dev/null || [ -x $(HOME)/.cargo/bin/vhost-device-vsock ] || \
+	  $(CARGO) install --locked vhost-device-vsock --version $(VHOST_DEVICE_VSOCK_VERSION)
 
 build:
 	$(CARGO) build --workspace --release

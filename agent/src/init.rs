@@ -46,13 +46,25 @@ pub fn boot() -> Result<()> {
     if let Err(e) = loopback_up() {
         tracing::warn!("bringing lo up: {e}");
     }
-    if let Err(e) = mount_fs(SHARED_FS_TAG, GUEST_SHARED_DIR, "virtiofs", MsFlags::empty(), None) {
+    if let Err(e) = mount_fs(
+        SHARED_FS_TAG,
+        GUEST_SHARED_DIR,
+        "virtiofs",
+        MsFlags::empty(),
+        None,
+    ) {
         tracing::warn!("no shared directory from the host, containers cannot start: {e:#}");
     }
     Ok(())
 }
 
-fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
+fn mount_fs(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<()> {
     fs::create_dir_all(target).with_context(|| format!("creating {target}"))?;
     mount(Some(src), target, Some(fstype), flags, data)
         .with_context(|| format!("mounting {fstype} on {target}"))
@@ -84,13 +96,20 @@ fn switch_root() -> Result<()> {
     for dir in ["proc", "sys", "dev"] {
         let target = format!("{NEW}/{dir}");
         fs::create_dir_all(&target)?;
-        mount(Some(Path::new("/").join(dir).as_path()), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-            .with_context(|| format!("moving /{dir}"))?;
+        mount(
+            Some(Path::new("/").join(dir).as_path()),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .with_context(|| format!("moving /{dir}"))?;
     }
     let root_dev = fs::metadata("/")?.dev();
     delete_tree(Path::new("/"), root_dev);
     nix::unistd::chdir(NEW)?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("moving the new root to /")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .context("moving the new root to /")?;
     nix::unistd::chroot(".").context("chroot")?;
     nix::unistd::chdir("/")?;
     Ok(())
@@ -98,10 +117,14 @@ fn switch_root() -> Result<()> {
 
 /// Removes what is on the initramfs, without crossing into mounts.
 fn delete_tree(dir: &Path, dev: u64) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
-        let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
         if meta.dev() != dev {
             continue;
         }

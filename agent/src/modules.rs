@@ -151,12 +151,18 @@ kernel/net/vmw_vsock/vsock.ko:
     #[test]
     fn dependencies_come_first_and_once() {
         let idx = ModuleIndex::parse(Path::new("/m"), DEP, "kernel/fs/ext4/ext4.ko\n");
-        let order = names(&idx.order(&["vmw-vsock-virtio-transport", "virtio_pci", "ext4"]).unwrap());
+        let order = names(
+            &idx.order(&["vmw-vsock-virtio-transport", "virtio_pci", "ext4"])
+                .unwrap(),
+        );
         assert_eq!(order.len(), 8, "{order:?}");
         assert!(pos(&order, "virtio_ring") < pos(&order, "virtio"));
         assert!(pos(&order, "virtio") < pos(&order, "virtio_pci"));
         assert!(pos(&order, "vsock") < pos(&order, "vmw_vsock_virtio_transport_common"));
-        assert!(pos(&order, "vmw_vsock_virtio_transport_common") < pos(&order, "vmw_vsock_virtio_transport"));
+        assert!(
+            pos(&order, "vmw_vsock_virtio_transport_common")
+                < pos(&order, "vmw_vsock_virtio_transport")
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::time::Duration;
 use podvisor_protocol::api;
 
 use crate::container::{validate_id, Container};
-use crate::lock;
 use crate::error::{internal, invalid, not_found, precondition, AgentError, Result};
+use crate::lock;
 use crate::reaper::Reaper;
 
 /// Delay between answering DestroySandbox and powering off, so the answer
@@ -179,8 +179,11 @@ impl Sandbox {
         self.container(id)?.update(resources_json)
     }
 
-    pub fn remove(&self, id: &str) -> Result<()> {
+    pub fn remove(&self, id: &str, exec_id: &str) -> Result<()> {
         let c = self.container(id)?;
+        if !exec_id.is_empty() {
+            return c.remove_exec(exec_id);
+        }
         if c.running() {
             return Err(precondition!(
                 "container {id} is still running: signal it and wait first"
@@ -222,7 +225,6 @@ fn boottime_ms() -> u64 {
         .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
         .unwrap_or(0)
 }
-
 
 #[cfg(test)]
 mod tests {

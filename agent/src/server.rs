@@ -64,11 +64,19 @@ impl api::Agent for Service {
         Ok(self.sandbox.guest_details())
     }
 
-    async fn create_sandbox(&self, _: &TtrpcContext, req: api::CreateSandboxRequest) -> Rpc<api::Empty> {
+    async fn create_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: api::CreateSandboxRequest,
+    ) -> Rpc<api::Empty> {
         log_err("CreateSandbox", self.sandbox.create_sandbox(&req)).map(|()| api::Empty::new())
     }
 
-    async fn destroy_sandbox(&self, _: &TtrpcContext, _: api::DestroySandboxRequest) -> Rpc<api::Empty> {
+    async fn destroy_sandbox(
+        &self,
+        _: &TtrpcContext,
+        _: api::DestroySandboxRequest,
+    ) -> Rpc<api::Empty> {
         tracing::info!("DestroySandbox: stopping every container and powering off");
         self.sandbox.destroy();
         Ok(api::Empty::new())
@@ -86,7 +94,11 @@ impl api::Agent for Service {
         })
     }
 
-    async fn start_container(&self, _: &TtrpcContext, req: api::StartContainerRequest) -> Rpc<api::Empty> {
+    async fn start_container(
+        &self,
+        _: &TtrpcContext,
+        req: api::StartContainerRequest,
+    ) -> Rpc<api::Empty> {
         log_err(
             "StartContainer",
             self.sandbox.start(&req.container_id, &req.exec_id).await,
@@ -102,7 +114,11 @@ impl api::Agent for Service {
         log_err("ExecProcess", self.sandbox.exec(&req).await)
     }
 
-    async fn signal_process(&self, _: &TtrpcContext, req: api::SignalProcessRequest) -> Rpc<api::Empty> {
+    async fn signal_process(
+        &self,
+        _: &TtrpcContext,
+        req: api::SignalProcessRequest,
+    ) -> Rpc<api::Empty> {
         log_err("SignalProcess", self.sandbox.signal(&req)).map(|()| api::Empty::new())
     }
 
@@ -125,7 +141,11 @@ impl api::Agent for Service {
         .map(|()| api::Empty::new())
     }
 
-    async fn tty_win_resize(&self, _: &TtrpcContext, req: api::TtyWinResizeRequest) -> Rpc<api::Empty> {
+    async fn tty_win_resize(
+        &self,
+        _: &TtrpcContext,
+        req: api::TtyWinResizeRequest,
+    ) -> Rpc<api::Empty> {
         log_err("TtyWinResize", self.sandbox.resize(&req)).map(|()| api::Empty::new())
     }
 
@@ -149,7 +169,11 @@ impl api::Agent for Service {
         log_err("StatsContainer", self.sandbox.stats(&req.container_id))
     }
 
-    async fn update_container(&self, _: &TtrpcContext, req: api::UpdateContainerRequest) -> Rpc<api::Empty> {
+    async fn update_container(
+        &self,
+        _: &TtrpcContext,
+        req: api::UpdateContainerRequest,
+    ) -> Rpc<api::Empty> {
         log_err(
             "UpdateContainer",
             self.sandbox.update(&req.container_id, &req.resources_json),
@@ -157,7 +181,15 @@ impl api::Agent for Service {
         .map(|()| api::Empty::new())
     }
 
-    async fn remove_container(&self, _: &TtrpcContext, req: api::RemoveContainerRequest) -> Rpc<api::Empty> {
-        log_err("RemoveContainer", self.sandbox.remove(&req.container_id)).map(|()| api::Empty::new())
+    async fn remove_container(
+        &self,
+        _: &TtrpcContext,
+        req: api::RemoveContainerRequest,
+    ) -> Rpc<api::Empty> {
+        log_err(
+            "RemoveContainer",
+            self.sandbox.remove(&req.container_id, &req.exec_id),
+        )
+        .map(|()| api::Empty::new())
     }
 }

@@ -103,7 +103,10 @@ impl Streams {
                 None => Ok(Vec::new()),
             }
         }
-        Ok((take(self.stdout.take()).await?, take(self.stderr.take()).await?))
+        Ok((
+            take(self.stdout.take()).await?,
+            take(self.stderr.take()).await?,
+        ))
     }
 }
 
@@ -129,7 +132,8 @@ impl TestVm {
     /// CreateContainer with a fresh rootfs, then connects its streams.
     pub async fn create(&self, cid: &str, spec: &Value, stdio: StdioReq) -> Result<Streams> {
         self.add_rootfs(cid)?;
-        self.create_raw(cid, spec.to_string().as_bytes(), stdio).await
+        self.create_raw(cid, spec.to_string().as_bytes(), stdio)
+            .await
     }
 
     /// CreateContainer with the spec bytes as given.
@@ -178,7 +182,13 @@ impl TestVm {
     }
 
     /// ExecProcess, connect its streams, StartContainer with its exec id.
-    pub async fn exec(&self, cid: &str, exec_id: &str, process: &Value, stdio: StdioReq) -> Result<Streams> {
+    pub async fn exec(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        process: &Value,
+        stdio: StdioReq,
+    ) -> Result<Streams> {
         let resp = self
             .agent
             .exec_process(
@@ -213,11 +223,17 @@ impl TestVm {
     }
 
     pub async fn remove(&self, cid: &str) -> Result<()> {
+        self.remove_exec(cid, "").await
+    }
+
+    /// RemoveContainer; with an exec id, forgets that exec.
+    pub async fn remove_exec(&self, cid: &str, exec_id: &str) -> Result<()> {
         self.agent
             .remove_container(
                 ctx(),
                 &api::RemoveContainerRequest {
                     container_id: cid.into(),
+                    exec_id: exec_id.into(),
                     ..Default::default()
                 },
             )

@@ -29,7 +29,18 @@ pub fn busybox_rootfs(dest: &Path) -> Result<()> {
     if !list.status.success() {
         bail!("{} --list failed", bb.display());
     }
-    for d in ["bin", "etc", "proc", "sys", "dev", "root", "home/user", "tmp", "var", "run"] {
+    for d in [
+        "bin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "root",
+        "home/user",
+        "tmp",
+        "var",
+        "run",
+    ] {
         std::fs::create_dir_all(dest.join(d))?;
     }
     std::fs::set_permissions(dest.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;

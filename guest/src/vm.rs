@@ -47,7 +47,11 @@ impl Accel {
             _ => {}
         }
         let verdict = probe::probe();
-        let accel = if verdict.is_fast() { Accel::Kvm } else { Accel::Tcg };
+        let accel = if verdict.is_fast() {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        };
         (accel, verdict.to_string())
     }
 
@@ -144,7 +148,9 @@ impl TestVm {
                 bail!("{} missing: run `make guest-image`", f.display());
             }
         }
-        let dir = tempfile::Builder::new().prefix("podvisor-guest-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("podvisor-guest-")
+            .tempdir()?;
         let d = dir.path().to_owned();
         std::fs::create_dir(d.join("shared"))?;
         // Killed on every early return.
@@ -152,11 +158,13 @@ impl TestVm {
 
         let mut vsock = spawn(
             "vhost-device-vsock",
-            Command::new(tool("VHOST_DEVICE_VSOCK", "vhost-device-vsock")).arg("--vm").arg(format!(
-                "guest-cid=3,socket={},uds-path={}",
-                d.join("vhost.sock").display(),
-                d.join("vm.vsock").display()
-            )),
+            Command::new(tool("VHOST_DEVICE_VSOCK", "vhost-device-vsock"))
+                .arg("--vm")
+                .arg(format!(
+                    "guest-cid=3,socket={},uds-path={}",
+                    d.join("vhost.sock").display(),
+                    d.join("vm.vsock").display()
+                )),
             &d.join("vhost-device-vsock.log"),
         )?;
         let mut fs = spawn(
@@ -177,16 +185,35 @@ impl TestVm {
         let mem = cfg.memory_mib;
         let mut qemu = Command::new(tool("QEMU", "qemu-system-x86_64"));
         qemu.args(["-M", "q35", "-accel", cfg.accel.name()])
-            .args(["-cpu", if cfg.accel == Accel::Kvm { "host" } else { "max" }])
+            .args([
+                "-cpu",
+                if cfg.accel == Accel::Kvm {
+                    "host"
+                } else {
+                    "max"
+                },
+            ])
             .args(["-m", &format!("{mem}M"), "-smp", &cfg.vcpus.to_string()])
             .args(["-nodefaults", "-nographic", "-no-reboot"])
-            .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")])
+            .args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            ])
             .args(["-numa", "node,memdev=mem"])
-            .args(["-chardev", &format!("socket,id=vs,path={}", d.join("vhost.sock").display())])
+            .args([
+                "-chardev",
+                &format!("socket,id=vs,path={}", d.join("vhost.sock").display()),
+            ])
             .args(["-device", "vhost-user-vsock-pci,chardev=vs"])
-            .args(["-chardev", &format!("socket,id=fs,path={}", d.join("fs.sock").display())])
+            .args([
+                "-chardev",
+                &format!("socket,id=fs,path={}", d.join("fs.sock").display()),
+            ])
             .args(["-device", "vhost-user-fs-pci,chardev=fs,tag=podvisor"])
-            .args(["-serial", &format!("file:{}", d.join("console.log").display())])
+            .args([
+                "-serial",
+                &format!("file:{}", d.join("console.log").display()),
+            ])
             .arg("-kernel")
             .arg(&kernel)
             .arg("-initrd")
@@ -194,7 +221,9 @@ impl TestVm {
             .arg("-append")
             .arg(format!("console=ttyS0 panic=-1 quiet {}", cfg.kernel_args));
         let started = Instant::now();
-        children.0.push(spawn("qemu", &mut qemu, &d.join("qemu.log"))?);
+        children
+            .0
+            .push(spawn("qemu", &mut qemu, &d.join("qemu.log"))?);
 
         let agent = hybrid_vsock::connect_agent(&d.join("vm.vsock"), cfg.boot_timeout)
             .await
@@ -282,7 +311,12 @@ impl Drop for Children {
 
 fn diagnostics(dir: &Path) -> String {
     let mut s = String::new();
-    for f in ["console.log", "qemu.log", "vhost-device-vsock.log", "virtiofsd.log"] {
+    for f in [
+        "console.log",
+        "qemu.log",
+        "vhost-device-vsock.log",
+        "virtiofsd.log",
+    ] {
         let text = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(30).collect();
         s.push_str(&format!("--- {f} (last lines)\n"));

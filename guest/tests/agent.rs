@@ -58,31 +58,73 @@ fn main() {
     });
 
     let shared_tests: Vec<(&str, TestFn)> = vec![
-        ("stdout_stderr_and_exit_status", stdout_stderr_and_exit_status),
+        (
+            "stdout_stderr_and_exit_status",
+            stdout_stderr_and_exit_status,
+        ),
         ("stdin_bytes_then_eof", stdin_bytes_then_eof),
-        ("stdin_closed_without_a_connection", stdin_closed_without_a_connection),
-        ("ten_megabytes_of_output_in_order", ten_megabytes_of_output_in_order),
-        ("exec_shares_rootfs_and_pid_namespace", exec_shares_rootfs_and_pid_namespace),
+        (
+            "stdin_closed_without_a_connection",
+            stdin_closed_without_a_connection,
+        ),
+        (
+            "ten_megabytes_of_output_in_order",
+            ten_megabytes_of_output_in_order,
+        ),
+        (
+            "exec_shares_rootfs_and_pid_namespace",
+            exec_shares_rootfs_and_pid_namespace,
+        ),
         ("sigterm_143_and_sigkill_137", sigterm_143_and_sigkill_137),
         ("oom_kill_is_reported", oom_kill_is_reported),
         ("uname_is_the_guest_kernel", uname_is_the_guest_kernel),
-        ("env_cwd_user_hostname_from_spec", env_cwd_user_hostname_from_spec),
-        ("username_resolves_in_container_passwd", username_resolves_in_container_passwd),
-        ("containers_do_not_see_each_other", containers_do_not_see_each_other),
-        ("capabilities_rlimits_no_new_privs", capabilities_rlimits_no_new_privs),
-        ("cgroup_limits_stats_update_and_pids", cgroup_limits_stats_update_and_pids),
+        (
+            "env_cwd_user_hostname_from_spec",
+            env_cwd_user_hostname_from_spec,
+        ),
+        (
+            "username_resolves_in_container_passwd",
+            username_resolves_in_container_passwd,
+        ),
+        (
+            "containers_do_not_see_each_other",
+            containers_do_not_see_each_other,
+        ),
+        (
+            "capabilities_rlimits_no_new_privs",
+            capabilities_rlimits_no_new_privs,
+        ),
+        (
+            "cgroup_limits_stats_update_and_pids",
+            cgroup_limits_stats_update_and_pids,
+        ),
         ("terminal_with_resize", terminal_with_resize),
-        ("guest_details_match_the_container_view", guest_details_match_the_container_view),
-        ("create_sandbox_sets_hostname_dns_sysctls", create_sandbox_sets_hostname_dns_sysctls),
-        ("bad_spec_json_and_missing_process", bad_spec_json_and_missing_process),
+        (
+            "guest_details_match_the_container_view",
+            guest_details_match_the_container_view,
+        ),
+        (
+            "create_sandbox_sets_hostname_dns_sysctls",
+            create_sandbox_sets_hostname_dns_sysctls,
+        ),
+        (
+            "bad_spec_json_and_missing_process",
+            bad_spec_json_and_missing_process,
+        ),
         ("unknown_ids_are_not_found", unknown_ids_are_not_found),
         ("bad_and_duplicate_ids", bad_and_duplicate_ids),
         ("missing_rootfs", missing_rootfs),
         ("unknown_user", unknown_user),
         ("missing_executable", missing_executable),
         ("exec_into_stopped_container", exec_into_stopped_container),
-        ("remove_refuses_running_container", remove_refuses_running_container),
-        ("invalid_signal_and_resize_without_tty", invalid_signal_and_resize_without_tty),
+        (
+            "remove_refuses_running_container",
+            remove_refuses_running_container,
+        ),
+        (
+            "invalid_signal_and_resize_without_tty",
+            invalid_signal_and_resize_without_tty,
+        ),
         ("oversized_message", oversized_message),
         ("garbage_on_the_api_port", garbage_on_the_api_port),
     ];
@@ -102,23 +144,29 @@ fn main() {
                         .map_err(|e| anyhow!("agent stopped answering after the test: {e}"));
                     r.and(alive.map(drop))
                 })
-                .map_err(|e| format!("{e:#}\n--- guest console (last lines)\n{}", tail(&vm.console())).into())
+                .map_err(|e| {
+                    format!(
+                        "{e:#}\n--- guest console (last lines)\n{}",
+                        tail(&vm.console())
+                    )
+                    .into()
+                })
             })
         })
         .collect();
     {
         let s = shared.clone();
-        trials.push(Trial::test("destroy_sandbox_powers_off_and_leaves_nothing", move || {
-            s.rt.block_on(destroy_sandbox_powers_off(&s.cfg)).map_err(failed)
-        }));
+        trials.push(Trial::test(
+            "destroy_sandbox_powers_off_and_leaves_nothing",
+            move || {
+                s.rt.block_on(destroy_sandbox_powers_off(&s.cfg))
+                    .map_err(failed)
+            },
+        ));
     }
 
     let conclusion = libtest_mimic::run(&args, trials);
-    let vm = shared
-        .vm
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
+    let vm = shared.vm.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(Ok(vm)) = vm {
         match Arc::try_unwrap(vm) {
             Ok(vm) => vm.shutdown(),
@@ -157,7 +205,9 @@ fn sh(script: &str) -> Value {
 
 fn stdout_stderr_and_exit_status(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
-        let out = vm.run("echo-exit", &sh("echo hi; echo oops >&2; exit 3")).await?;
+        let out = vm
+            .run("echo-exit", &sh("echo hi; echo oops >&2; exit 3"))
+            .await?;
         ensure!(out.stdout == "hi\n", "stdout {:?}", out.stdout);
         ensure!(out.stderr == "oops\n", "stderr {:?}", out.stderr);
         ensure!(out.status == 3, "status {}", out.status);
@@ -169,7 +219,9 @@ fn stdout_stderr_and_exit_status(vm: &TestVm) -> BoxFut<'_> {
 fn stdin_bytes_then_eof(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
         // 256 KiB of every byte value: more than any pipe buffer.
-        let input: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 7 + i / 256) as u8).collect();
+        let input: Vec<u8> = (0..256 * 1024u32)
+            .map(|i| (i * 7 + i / 256) as u8)
+            .collect();
         let mut streams = vm
             .create("stdin", &sh("wc -c; echo eof >&2"), StdioReq::ALL)
             .await?;
@@ -187,13 +239,19 @@ fn stdin_bytes_then_eof(vm: &TestVm) -> BoxFut<'_> {
             )
             .await?;
         let out = vm.finish("stdin", "", streams).await?;
-        ensure!(out.stdout.trim() == input.len().to_string(), "wc -c said {:?}", out.stdout);
+        ensure!(
+            out.stdout.trim() == input.len().to_string(),
+            "wc -c said {:?}",
+            out.stdout
+        );
         ensure!(out.stderr == "eof\n", "stderr {:?}", out.stderr);
         ensure!(out.status == 0, "status {}", out.status);
         vm.remove("stdin").await?;
 
         // Byte for byte: cat echoes the input back exactly.
-        let mut streams = vm.create("stdin-cat", &container(&["cat"]), StdioReq::ALL).await?;
+        let mut streams = vm
+            .create("stdin-cat", &container(&["cat"]), StdioReq::ALL)
+            .await?;
         vm.start("stdin-cat", "").await?;
         let mut stdin = streams.stdin.take().context("no stdin stream")?;
         stdin.write_all(&input).await?;
@@ -256,14 +314,20 @@ fn stdin_closed_without_a_connection(vm: &TestVm) -> BoxFut<'_> {
 fn ten_megabytes_of_output_in_order(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
         const N: u32 = 1_500_000;
-        let out = vm.run("bulk", &container(&["seq", "1", &N.to_string()])).await?;
+        let out = vm
+            .run("bulk", &container(&["seq", "1", &N.to_string()]))
+            .await?;
         ensure!(out.status == 0, "status {}", out.status);
         let mut expected = String::with_capacity(11 << 20);
         for i in 1..=N {
             expected.push_str(&i.to_string());
             expected.push('\n');
         }
-        ensure!(expected.len() > 10 << 20, "test too small: {}", expected.len());
+        ensure!(
+            expected.len() > 10 << 20,
+            "test too small: {}",
+            expected.len()
+        );
         if out.stdout != expected {
             let at = out
                 .stdout
@@ -295,14 +359,29 @@ fn exec_shares_rootfs_and_pid_namespace(vm: &TestVm) -> BoxFut<'_> {
         // The exec waits for the init's files, then reports what it sees.
         let script = "while [ ! -s /tmp/m ]; do sleep 0.05; done; \
                       cat /tmp/m /tmp/init-pidns; readlink /proc/self/ns/pid; cat /proc/1/cmdline";
-        let s = vm.exec(c, "probe", &process(&["sh", "-c", script]), StdioReq::OUT).await?;
+        let s = vm
+            .exec(c, "probe", &process(&["sh", "-c", script]), StdioReq::OUT)
+            .await?;
         let out = vm.finish(c, "probe", s).await?;
         ensure!(out.status == 0, "exec failed: {out:?}");
         let lines: Vec<&str> = out.stdout.lines().collect();
         ensure!(lines.len() == 4, "exec output {:?}", out.stdout);
-        ensure!(lines[0] == "marker", "exec does not see the init's /tmp: {:?}", lines[0]);
-        ensure!(lines[1] == lines[2], "pid namespaces differ: init {} exec {}", lines[1], lines[2]);
-        ensure!(lines[3].starts_with("sleep"), "pid 1 of the exec's namespace is {:?}", lines[3]);
+        ensure!(
+            lines[0] == "marker",
+            "exec does not see the init's /tmp: {:?}",
+            lines[0]
+        );
+        ensure!(
+            lines[1] == lines[2],
+            "pid namespaces differ: init {} exec {}",
+            lines[1],
+            lines[2]
+        );
+        ensure!(
+            lines[3].starts_with("sleep"),
+            "pid 1 of the exec's namespace is {:?}",
+            lines[3]
+        );
 
         vm.signal(c, "", libc::SIGKILL).await?;
         vm.finish(c, "", init).await?;
@@ -313,16 +392,31 @@ fn exec_shares_rootfs_and_pid_namespace(vm: &TestVm) -> BoxFut<'_> {
 fn sigterm_143_and_sigkill_137(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
         let c = "signals";
-        let init = vm.create(c, &container(&["sleep", "1000"]), StdioReq::OUT).await?;
+        let init = vm
+            .create(c, &container(&["sleep", "1000"]), StdioReq::OUT)
+            .await?;
         vm.start(c, "").await?;
         // `sleep` as an exec is an ordinary process (the container's pid 1
         // ignores signals it has no handler for, as on any Linux).
-        let s = vm.exec(c, "term", &process(&["sleep", "1000"]), StdioReq::OUT).await?;
+        let s = vm
+            .exec(c, "term", &process(&["sleep", "1000"]), StdioReq::OUT)
+            .await?;
+        let msg = rpc_error(vm.remove_exec(c, "term").await)?;
+        ensure!(
+            msg.starts_with("FAILED_PRECONDITION") && msg.contains("still running"),
+            "{msg}"
+        );
         vm.signal(c, "term", libc::SIGTERM).await?;
         let out = vm.finish(c, "term", s).await?;
         ensure!(out.status == 143, "SIGTERM gave {}", out.status);
+        // An exited exec is forgotten on request, and its id is free again.
+        vm.remove_exec(c, "term").await?;
+        let msg = rpc_error(vm.wait(c, "term").await)?;
+        ensure!(msg.starts_with("NOT_FOUND"), "{msg}");
 
-        let s = vm.exec(c, "kill", &process(&["sleep", "1000"]), StdioReq::OUT).await?;
+        let s = vm
+            .exec(c, "kill", &process(&["sleep", "1000"]), StdioReq::OUT)
+            .await?;
         vm.signal(c, "kill", libc::SIGKILL).await?;
         let out = vm.finish(c, "kill", s).await?;
         ensure!(out.status == 137, "SIGKILL gave {}", out.status);
@@ -356,7 +450,11 @@ fn uname_is_the_guest_kernel(vm: &TestVm) -> BoxFut<'_> {
         let out = vm.run("uname", &container(&["uname", "-r"])).await?;
         let guest = manifest("kernel_release")?;
         let host = nix_uname_release();
-        ensure!(out.stdout.trim() == guest, "uname -r {:?}, image has {guest}", out.stdout);
+        ensure!(
+            out.stdout.trim() == guest,
+            "uname -r {:?}, image has {guest}",
+            out.stdout
+        );
         ensure!(out.stdout.trim() != host, "uname -r is the host's ({host})");
         Ok(())
     })
@@ -378,7 +476,12 @@ fn env_cwd_user_hostname_from_spec(vm: &TestVm) -> BoxFut<'_> {
         spec["hostname"] = json!("pod-under-test");
         let out = vm.run("identity", &spec).await?;
         let lines: Vec<&str> = out.stdout.lines().collect();
-        ensure!(out.status == 0, "status {} stderr {:?}", out.status, out.stderr);
+        ensure!(
+            out.status == 0,
+            "status {} stderr {:?}",
+            out.status,
+            out.stderr
+        );
         ensure!(lines[0] == "hello from the spec", "env: {:?}", lines[0]);
         ensure!(lines[1] == "/home/user/work", "cwd: {:?}", lines[1]);
         ensure!(lines[2] == "1000", "uid: {:?}", lines[2]);
@@ -396,26 +499,64 @@ fn username_resolves_in_container_passwd(vm: &TestVm) -> BoxFut<'_> {
         let mut spec = sh("id -u; id -g; id -G");
         spec["process"]["user"] = json!({"uid": 0, "gid": 0, "username": "user"});
         let out = vm.run("by-name", &spec).await?;
-        ensure!(out.stdout == "1000\n1000\n1000 10\n", "id said {:?}", out.stdout);
+        ensure!(
+            out.stdout == "1000\n1000\n1000 10\n",
+            "id said {:?}",
+            out.stdout
+        );
         Ok(())
     })
 }
 
 fn containers_do_not_see_each_other(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
-        let a = vm.create("iso-a", &sh("exec sleep 1001"), StdioReq::OUT).await?;
+        let a = vm
+            .create("iso-a", &sh("exec sleep 1001"), StdioReq::OUT)
+            .await?;
         vm.start("iso-a", "").await?;
-        let b = vm.create("iso-b", &sh("exec sleep 1002"), StdioReq::OUT).await?;
+        let b = vm
+            .create("iso-b", &sh("exec sleep 1002"), StdioReq::OUT)
+            .await?;
         vm.start("iso-b", "").await?;
-        let s = vm.exec("iso-a", "ps", &process(&["ps", "-o", "pid,args"]), StdioReq::OUT).await?;
+        let s = vm
+            .exec(
+                "iso-a",
+                "ps",
+                &process(&["ps", "-o", "pid,args"]),
+                StdioReq::OUT,
+            )
+            .await?;
         let out = vm.finish("iso-a", "ps", s).await?;
-        ensure!(out.stdout.contains("sleep 1001"), "A does not see itself: {}", out.stdout);
-        ensure!(!out.stdout.contains("sleep 1002"), "A sees B's process: {}", out.stdout);
-        let s = vm.exec("iso-b", "ps", &process(&["ps", "-o", "pid,args"]), StdioReq::OUT).await?;
+        ensure!(
+            out.stdout.contains("sleep 1001"),
+            "A does not see itself: {}",
+            out.stdout
+        );
+        ensure!(
+            !out.stdout.contains("sleep 1002"),
+            "A sees B's process: {}",
+            out.stdout
+        );
+        let s = vm
+            .exec(
+                "iso-b",
+                "ps",
+                &process(&["ps", "-o", "pid,args"]),
+                StdioReq::OUT,
+            )
+            .await?;
         let out = vm.finish("iso-b", "ps", s).await?;
-        ensure!(out.stdout.contains("sleep 1002") && !out.stdout.contains("sleep 1001"), "B sees {}", out.stdout);
+        ensure!(
+            out.stdout.contains("sleep 1002") && !out.stdout.contains("sleep 1001"),
+            "B sees {}",
+            out.stdout
+        );
         // Not the agent either.
-        ensure!(!out.stdout.contains("init"), "B sees the guest's init: {}", out.stdout);
+        ensure!(
+            !out.stdout.contains("init"),
+            "B sees the guest's init: {}",
+            out.stdout
+        );
         for (c, s) in [("iso-a", a), ("iso-b", b)] {
             vm.signal(c, "", libc::SIGKILL).await?;
             vm.finish(c, "", s).await?;
@@ -438,12 +579,32 @@ fn capabilities_rlimits_no_new_privs(vm: &TestVm) -> BoxFut<'_> {
                 .unwrap_or_default()
         };
         // containerd's default set: CHOWN..SETFCAP, 0x a80425fb.
-        ensure!(field("CapEff:") == "00000000a80425fb", "CapEff {:?}", field("CapEff:"));
-        ensure!(field("CapBnd:") == "00000000a80425fb", "CapBnd {:?}", field("CapBnd:"));
-        ensure!(field("NoNewPrivs:") == "1", "NoNewPrivs {:?}", field("NoNewPrivs:"));
+        ensure!(
+            field("CapEff:") == "00000000a80425fb",
+            "CapEff {:?}",
+            field("CapEff:")
+        );
+        ensure!(
+            field("CapBnd:") == "00000000a80425fb",
+            "CapBnd {:?}",
+            field("CapBnd:")
+        );
+        ensure!(
+            field("NoNewPrivs:") == "1",
+            "NoNewPrivs {:?}",
+            field("NoNewPrivs:")
+        );
         ensure!(out.stdout.contains("\n123\n"), "ulimit -n: {}", out.stdout);
-        ensure!(out.stdout.contains("mknod-ok"), "CAP_MKNOD missing: {}", out.stdout);
-        ensure!(out.stdout.contains("sethostname-denied"), "CAP_SYS_ADMIN present: {}", out.stdout);
+        ensure!(
+            out.stdout.contains("mknod-ok"),
+            "CAP_MKNOD missing: {}",
+            out.stdout
+        );
+        ensure!(
+            out.stdout.contains("sethostname-denied"),
+            "CAP_SYS_ADMIN present: {}",
+            out.stdout
+        );
         Ok(())
     })
 }
@@ -462,7 +623,14 @@ fn cgroup_limits_stats_update_and_pids(vm: &TestVm) -> BoxFut<'_> {
         let read = |file: &'static str| {
             let id = format!("read-{}", file.replace('.', "-"));
             async move {
-                let s = vm.exec(c, &id, &process(&["cat", &format!("/sys/fs/cgroup/{file}")]), StdioReq::OUT).await?;
+                let s = vm
+                    .exec(
+                        c,
+                        &id,
+                        &process(&["cat", &format!("/sys/fs/cgroup/{file}")]),
+                        StdioReq::OUT,
+                    )
+                    .await?;
                 let o = vm.finish(c, &id, s).await?;
                 ensure!(o.status == 0, "cat {file}: {o:?}");
                 Ok::<_, anyhow::Error>(o.stdout.trim().to_string())
@@ -474,12 +642,25 @@ fn cgroup_limits_stats_update_and_pids(vm: &TestVm) -> BoxFut<'_> {
 
         let stats = vm
             .agent
-            .stats_container(ctx(), &api::StatsContainerRequest { container_id: c.into(), ..Default::default() })
+            .stats_container(
+                ctx(),
+                &api::StatsContainerRequest {
+                    container_id: c.into(),
+                    ..Default::default()
+                },
+            )
             .await?;
-        let mem = stats.memory.clone().into_option().context("no memory stats")?;
+        let mem = stats
+            .memory
+            .clone()
+            .into_option()
+            .context("no memory stats")?;
         let pids = stats.pids.clone().into_option().context("no pids stats")?;
         let cpu = stats.cpu.clone().into_option().context("no cpu stats")?;
-        ensure!(mem.usage_bytes > 0 && mem.limit_bytes == 64 << 20, "{mem:?}");
+        ensure!(
+            mem.usage_bytes > 0 && mem.limit_bytes == 64 << 20,
+            "{mem:?}"
+        );
         ensure!(pids.current >= 1 && pids.limit == 20, "{pids:?}");
         ensure!(cpu.usage_usec > 0, "{cpu:?}");
 
@@ -493,9 +674,20 @@ fn cgroup_limits_stats_update_and_pids(vm: &TestVm) -> BoxFut<'_> {
                 },
             )
             .await?;
-        let s = vm.exec(c, "after-update", &process(&["cat", "/sys/fs/cgroup/pids.max"]), StdioReq::OUT).await?;
+        let s = vm
+            .exec(
+                c,
+                "after-update",
+                &process(&["cat", "/sys/fs/cgroup/pids.max"]),
+                StdioReq::OUT,
+            )
+            .await?;
         let o = vm.finish(c, "after-update", s).await?;
-        ensure!(o.stdout.trim() == "7", "pids.max after update {:?}", o.stdout);
+        ensure!(
+            o.stdout.trim() == "7",
+            "pids.max after update {:?}",
+            o.stdout
+        );
 
         let bad = vm
             .agent
@@ -513,7 +705,13 @@ fn cgroup_limits_stats_update_and_pids(vm: &TestVm) -> BoxFut<'_> {
 
         let listed = vm
             .agent
-            .list_processes(ctx(), &api::ListProcessesRequest { container_id: c.into(), ..Default::default() })
+            .list_processes(
+                ctx(),
+                &api::ListProcessesRequest {
+                    container_id: c.into(),
+                    ..Default::default()
+                },
+            )
             .await?;
         ensure!(listed.pids.len() == 1, "processes {:?}", listed.pids);
 
@@ -532,7 +730,12 @@ fn terminal_with_resize(vm: &TestVm) -> BoxFut<'_> {
         vm.agent
             .tty_win_resize(
                 ctx(),
-                &api::TtyWinResizeRequest { container_id: c.into(), rows: 40, columns: 100, ..Default::default() },
+                &api::TtyWinResizeRequest {
+                    container_id: c.into(),
+                    rows: 40,
+                    columns: 100,
+                    ..Default::default()
+                },
             )
             .await?;
         vm.start(c, "").await?;
@@ -541,24 +744,56 @@ fn terminal_with_resize(vm: &TestVm) -> BoxFut<'_> {
         let out = vm.finish(c, "", streams).await?;
         ensure!(out.status == 0, "status {}", out.status);
         // The terminal echoes the input and turns \n into \r\n.
-        ensure!(out.stdout.contains("typed\r\n"), "no echo: {:?}", out.stdout);
+        ensure!(
+            out.stdout.contains("typed\r\n"),
+            "no echo: {:?}",
+            out.stdout
+        );
         ensure!(out.stdout.contains("got:typed\r\n"), "{:?}", out.stdout);
-        ensure!(out.stdout.contains("/dev/pts/0\r\n"), "tty: {:?}", out.stdout);
-        ensure!(out.stdout.contains("40 100\r\n"), "stty size: {:?}", out.stdout);
+        ensure!(
+            out.stdout.contains("/dev/pts/0\r\n"),
+            "tty: {:?}",
+            out.stdout
+        );
+        ensure!(
+            out.stdout.contains("40 100\r\n"),
+            "stty size: {:?}",
+            out.stdout
+        );
         vm.remove(c).await
     })
 }
 
 fn guest_details_match_the_container_view(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
-        let d = vm.agent.get_guest_details(ctx(), &api::GuestDetailsRequest::new()).await?;
-        let out = vm.run("bootid", &container(&["cat", "/proc/sys/kernel/random/boot_id"])).await?;
-        ensure!(!d.boot_id.is_empty() && out.stdout.trim() == d.boot_id, "boot id {:?} vs {:?}", out.stdout, d.boot_id);
+        let d = vm
+            .agent
+            .get_guest_details(ctx(), &api::GuestDetailsRequest::new())
+            .await?;
+        let out = vm
+            .run(
+                "bootid",
+                &container(&["cat", "/proc/sys/kernel/random/boot_id"]),
+            )
+            .await?;
+        ensure!(
+            !d.boot_id.is_empty() && out.stdout.trim() == d.boot_id,
+            "boot id {:?} vs {:?}",
+            out.stdout,
+            d.boot_id
+        );
         let host_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
-        ensure!(host_boot.trim() != d.boot_id, "the container reports the host's boot id");
+        ensure!(
+            host_boot.trim() != d.boot_id,
+            "the container reports the host's boot id"
+        );
         ensure!(d.kernel_release == manifest("kernel_release")?);
         ensure!(d.online_cpus == vm_cpus(), "cpus {}", d.online_cpus);
-        ensure!(d.memory_total_bytes > 400 << 20 && d.memory_total_bytes <= 512 << 20, "memory {}", d.memory_total_bytes);
+        ensure!(
+            d.memory_total_bytes > 400 << 20 && d.memory_total_bytes <= 512 << 20,
+            "memory {}",
+            d.memory_total_bytes
+        );
         ensure!(d.agent_rss_bytes > 0, "rss {}", d.agent_rss_bytes);
         let v = vm.agent.version(ctx(), &api::VersionRequest::new()).await?;
         ensure!(v.api_version == podvisor_protocol::API_VERSION);
@@ -596,7 +831,10 @@ fn create_sandbox_sets_hostname_dns_sysctls(vm: &TestVm) -> BoxFut<'_> {
             .agent
             .create_sandbox(
                 ctx(),
-                &api::CreateSandboxRequest { dns_servers: vec!["not-an-ip".into()], ..Default::default() },
+                &api::CreateSandboxRequest {
+                    dns_servers: vec!["not-an-ip".into()],
+                    ..Default::default()
+                },
             )
             .await;
         let msg = rpc_error(bad.map_err(anyhow::Error::from))?;
@@ -610,13 +848,21 @@ fn create_sandbox_sets_hostname_dns_sysctls(vm: &TestVm) -> BoxFut<'_> {
 fn bad_spec_json_and_missing_process(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
         vm.add_rootfs("bad-spec")?;
-        let msg = rpc_error(vm.create_raw("bad-spec", b"{\"ociVersion\": ", StdioReq::OUT).await.map(drop))?;
+        let msg = rpc_error(
+            vm.create_raw("bad-spec", b"{\"ociVersion\": ", StdioReq::OUT)
+                .await
+                .map(drop),
+        )?;
         ensure!(msg.contains("invalid OCI spec"), "{msg}");
         let mut spec = container(&["true"]);
         spec.as_object_mut().context("spec")?.remove("process");
         let msg = rpc_error(vm.create("bad-spec", &spec, StdioReq::OUT).await.map(drop))?;
         ensure!(msg.contains("has no process"), "{msg}");
-        let msg = rpc_error(vm.create("bad-spec", &container(&[]), StdioReq::OUT).await.map(drop))?;
+        let msg = rpc_error(
+            vm.create("bad-spec", &container(&[]), StdioReq::OUT)
+                .await
+                .map(drop),
+        )?;
         ensure!(msg.contains("process.args is empty"), "{msg}");
         // Nothing of the failed attempts is left: the id is free again.
         let out = vm.run("bad-spec", &container(&["true"])).await?;
@@ -628,12 +874,17 @@ fn bad_spec_json_and_missing_process(vm: &TestVm) -> BoxFut<'_> {
 fn unknown_ids_are_not_found(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
         let msg = rpc_error(vm.start("nope", "").await)?;
-        ensure!(msg.starts_with("NOT_FOUND") && msg.contains("\"nope\""), "{msg}");
+        ensure!(
+            msg.starts_with("NOT_FOUND") && msg.contains("\"nope\""),
+            "{msg}"
+        );
         ensure!(rpc_error(vm.wait("nope", "").await)?.contains("not found"));
         ensure!(rpc_error(vm.signal("nope", "", 9).await)?.contains("not found"));
         ensure!(rpc_error(vm.remove("nope").await)?.contains("not found"));
         let c = "known";
-        let s = vm.create(c, &container(&["sleep", "1000"]), StdioReq::OUT).await?;
+        let s = vm
+            .create(c, &container(&["sleep", "1000"]), StdioReq::OUT)
+            .await?;
         vm.start(c, "").await?;
         let msg = rpc_error(vm.wait(c, "no-such-exec").await)?;
         ensure!(msg.contains("no exec no-such-exec"), "{msg}");
@@ -645,18 +896,40 @@ fn unknown_ids_are_not_found(vm: &TestVm) -> BoxFut<'_> {
 
 fn bad_and_duplicate_ids(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
-        let msg = rpc_error(vm.create_raw("../escape", container(&["true"]).to_string().as_bytes(), StdioReq::OUT).await.map(drop))?;
+        let msg = rpc_error(
+            vm.create_raw(
+                "../escape",
+                container(&["true"]).to_string().as_bytes(),
+                StdioReq::OUT,
+            )
+            .await
+            .map(drop),
+        )?;
         ensure!(msg.contains("invalid container id"), "{msg}");
         let c = "dup";
-        let s = vm.create(c, &container(&["sleep", "1000"]), StdioReq::OUT).await?;
-        let msg = rpc_error(vm.create(c, &container(&["true"]), StdioReq::OUT).await.map(drop))?;
+        let s = vm
+            .create(c, &container(&["sleep", "1000"]), StdioReq::OUT)
+            .await?;
+        let msg = rpc_error(
+            vm.create(c, &container(&["true"]), StdioReq::OUT)
+                .await
+                .map(drop),
+        )?;
         ensure!(msg.starts_with("ALREADY_EXISTS"), "{msg}");
         vm.start(c, "").await?;
         let e = vm.exec(c, "x", &process(&["true"]), StdioReq::OUT).await?;
         vm.finish(c, "x", e).await?;
-        let msg = rpc_error(vm.exec(c, "x", &process(&["true"]), StdioReq::OUT).await.map(drop))?;
+        let msg = rpc_error(
+            vm.exec(c, "x", &process(&["true"]), StdioReq::OUT)
+                .await
+                .map(drop),
+        )?;
         ensure!(msg.contains("exec x already exists"), "{msg}");
-        let msg = rpc_error(vm.exec(c, "bad/id", &process(&["true"]), StdioReq::OUT).await.map(drop))?;
+        let msg = rpc_error(
+            vm.exec(c, "bad/id", &process(&["true"]), StdioReq::OUT)
+                .await
+                .map(drop),
+        )?;
         ensure!(msg.contains("invalid exec id"), "{msg}");
         vm.signal(c, "", libc::SIGKILL).await?;
         vm.finish(c, "", s).await?;
@@ -667,8 +940,34 @@ fn bad_and_duplicate_ids(vm: &TestVm) -> BoxFut<'_> {
 fn missing_rootfs(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
         // No add_rootfs: the shared directory has nothing for this id.
-        let msg = rpc_error(vm.create_raw("no-rootfs", container(&["true"]).to_string().as_bytes(), StdioReq::OUT).await.map(drop))?;
-        ensure!(msg.contains("rootfs /run/podvisor/shared/no-rootfs/rootfs") && msg.contains("does not exist"), "{msg}");
+        let msg = rpc_error(
+            vm.create_raw(
+                "no-rootfs",
+                container(&["true"]).to_string().as_bytes(),
+                StdioReq::OUT,
+            )
+            .await
+            .map(drop),
+        )?;
+        ensure!(
+            msg.contains("rootfs /run/podvisor/shared/no-rootfs/rootfs")
+                && msg.contains("does not exist"),
+            "{msg}"
+        );
+        // A rootfs outside the shared directory (the guest's own root) is refused.
+        vm.add_rootfs("guest-root")?;
+        let mut spec = container(&["true"]);
+        spec["root"]["path"] = json!("../../..");
+        let msg = rpc_error(
+            vm.create("guest-root", &spec, StdioReq::OUT)
+                .await
+                .map(drop),
+        )?;
+        ensure!(
+            msg.starts_with("INVALID_ARGUMENT")
+                && msg.contains("not a directory under /run/podvisor/shared"),
+            "{msg}"
+        );
         Ok(())
     })
 }
@@ -678,15 +977,25 @@ fn unknown_user(vm: &TestVm) -> BoxFut<'_> {
         let mut spec = container(&["id"]);
         spec["process"]["user"] = json!({"uid": 0, "gid": 0, "username": "nosuchuser"});
         let msg = rpc_error(vm.create("who", &spec, StdioReq::OUT).await.map(drop))?;
-        ensure!(msg.starts_with("INVALID_ARGUMENT: unknown user \"nosuchuser\""), "{msg}");
+        ensure!(
+            msg.starts_with("INVALID_ARGUMENT: unknown user \"nosuchuser\""),
+            "{msg}"
+        );
         Ok(())
     })
 }
 
 fn missing_executable(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
-        let msg = rpc_error(vm.create("noexe", &container(&["no-such-binary"]), StdioReq::OUT).await.map(drop))?;
-        ensure!(msg.contains("no-such-binary") && msg.contains("not found in $PATH"), "{msg}");
+        let msg = rpc_error(
+            vm.create("noexe", &container(&["no-such-binary"]), StdioReq::OUT)
+                .await
+                .map(drop),
+        )?;
+        ensure!(
+            msg.contains("no-such-binary") && msg.contains("not found in $PATH"),
+            "{msg}"
+        );
         // The failed container left no cgroup behind: the id can be reused.
         let out = vm.run("noexe", &container(&["true"])).await?;
         ensure!(out.status == 0);
@@ -700,8 +1009,15 @@ fn exec_into_stopped_container(vm: &TestVm) -> BoxFut<'_> {
         let s = vm.create(c, &container(&["true"]), StdioReq::OUT).await?;
         vm.start(c, "").await?;
         vm.finish(c, "", s).await?;
-        let msg = rpc_error(vm.exec(c, "late", &process(&["true"]), StdioReq::OUT).await.map(drop))?;
-        ensure!(msg.starts_with("FAILED_PRECONDITION") && msg.contains("not running"), "{msg}");
+        let msg = rpc_error(
+            vm.exec(c, "late", &process(&["true"]), StdioReq::OUT)
+                .await
+                .map(drop),
+        )?;
+        ensure!(
+            msg.starts_with("FAILED_PRECONDITION") && msg.contains("not running"),
+            "{msg}"
+        );
         let msg = rpc_error(vm.start(c, "").await)?;
         ensure!(msg.contains("already"), "{msg}");
         vm.remove(c).await
@@ -711,7 +1027,9 @@ fn exec_into_stopped_container(vm: &TestVm) -> BoxFut<'_> {
 fn remove_refuses_running_container(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
         let c = "busy";
-        let s = vm.create(c, &container(&["sleep", "1000"]), StdioReq::OUT).await?;
+        let s = vm
+            .create(c, &container(&["sleep", "1000"]), StdioReq::OUT)
+            .await?;
         vm.start(c, "").await?;
         let msg = rpc_error(vm.remove(c).await)?;
         ensure!(msg.contains("still running"), "{msg}");
@@ -719,7 +1037,9 @@ fn remove_refuses_running_container(vm: &TestVm) -> BoxFut<'_> {
         vm.finish(c, "", s).await?;
         vm.remove(c).await?;
         // A container created but never started may be removed at once.
-        let _unused = vm.create("never-started", &container(&["true"]), StdioReq::OUT).await?;
+        let _unused = vm
+            .create("never-started", &container(&["true"]), StdioReq::OUT)
+            .await?;
         vm.remove("never-started").await
     })
 }
@@ -727,13 +1047,23 @@ fn remove_refuses_running_container(vm: &TestVm) -> BoxFut<'_> {
 fn invalid_signal_and_resize_without_tty(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
         let c = "sig-bad";
-        let s = vm.create(c, &container(&["sleep", "1000"]), StdioReq::OUT).await?;
+        let s = vm
+            .create(c, &container(&["sleep", "1000"]), StdioReq::OUT)
+            .await?;
         vm.start(c, "").await?;
         let msg = rpc_error(vm.signal(c, "", 99).await)?;
         ensure!(msg.contains("invalid signal 99"), "{msg}");
         let r = vm
             .agent
-            .tty_win_resize(ctx(), &api::TtyWinResizeRequest { container_id: c.into(), rows: 1, columns: 1, ..Default::default() })
+            .tty_win_resize(
+                ctx(),
+                &api::TtyWinResizeRequest {
+                    container_id: c.into(),
+                    rows: 1,
+                    columns: 1,
+                    ..Default::default()
+                },
+            )
             .await;
         let msg = rpc_error(r.map_err(anyhow::Error::from))?;
         ensure!(msg.contains("no terminal"), "{msg}");
@@ -774,7 +1104,11 @@ fn oversized_message(vm: &TestVm) -> BoxFut<'_> {
         match got {
             Ok(Ok(_)) => {
                 ensure!(u32::from_be_bytes([header[4], header[5], header[6], header[7]]) == 1);
-                ensure!(header[8] == 2, "expected a response frame, got type {}", header[8]);
+                ensure!(
+                    header[8] == 2,
+                    "expected a response frame, got type {}",
+                    header[8]
+                );
             }
             Ok(Err(_)) => {} // connection closed: also acceptable
             Err(_) => bail!("no answer to an oversized frame within 60s"),
@@ -794,7 +1128,8 @@ fn garbage_on_the_api_port(vm: &TestVm) -> BoxFut<'_> {
         .await?;
         // A well-formed frame with a body that is not protobuf, then noise.
         s.write_all(&frame(16, 3, &[0xFF; 16])).await?;
-        s.write_all(b"this is not ttrpc at all\n\x00\x01\x02").await?;
+        s.write_all(b"this is not ttrpc at all\n\x00\x01\x02")
+            .await?;
         let _ = s.shutdown().await;
         let mut sink = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut sink)).await;
@@ -809,12 +1144,20 @@ async fn destroy_sandbox_powers_off(cfg: &VmConfig) -> Result<()> {
     let mut vm = TestVm::boot(cfg).await?;
     let dir = vm.dir().to_owned();
     let pids = vm.pids();
-    let s = vm.create("doomed", &container(&["sleep", "1000"]), StdioReq::OUT).await?;
+    let s = vm
+        .create("doomed", &container(&["sleep", "1000"]), StdioReq::OUT)
+        .await?;
     vm.start("doomed", "").await?;
     drop(s);
-    vm.agent.destroy_sandbox(ctx(), &api::DestroySandboxRequest::new()).await?;
+    vm.agent
+        .destroy_sandbox(ctx(), &api::DestroySandboxRequest::new())
+        .await?;
     let status = vm.wait_qemu_exit(Duration::from_secs(60)).await?;
-    ensure!(status.success(), "QEMU exited with {status} after power-off:\n{}", vm.diagnostics());
+    ensure!(
+        status.success(),
+        "QEMU exited with {status} after power-off:\n{}",
+        vm.diagnostics()
+    );
     vm.shutdown();
     ensure!(!dir.exists(), "{} left behind", dir.display());
     for pid in pids {

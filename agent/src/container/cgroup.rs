@@ -42,8 +42,7 @@ pub struct Cgroup {
 impl Cgroup {
     pub fn create(root: &Path, container_id: &str) -> Result<Cgroup> {
         let path = root.join(PARENT).join(container_id);
-        fs::create_dir(&path)
-            .map_err(|e| internal!("creating cgroup {}: {e}", path.display()))?;
+        fs::create_dir(&path).map_err(|e| internal!("creating cgroup {}: {e}", path.display()))?;
         Ok(Cgroup { path })
     }
 
@@ -279,11 +278,9 @@ mod tests {
 
     #[test]
     fn limits_map_to_v2_files() {
-        let files = resource_files(&res(
-            r#"{"memory":{"limit":33554432,"swap":67108864},
+        let files = resource_files(&res(r#"{"memory":{"limit":33554432,"swap":67108864},
                 "cpu":{"shares":1024,"quota":50000,"period":100000},
-                "pids":{"limit":20}}"#,
-        ))
+                "pids":{"limit":20}}"#))
         .unwrap();
         assert!(files.contains(&("memory.max", "33554432".into())));
         assert!(files.contains(&("memory.swap.max", "33554432".into())));
@@ -306,8 +303,7 @@ mod tests {
 
     #[test]
     fn swap_below_limit_is_refused() {
-        let err =
-            resource_files(&res(r#"{"memory":{"limit":100,"swap":50}}"#)).unwrap_err();
+        let err = resource_files(&res(r#"{"memory":{"limit":100,"swap":50}}"#)).unwrap_err();
         assert!(err.to_string().contains("memory.swap"), "{err}");
     }
 

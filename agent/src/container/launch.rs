@@ -20,6 +20,7 @@ use std::convert::Infallible;
 use std::ffi::CString;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -103,11 +104,14 @@ pub fn launch(plan: &LaunchPlan, stdio: LaunchStdio, on_fork: impl Fn(i32)) -> R
             let deadline = Instant::now() + SETUP_TIMEOUT;
             let mut pid = None;
             let mut tty_master = None;
-            loop {
+            let mut ready = false;
+            // The intermediate's pid and the process's ready come in
+            // either order.
+            while !(ready && pid.is_some()) {
                 match recv(&ours, deadline)? {
                     Msg::Pid(p) => pid = Some(p),
                     Msg::Tty(fd) => tty_master = Some(fd),
-                    Msg::Ready => break,
+                    Msg::Ready => ready = true,
                     Msg::Error(text) => return Err(child_error(text)),
                     Msg::Eof => return Err(internal!("container process died during setup")),
                     Msg::Start => return Err(internal!("unexpected start message from child")),
@@ -170,8 +174,13 @@ fn recv(sock: &OwnedFd, deadline: Instant) -> Result<Msg> {
     let mut buf = vec![0u8; 4096];
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
     let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(|e| internal!("reading from container process: {e}"))?;
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| internal!("reading from container process: {e}"))?;
     let mut fd = None;
     for c in msg.cmsgs().map_err(|e| internal!("control message: {e}"))? {
         if let ControlMessageOwned::ScmRights(fds) = c {
@@ -234,7 +243,11 @@ fn intermediate(plan: &LaunchPlan, stdio: LaunchStdio, sock: OwnedFd) -> ! {
             Ok(never) => match never {},
         },
         Ok(ForkResult::Parent { child }) => {
-            let _ = send(sock.as_fd(), format!("P{}", child.as_raw()).as_bytes(), None);
+            let _ = send(
+                sock.as_fd(),
+                format!("P{}", child.as_raw()).as_bytes(),
+                None,
+            );
             // SAFETY: see `die`.
             unsafe { libc::_exit(0) }
         }
@@ -242,8 +255,12 @@ fn intermediate(plan: &LaunchPlan, stdio: LaunchStdio, sock: OwnedFd) -> ! {
 }
 
 fn enter_namespaces(plan: &LaunchPlan) -> Result<(), ChildError> {
-    std::fs::write(&plan.cgroup_procs, "0")
-        .map_err(|e| ChildError(format!("joining cgroup {}: {e}", plan.cgroup_procs.display())))?;
+    std::fs::write(&plan.cgroup_procs, "0").map_err(|e| {
+        ChildError(format!(
+            "joining cgroup {}: {e}",
+            plan.cgroup_procs.display()
+        ))
+    })?;
     match &plan.target {
         Target::Init { .. } => unshare(
             CloneFlags::CLONE_NEWNS
@@ -263,8 +280,9 @@ fn enter_namespaces(plan: &LaunchPlan) -> Result<(), ChildError> {
                 files.push((ns, f));
             }
             for (ns, f) in files {
-                setns(f.as_fd(), CloneFlags::empty())
-                    .map_err(|e| ChildError(format!("entering the container's {ns} namespace: {e}")))?;
+                setns(f.as_fd(), CloneFlags::empty()).map_err(|e| {
+                    ChildError(format!("entering the container's {ns} namespace: {e}"))
+                })?;
             }
             Ok(())
         }
@@ -278,10 +296,17 @@ fn container_process(
 ) -> Result<Infallible, ChildError> {
     if let Target::Init { spec, rootfs } = &plan.target {
         if let Some(h) = spec.hostname().as_deref().filter(|h| !h.is_empty()) {
-            nix::unistd::sethostname(h).map_err(|e| ChildError(format!("sethostname {h:?}: {e}")))?;
+            nix::unistd::sethostname(h)
+                .map_err(|e| ChildError(format!("sethostname {h:?}: {e}")))?;
         }
         rootfs::enter(spec, rootfs)?;
-        for (key, value) in spec.linux().as_ref().and_then(|l| l.sysctl().as_ref()).into_iter().flatten() {
+        for (key, value) in spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.sysctl().as_ref())
+            .into_iter()
+            .flatten()
+        {
             let path = format!("/proc/sys/{}", key.replace('.', "/"));
             std::fs::write(&path, value).map_err(|e| ChildError(format!("sysctl {key}: {e}")))?;
         }
@@ -354,5 +379,3 @@ fn bind_console(slave: &OwnedFd) {
         None::<&str>,
     );
 }
-
-use std::os::unix::fs::OpenOptionsExt;

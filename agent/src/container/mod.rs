@@ -24,8 +24,8 @@ use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
 use podvisor_protocol::{api, GUEST_SHARED_DIR};
 use tokio::sync::watch;
 
-use crate::lock;
 use crate::error::{internal, invalid, not_found, precondition, AgentError, Result};
+use crate::lock;
 use crate::reaper::{ExitStatus, Reaper};
 use cgroup::Cgroup;
 use launch::{LaunchPlan, Launched, Target};
@@ -72,7 +72,12 @@ pub struct Process {
 }
 
 impl Process {
-    fn new(launched: Launched, streams: Streams, reaper: &Reaper, oom_kills_before: u64) -> Process {
+    fn new(
+        launched: Launched,
+        streams: Streams,
+        reaper: &Reaper,
+        oom_kills_before: u64,
+    ) -> Process {
         let (tx, rx) = watch::channel(None);
         let exited = reaper.watch(launched.pid);
         tokio::spawn(async move {
@@ -274,6 +279,19 @@ impl Container {
         Ok((pid, ports))
     }
 
+    /// Forgets an exec process that has exited (or never started).
+    pub fn remove_exec(&self, exec_id: &str) -> Result<()> {
+        let p = self.process(exec_id)?;
+        if p.started() && p.exited().is_none() {
+            return Err(precondition!(
+                "exec {exec_id} in container {} is still running",
+                self.id
+            ));
+        }
+        lock(&self.execs).remove(exec_id);
+        Ok(())
+    }
+
     pub async fn start_exec(&self, exec_id: &str) -> Result<()> {
         self.process(exec_id)?.start().await
     }
@@ -308,8 +326,7 @@ impl Container {
             let p = self.process(exec_id)?;
             (p.wait().await, p.oom_kills_before)
         };
-        let oom_killed =
-            status == 128 + libc::SIGKILL && self.cgroup.oom_kills() > oom_before;
+        let oom_killed = status == 128 + libc::SIGKILL && self.cgroup.oom_kills() > oom_before;
         Ok(api::WaitProcessResponse {
             exit_status: status,
             oom_killed,
@@ -379,15 +396,21 @@ fn rootfs_path(id: &str, spec: &Spec) -> Result<PathBuf> {
     } else {
         Path::new(GUEST_SHARED_DIR).join(id).join(root.path())
     };
-    if !path.is_dir() {
-        return Err(precondition!(
+    let real = path.canonicalize().map_err(|_| {
+        precondition!(
             "rootfs {} of container {id} does not exist in the guest",
+            path.display()
+        )
+    })?;
+    // Only what the host shared is a rootfs, never the guest's own files.
+    if !real.starts_with(GUEST_SHARED_DIR) || !real.is_dir() {
+        return Err(invalid!(
+            "rootfs {} of container {id} is not a directory under {GUEST_SHARED_DIR}",
             path.display()
         ));
     }
-    Ok(path)
+    Ok(real)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -398,7 +421,16 @@ mod tests {
         for ok in ["a", "abc-DEF_1.2", &"x".repeat(MAX_ID)] {
             assert!(validate_id("container", ok).is_ok(), "{ok}");
         }
-        for bad in ["", ".", "..", "../x", "a/b", "a b", &"x".repeat(MAX_ID + 1), "é"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "a b",
+            &"x".repeat(MAX_ID + 1),
+            "é",
+        ] {
             let e = validate_id("container", bad).unwrap_err();
             assert!(e.to_string().contains("invalid container id"), "{e}");
         }
@@ -406,7 +438,9 @@ mod tests {
 
     #[test]
     fn missing_rootfs_is_named() {
-        let spec: Spec = serde_json::from_str(r#"{"ociVersion":"1.0.2","root":{"path":"/nonexistent/rootfs"}}"#).unwrap();
+        let spec: Spec =
+            serde_json::from_str(r#"{"ociVersion":"1.0.2","root":{"path":"/nonexistent/rootfs"}}"#)
+                .unwrap();
         let e = rootfs_path("c1", &spec).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/rootfs"), "{e}");
     }

@@ -63,7 +63,9 @@ impl ProcessPlan {
         }
         let cstrings = |v: &[String], what: &str| -> Result<Vec<CString>> {
             v.iter()
-                .map(|s| CString::new(s.as_str()).map_err(|_| invalid!("{what} {s:?} contains NUL")))
+                .map(|s| {
+                    CString::new(s.as_str()).map_err(|_| invalid!("{what} {s:?} contains NUL"))
+                })
                 .collect()
         };
         let env_list = p.env().as_deref().unwrap_or_default();
@@ -143,7 +145,10 @@ impl ProcessPlan {
         Err(ChildError(if name.contains('/') {
             format!("executable {name} not found in the container")
         } else {
-            format!("executable file {name:?} not found in $PATH ({})", self.search_path)
+            format!(
+                "executable file {name:?} not found in $PATH ({})",
+                self.search_path
+            )
         }))
     }
 
@@ -327,8 +332,11 @@ mod tests {
 
     #[test]
     fn empty_args_and_relative_cwd_are_refused() {
-        let e = ProcessPlan::from_oci(&process(r#"{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}"#), None)
-            .unwrap_err();
+        let e = ProcessPlan::from_oci(
+            &process(r#"{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}"#),
+            None,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("process.args is empty"), "{e}");
         let e = ProcessPlan::from_oci(
             &process(r#"{"args":["sh"],"cwd":"tmp","user":{"uid":0,"gid":0}}"#),
@@ -351,8 +359,10 @@ mod tests {
     #[test]
     fn capabilities_convert() {
         let p = ProcessPlan::from_oci(
-            &process(r#"{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0},
-              "capabilities":{"bounding":["CAP_CHOWN","CAP_KILL"],"effective":["CAP_KILL"]}}"#),
+            &process(
+                r#"{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0},
+              "capabilities":{"bounding":["CAP_CHOWN","CAP_KILL"],"effective":["CAP_KILL"]}}"#,
+            ),
             None,
         )
         .unwrap();
@@ -365,8 +375,10 @@ mod tests {
     #[test]
     fn soft_above_hard_is_refused() {
         let e = ProcessPlan::from_oci(
-            &process(r#"{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0},
-              "rlimits":[{"type":"RLIMIT_NOFILE","soft":10,"hard":5}]}"#),
+            &process(
+                r#"{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0},
+              "rlimits":[{"type":"RLIMIT_NOFILE","soft":10,"hard":5}]}"#,
+            ),
             None,
         )
         .unwrap_err();

@@ -336,7 +336,13 @@ fn create_devices(rootfs: &Path, extra: Option<&Vec<LinuxDevice>>) -> Result<(),
 
 /// mknod, or, where the filesystem refuses device nodes, a bind mount of
 /// the guest's own node.
-fn make_node(path: &Path, kind: SFlag, major: u64, minor: u64, mode: u32) -> Result<(), ChildError> {
+fn make_node(
+    path: &Path,
+    kind: SFlag,
+    major: u64,
+    minor: u64,
+    mode: u32,
+) -> Result<(), ChildError> {
     if let Ok(m) = fs::symlink_metadata(path) {
         let ft = m.file_type();
         if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
@@ -347,11 +353,15 @@ fn make_node(path: &Path, kind: SFlag, major: u64, minor: u64, mode: u32) -> Res
     match mknod(path, kind, perm, makedev(major, minor)) {
         Ok(()) => Ok(()),
         Err(e) => {
-            let host = format!("/dev/{}", path.file_name().unwrap_or_default().to_string_lossy());
+            let host = format!(
+                "/dev/{}",
+                path.file_name().unwrap_or_default().to_string_lossy()
+            );
             if kind == SFlag::S_IFIFO || !Path::new(&host).exists() {
                 return Err(err(format!("mknod {}", path.display()), e));
             }
-            ensure_target(path, false).map_err(|e| err(format!("creating {}", path.display()), e))?;
+            ensure_target(path, false)
+                .map_err(|e| err(format!("creating {}", path.display()), e))?;
             mount(
                 Some(host.as_str()),
                 path,
@@ -428,10 +438,19 @@ mod tests {
         symlink("../../../../etc", root.join("up")).unwrap();
         symlink("loop", root.join("loop")).unwrap();
 
-        assert_eq!(secure_join(root, Path::new("/abs/passwd")), root.join("etc/passwd"));
-        assert_eq!(secure_join(root, Path::new("/up/passwd")), root.join("etc/passwd"));
+        assert_eq!(
+            secure_join(root, Path::new("/abs/passwd")),
+            root.join("etc/passwd")
+        );
+        assert_eq!(
+            secure_join(root, Path::new("/up/passwd")),
+            root.join("etc/passwd")
+        );
         assert_eq!(secure_join(root, Path::new("../../x")), root.join("x"));
-        assert_eq!(secure_join(root, Path::new("/a/./b/../c")), root.join("a/c"));
+        assert_eq!(
+            secure_join(root, Path::new("/a/./b/../c")),
+            root.join("a/c")
+        );
         // A symlink loop ends instead of spinning.
         assert!(secure_join(root, Path::new("/loop/x")).starts_with(root));
     }

@@ -24,8 +24,8 @@ use tokio::task::JoinHandle;
 use tokio_vsock::{VsockAddr, VsockListener};
 
 use super::launch::LaunchStdio;
-use crate::lock;
 use crate::error::{internal, precondition, Result};
+use crate::lock;
 
 const COPY_BUFFER: usize = 64 * 1024;
 
@@ -272,7 +272,6 @@ impl Drop for Streams {
     }
 }
 
-
 fn listen() -> Result<(VsockListener, u32)> {
     let listener = VsockListener::bind(VsockAddr::new(libc::VMADDR_CID_ANY, libc::VMADDR_PORT_ANY))
         .map_err(|e| internal!("binding a vsock stdio port: {e}"))?;
@@ -299,17 +298,24 @@ impl Pty {
             .map_err(|e| internal!("pty non-blocking: {e}"))?;
         // SAFETY: the AsyncFd owns `fd`, which stays open and the same
         // until it is dropped.
-        let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| internal!("pty: {}", e.into_parts().1))?;
+        let fd =
+            unsafe { AsyncFd::register(fd) }.map_err(|e| internal!("pty: {}", e.into_parts().1))?;
         Ok(Pty(fd))
     }
 }
 
 impl AsyncRead for Pty {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.0.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), unfilled).map_err(io::Error::from)) {
+            match guard
+                .try_io(|fd| nix::unistd::read(fd.get_ref(), unfilled).map_err(io::Error::from))
+            {
                 Ok(Ok(n)) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
@@ -323,10 +329,15 @@ impl AsyncRead for Pty {
 }
 
 impl AsyncWrite for Pty {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.0.poll_write_ready(cx))?;
-            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from)) {
+            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from))
+            {
                 Ok(r) => return Poll::Ready(r),
                 Err(_would_block) => continue,
             }

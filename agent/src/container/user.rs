@@ -17,8 +17,8 @@ pub struct ResolvedUser {
 /// Looks `name` up in `<rootfs>/etc/passwd` (a numeric name is taken as a
 /// uid), and its supplementary groups in `<rootfs>/etc/group`.
 pub fn resolve(rootfs: &Path, name: &str) -> Result<ResolvedUser> {
-    let passwd = std::fs::read_to_string(secure_join(rootfs, Path::new("/etc/passwd")))
-        .unwrap_or_default();
+    let passwd =
+        std::fs::read_to_string(secure_join(rootfs, Path::new("/etc/passwd"))).unwrap_or_default();
     let group =
         std::fs::read_to_string(secure_join(rootfs, Path::new("/etc/group"))).unwrap_or_default();
     resolve_in(&passwd, &group, name)
@@ -87,7 +87,10 @@ mod tests {
     #[test]
     fn unknown_name_is_a_clear_error() {
         let err = resolve_in(PASSWD, GROUP, "nosuchuser").unwrap_err();
-        assert!(err.to_string().contains("unknown user \"nosuchuser\""), "{err}");
+        assert!(
+            err.to_string().contains("unknown user \"nosuchuser\""),
+            "{err}"
+        );
     }
 
     #[test]
