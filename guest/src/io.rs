@@ -253,6 +253,28 @@ impl TestVm {
         })
     }
 
+    /// Creates and starts `sleep 1000` as container `cid`.
+    pub async fn start_sleeper(&self, cid: &str) -> Result<Streams> {
+        let streams = self
+            .create(
+                cid,
+                &crate::spec::container(&["sleep", "1000"]),
+                StdioReq::OUT,
+            )
+            .await?;
+        self.start(cid, "").await?;
+        Ok(streams)
+    }
+
+    /// SIGKILLs the container's init, waits for it and removes the
+    /// container.
+    pub async fn kill_and_remove(&self, cid: &str, streams: Streams) -> Result<Output> {
+        self.signal(cid, "", libc::SIGKILL).await?;
+        let out = self.finish(cid, "", streams).await?;
+        self.remove(cid).await?;
+        Ok(out)
+    }
+
     /// Runs a container to its end and removes it.
     pub async fn run(&self, cid: &str, spec: &Value) -> Result<Output> {
         let streams = self.create(cid, spec, StdioReq::OUT).await?;

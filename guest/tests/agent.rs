@@ -186,9 +186,9 @@ fn tail(s: &str) -> String {
 }
 
 /// "CODE: message" of a failed call's ttrpc status.
-fn rpc_error<T: std::fmt::Debug>(r: Result<T>) -> Result<String> {
+fn rpc_error<T>(r: Result<T>) -> Result<String> {
     let e = match r {
-        Ok(v) => bail!("expected an error, got {v:?}"),
+        Ok(_) => bail!("expected an error, the call succeeded"),
         Err(e) => e,
     };
     match e.downcast_ref::<ttrpc::Error>() {
@@ -383,19 +383,14 @@ fn exec_shares_rootfs_and_pid_namespace(vm: &TestVm) -> BoxFut<'_> {
             lines[3]
         );
 
-        vm.signal(c, "", libc::SIGKILL).await?;
-        vm.finish(c, "", init).await?;
-        vm.remove(c).await
+        vm.kill_and_remove(c, init).await.map(drop)
     })
 }
 
 fn sigterm_143_and_sigkill_137(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
         let c = "signals";
-        let init = vm
-            .create(c, &container(&["sleep", "1000"]), StdioReq::OUT)
-            .await?;
-        vm.start(c, "").await?;
+        let init = vm.start_sleeper(c).await?;
         // `sleep` as an exec is an ordinary process (the container's pid 1
         // ignores signals it has no handler for, as on any Linux).
         let s = vm
@@ -715,9 +710,7 @@ fn cgroup_limits_stats_update_and_pids(vm: &TestVm) -> BoxFut<'_> {
             .await?;
         ensure!(listed.pids.len() == 1, "processes {:?}", listed.pids);
 
-        vm.signal(c, "", libc::SIGKILL).await?;
-        vm.finish(c, "", init).await?;
-        vm.remove(c).await
+        vm.kill_and_remove(c, init).await.map(drop)
     })
 }
 
@@ -850,19 +843,14 @@ fn bad_spec_json_and_missing_process(vm: &TestVm) -> BoxFut<'_> {
         vm.add_rootfs("bad-spec")?;
         let msg = rpc_error(
             vm.create_raw("bad-spec", b"{\"ociVersion\": ", StdioReq::OUT)
-                .await
-                .map(drop),
+                .await,
         )?;
         ensure!(msg.contains("invalid OCI spec"), "{msg}");
         let mut spec = container(&["true"]);
         spec.as_object_mut().context("spec")?.remove("process");
-        let msg = rpc_error(vm.create("bad-spec", &spec, StdioReq::OUT).await.map(drop))?;
+        let msg = rpc_error(vm.create("bad-spec", &spec, StdioReq::OUT).await)?;
         ensure!(msg.contains("has no process"), "{msg}");
-        let msg = rpc_error(
-            vm.create("bad-spec", &container(&[]), StdioReq::OUT)
-                .await
-                .map(drop),
-        )?;
+        let msg = rpc_error(vm.create("bad-spec", &container(&[]), StdioReq::OUT).await)?;
         ensure!(msg.contains("process.args is empty"), "{msg}");
         // Nothing of the failed attempts is left: the id is free again.
         let out = vm.run("bad-spec", &container(&["true"])).await?;
@@ -882,15 +870,10 @@ fn unknown_ids_are_not_found(vm: &TestVm) -> BoxFut<'_> {
         ensure!(rpc_error(vm.signal("nope", "", 9).await)?.contains("not found"));
         ensure!(rpc_error(vm.remove("nope").await)?.contains("not found"));
         let c = "known";
-        let s = vm
-            .create(c, &container(&["sleep", "1000"]), StdioReq::OUT)
-            .await?;
-        vm.start(c, "").await?;
+        let s = vm.start_sleeper(c).await?;
         let msg = rpc_error(vm.wait(c, "no-such-exec").await)?;
         ensure!(msg.contains("no exec no-such-exec"), "{msg}");
-        vm.signal(c, "", libc::SIGKILL).await?;
-        vm.finish(c, "", s).await?;
-        vm.remove(c).await
+        vm.kill_and_remove(c, s).await.map(drop)
     })
 }
 
@@ -902,38 +885,26 @@ fn bad_and_duplicate_ids(vm: &TestVm) -> BoxFut<'_> {
                 container(&["true"]).to_string().as_bytes(),
                 StdioReq::OUT,
             )
-            .await
-            .map(drop),
+            .await,
         )?;
         ensure!(msg.contains("invalid container id"), "{msg}");
         let c = "dup";
         let s = vm
             .create(c, &container(&["sleep", "1000"]), StdioReq::OUT)
             .await?;
-        let msg = rpc_error(
-            vm.create(c, &container(&["true"]), StdioReq::OUT)
-                .await
-                .map(drop),
-        )?;
+        let msg = rpc_error(vm.create(c, &container(&["true"]), StdioReq::OUT).await)?;
         ensure!(msg.starts_with("ALREADY_EXISTS"), "{msg}");
         vm.start(c, "").await?;
         let e = vm.exec(c, "x", &process(&["true"]), StdioReq::OUT).await?;
         vm.finish(c, "x", e).await?;
-        let msg = rpc_error(
-            vm.exec(c, "x", &process(&["true"]), StdioReq::OUT)
-                .await
-                .map(drop),
-        )?;
+        let msg = rpc_error(vm.exec(c, "x", &process(&["true"]), StdioReq::OUT).await)?;
         ensure!(msg.contains("exec x already exists"), "{msg}");
         let msg = rpc_error(
             vm.exec(c, "bad/id", &process(&["true"]), StdioReq::OUT)
-                .await
-                .map(drop),
+                .await,
         )?;
         ensure!(msg.contains("invalid exec id"), "{msg}");
-        vm.signal(c, "", libc::SIGKILL).await?;
-        vm.finish(c, "", s).await?;
-        vm.remove(c).await
+        vm.kill_and_remove(c, s).await.map(drop)
     })
 }
 
@@ -946,8 +917,7 @@ fn missing_rootfs(vm: &TestVm) -> BoxFut<'_> {
                 container(&["true"]).to_string().as_bytes(),
                 StdioReq::OUT,
             )
-            .await
-            .map(drop),
+            .await,
         )?;
         ensure!(
             msg.contains("rootfs /run/podvisor/shared/no-rootfs/rootfs")
@@ -958,11 +928,7 @@ fn missing_rootfs(vm: &TestVm) -> BoxFut<'_> {
         vm.add_rootfs("guest-root")?;
         let mut spec = container(&["true"]);
         spec["root"]["path"] = json!("../../..");
-        let msg = rpc_error(
-            vm.create("guest-root", &spec, StdioReq::OUT)
-                .await
-                .map(drop),
-        )?;
+        let msg = rpc_error(vm.create("guest-root", &spec, StdioReq::OUT).await)?;
         ensure!(
             msg.starts_with("INVALID_ARGUMENT")
                 && msg.contains("not a directory under /run/podvisor/shared"),
@@ -976,7 +942,7 @@ fn unknown_user(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
         let mut spec = container(&["id"]);
         spec["process"]["user"] = json!({"uid": 0, "gid": 0, "username": "nosuchuser"});
-        let msg = rpc_error(vm.create("who", &spec, StdioReq::OUT).await.map(drop))?;
+        let msg = rpc_error(vm.create("who", &spec, StdioReq::OUT).await)?;
         ensure!(
             msg.starts_with("INVALID_ARGUMENT: unknown user \"nosuchuser\""),
             "{msg}"
@@ -989,8 +955,7 @@ fn missing_executable(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
         let msg = rpc_error(
             vm.create("noexe", &container(&["no-such-binary"]), StdioReq::OUT)
-                .await
-                .map(drop),
+                .await,
         )?;
         ensure!(
             msg.contains("no-such-binary") && msg.contains("not found in $PATH"),
@@ -1009,11 +974,7 @@ fn exec_into_stopped_container(vm: &TestVm) -> BoxFut<'_> {
         let s = vm.create(c, &container(&["true"]), StdioReq::OUT).await?;
         vm.start(c, "").await?;
         vm.finish(c, "", s).await?;
-        let msg = rpc_error(
-            vm.exec(c, "late", &process(&["true"]), StdioReq::OUT)
-                .await
-                .map(drop),
-        )?;
+        let msg = rpc_error(vm.exec(c, "late", &process(&["true"]), StdioReq::OUT).await)?;
         ensure!(
             msg.starts_with("FAILED_PRECONDITION") && msg.contains("not running"),
             "{msg}"
@@ -1027,10 +988,7 @@ fn exec_into_stopped_container(vm: &TestVm) -> BoxFut<'_> {
 fn remove_refuses_running_container(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
         let c = "busy";
-        let s = vm
-            .create(c, &container(&["sleep", "1000"]), StdioReq::OUT)
-            .await?;
-        vm.start(c, "").await?;
+        let s = vm.start_sleeper(c).await?;
         let msg = rpc_error(vm.remove(c).await)?;
         ensure!(msg.contains("still running"), "{msg}");
         vm.signal(c, "", libc::SIGKILL).await?;
@@ -1047,10 +1005,7 @@ fn remove_refuses_running_container(vm: &TestVm) -> BoxFut<'_> {
 fn invalid_signal_and_resize_without_tty(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
         let c = "sig-bad";
-        let s = vm
-            .create(c, &container(&["sleep", "1000"]), StdioReq::OUT)
-            .await?;
-        vm.start(c, "").await?;
+        let s = vm.start_sleeper(c).await?;
         let msg = rpc_error(vm.signal(c, "", 99).await)?;
         ensure!(msg.contains("invalid signal 99"), "{msg}");
         let r = vm
@@ -1067,9 +1022,7 @@ fn invalid_signal_and_resize_without_tty(vm: &TestVm) -> BoxFut<'_> {
             .await;
         let msg = rpc_error(r.map_err(anyhow::Error::from))?;
         ensure!(msg.contains("no terminal"), "{msg}");
-        vm.signal(c, "", libc::SIGKILL).await?;
-        vm.finish(c, "", s).await?;
-        vm.remove(c).await
+        vm.kill_and_remove(c, s).await.map(drop)
     })
 }
 

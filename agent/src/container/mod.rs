@@ -164,6 +164,15 @@ impl Container {
             .as_ref()
             .ok_or_else(|| invalid!("OCI spec of container {id} has no process"))?;
         let plan = ProcessPlan::from_oci(oci_process, Some(&rootfs))?;
+        if spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.seccomp().as_ref())
+            .is_some()
+        {
+            // As Kata's default: the VM is the isolation boundary.
+            tracing::info!(container = id, "seccomp profile not applied in the guest");
+        }
         if plan.terminal != stdio_req.terminal {
             return Err(invalid!(
                 "process.terminal ({}) and the stdio request's terminal ({}) disagree",
