@@ -4,10 +4,12 @@
 //! a single loop collects every exit (`waitpid(-1)` on each SIGCHLD) and
 //! nothing else in the agent may call `waitpid`. A pid that exits before
 //! anyone watches it is kept for a while, because a container's pid is
-//! learned only after its intermediate process reports it.
+//! learned only after its intermediate process reports it; not for long,
+//! so that a reused pid never inherits an old exit.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -17,6 +19,9 @@ use tokio::sync::oneshot;
 
 /// Unclaimed exits kept at most: orphans of the guest nobody asks about.
 const UNCLAIMED_MAX: usize = 256;
+/// How long an unclaimed exit is kept: far longer than a launch takes to
+/// report its pid, far shorter than the guest takes to reuse a pid.
+const UNCLAIMED_TTL: Duration = Duration::from_secs(120);
 
 /// How a process ended, in the shell's convention: the exit code, or
 /// 128 + the number of the signal that killed it.
@@ -29,7 +34,7 @@ pub struct Reaper {
 #[derive(Default)]
 struct Inner {
     watchers: HashMap<i32, oneshot::Sender<ExitStatus>>,
-    unclaimed: VecDeque<(i32, ExitStatus)>,
+    unclaimed: VecDeque<(i32, ExitStatus, Instant)>,
 }
 
 impl Reaper {
@@ -55,8 +60,9 @@ impl Reaper {
     pub fn watch(&self, pid: i32) -> oneshot::Receiver<ExitStatus> {
         let (tx, rx) = oneshot::channel();
         let mut inner = self.lock();
-        if let Some(pos) = inner.unclaimed.iter().position(|(p, _)| *p == pid) {
-            if let Some((_, status)) = inner.unclaimed.remove(pos) {
+        inner.expire(Instant::now());
+        if let Some(pos) = inner.unclaimed.iter().position(|(p, _, _)| *p == pid) {
+            if let Some((_, status, _)) = inner.unclaimed.remove(pos) {
                 let _ = tx.send(status);
             }
         } else {
@@ -88,17 +94,33 @@ impl Reaper {
     }
 
     fn deliver(&self, pid: i32, status: ExitStatus) {
+        self.deliver_at(pid, status, Instant::now());
+    }
+
+    fn deliver_at(&self, pid: i32, status: ExitStatus, now: Instant) {
         let mut inner = self.lock();
         match inner.watchers.remove(&pid) {
             Some(tx) => {
                 let _ = tx.send(status);
             }
             None => {
+                inner.expire(now);
                 if inner.unclaimed.len() >= UNCLAIMED_MAX {
                     inner.unclaimed.pop_front();
                 }
-                inner.unclaimed.push_back((pid, status));
+                inner.unclaimed.push_back((pid, status, now));
             }
+        }
+    }
+}
+
+impl Inner {
+    fn expire(&mut self, now: Instant) {
+        while let Some((_, _, at)) = self.unclaimed.front() {
+            if now.duration_since(*at) < UNCLAIMED_TTL {
+                break;
+            }
+            self.unclaimed.pop_front();
         }
     }
 }
@@ -131,6 +153,17 @@ mod tests {
         assert!(rx.try_recv().is_err());
         r.deliver(7, 137);
         assert_eq!(rx.try_recv().unwrap(), 137);
+    }
+
+    #[test]
+    fn old_unclaimed_exits_expire() {
+        let r = reaper();
+        let long_ago = Instant::now()
+            .checked_sub(UNCLAIMED_TTL + Duration::from_secs(1))
+            .unwrap();
+        r.deliver_at(500, 9, long_ago);
+        // A new process that got pid 500 is not reported dead.
+        assert!(r.watch(500).try_recv().is_err());
     }
 
     #[test]
