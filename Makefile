@@ -40,7 +40,7 @@ guest-image: agent
 	guest/build-image.sh $(AGENT_BIN) $(GUEST_DIR)
 
 demo: guest-image
-	$(CARGO) run --release -q -p podvisor-guest -- demo
+	$(CARGO) run --release -q -p podvisor-testkit -- demo
 
 test: lint test-unit test-guest
 
@@ -52,10 +52,10 @@ test-unit:
 	$(CARGO) test --workspace --lib --bins
 
 test-guest: guest-image
-	$(CARGO) test -p podvisor-guest --test agent
+	$(CARGO) test -p podvisor-testkit --test agent
 
 bench: guest-image
-	$(CARGO) run --release -q -p podvisor-guest -- bench
+	$(CARGO) run --release -q -p podvisor-testkit -- bench
 
 clean:
 	$(CARGO) clean

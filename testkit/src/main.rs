@@ -1,4 +1,4 @@
-//! `podvisor-guest demo|bench`: boots the guest image under QEMU.
+//! `podvisor-testkit demo|bench`: boots the guest image under QEMU.
 //!
 //! - `demo`: runs one container in a fresh VM and shows that it ran in the
 //!   guest (kernel release, boot id) rather than on the host.
@@ -8,10 +8,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use podvisor_guest::spec::container;
-use podvisor_guest::vm::{image_dir, manifest};
-use podvisor_guest::{ctx, Accel, StdioReq, TestVm, VmConfig};
 use podvisor_protocol::api;
+use podvisor_testkit::spec::container;
+use podvisor_testkit::vm::{image_dir, manifest};
+use podvisor_testkit::{ctx, detect_accel, Accel, StdioReq, TestVm, VmConfig};
 
 const BOOTS: usize = 3;
 const CONTAINER_STARTS: usize = 10;
@@ -25,12 +25,12 @@ fn main() -> Result<()> {
     match cmd.as_str() {
         "demo" => rt.block_on(demo()),
         "bench" => rt.block_on(bench()),
-        _ => bail!("usage: podvisor-guest demo|bench"),
+        _ => bail!("usage: podvisor-testkit demo|bench"),
     }
 }
 
 async fn demo() -> Result<()> {
-    let (accel, why) = Accel::detect();
+    let (accel, why) = detect_accel();
     println!(
         "booting the guest image from {} (QEMU, {}: {why})",
         image_dir().display(),
@@ -55,7 +55,7 @@ async fn demo() -> Result<()> {
     vm.agent
         .destroy_sandbox(ctx(), &api::DestroySandboxRequest::new())
         .await?;
-    vm.shutdown();
+    vm.shutdown().await;
     Ok(())
 }
 
@@ -73,7 +73,7 @@ fn mib(bytes: u64) -> String {
 }
 
 async fn bench() -> Result<()> {
-    let (accel, why) = Accel::detect();
+    let (accel, why) = detect_accel();
     let cfg = VmConfig::new(accel);
     println!(
         "podvisor guest figures: QEMU -M q35, accel {} ({why})",
@@ -93,7 +93,7 @@ async fn bench() -> Result<()> {
             .await?;
         ready_ms.push(Duration::from_millis(d.agent_ready_ms));
         rss_idle = d.agent_rss_bytes;
-        vm.shutdown();
+        vm.shutdown().await;
     }
 
     let vm = TestVm::boot(&cfg).await?;
@@ -116,7 +116,7 @@ async fn bench() -> Result<()> {
         .get_guest_details(ctx(), &api::GuestDetailsRequest::new())
         .await?
         .agent_rss_bytes;
-    vm.shutdown();
+    vm.shutdown().await;
 
     let image = image_dir();
     let size = |f: &str| -> Result<u64> {

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use libtest_mimic::{Arguments, Failed, Trial};
-use podvisor_guest::spec::{container, process};
-use podvisor_guest::{ctx, vm::manifest, Accel, StdioReq, TestVm, VmConfig};
 use podvisor_protocol::api;
+use podvisor_testkit::spec::{container, process};
+use podvisor_testkit::{ctx, detect_accel, vm::manifest, Accel, StdioReq, TestVm, VmConfig};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -45,7 +45,7 @@ impl Shared {
 
 fn main() {
     let args = Arguments::from_args();
-    let (accel, why) = Accel::detect();
+    let (accel, why) = detect_accel();
     eprintln!("guest tests: QEMU accel {} ({why})", accel.name());
     let shared = Arc::new(Shared {
         rt: tokio::runtime::Builder::new_multi_thread()
@@ -169,7 +169,7 @@ fn main() {
     let vm = shared.vm.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(Ok(vm)) = vm {
         match Arc::try_unwrap(vm) {
-            Ok(vm) => vm.shutdown(),
+            Ok(vm) => shared.rt.block_on(vm.shutdown()),
             Err(_) => eprintln!("shared VM still referenced at exit"),
         }
     }
@@ -1094,7 +1094,7 @@ fn garbage_on_the_api_port(vm: &TestVm) -> BoxFut<'_> {
 // --- the end of a sandbox -------------------------------------------------
 
 async fn destroy_sandbox_powers_off(cfg: &VmConfig) -> Result<()> {
-    let mut vm = TestVm::boot(cfg).await?;
+    let vm = TestVm::boot(cfg).await?;
     let dir = vm.dir().to_owned();
     let pids = vm.pids();
     let s = vm
@@ -1111,7 +1111,7 @@ async fn destroy_sandbox_powers_off(cfg: &VmConfig) -> Result<()> {
         "QEMU exited with {status} after power-off:\n{}",
         vm.diagnostics()
     );
-    vm.shutdown();
+    vm.shutdown().await;
     ensure!(!dir.exists(), "{} left behind", dir.display());
     for pid in pids {
         ensure!(

@@ -1,0 +1,394 @@
+//! The shim's configuration (`/etc/podvisor/config.toml`, or the file the
+//! containerd runtime option `ConfigPath` names) and the sizing of one VM
+//! from it, the pod's allow-listed annotations and the CRI sizing
+//! annotations.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG: &str = "/etc/podvisor/config.toml";
+
+/// Annotations a config may allow pods to set.
+pub const ANNOTATION_VCPUS: &str = "podvisor.io/vcpus";
+pub const ANNOTATION_MEMORY: &str = "podvisor.io/memory-mib";
+pub const ANNOTATION_KERNEL_PARAMS: &str = "podvisor.io/kernel-params";
+pub const ANNOTATION_HYPERVISOR: &str = "podvisor.io/hypervisor";
+const PODVISOR_PREFIX: &str = "podvisor.io/";
+
+/// What containerd's CRI plugin sets on a sandbox (containerd 1.7+).
+const CRI_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+const CRI_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+const CRI_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+
+/// Smallest guest that boots the image and runs a container.
+const MIN_MEMORY_MIB: u32 = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("config {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("annotation {key}: {reason}")]
+    Annotation { key: String, reason: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HypervisorKind {
+    /// The in-tree VMM where KVM is fast, else QEMU.
+    Auto,
+    Vmm,
+    Qemu,
+}
+
+impl std::str::FromStr for HypervisorKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(HypervisorKind::Auto),
+            "vmm" => Ok(HypervisorKind::Vmm),
+            "qemu" => Ok(HypervisorKind::Qemu),
+            _ => Err(format!("unknown hypervisor {s:?} (auto, vmm or qemu)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub hypervisor: HypervisorKind,
+    /// Guest kernel (bzImage) and initramfs.
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub default_vcpus: u32,
+    pub default_memory_mib: u32,
+    pub max_vcpus: u32,
+    pub max_memory_mib: u32,
+    /// Appended to every guest's kernel command line.
+    pub kernel_params: String,
+    /// The `podvisor.io/*` annotations pods may set; others fail create.
+    pub allowed_annotations: Vec<String>,
+    pub paths: Paths,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Paths {
+    pub qemu: PathBuf,
+    pub virtiofsd: PathBuf,
+    pub vhost_device_vsock: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths {
+            qemu: "qemu-system-x86_64".into(),
+            virtiofsd: "/usr/lib/qemu/virtiofsd".into(),
+            vhost_device_vsock: "/opt/podvisor/bin/vhost-device-vsock".into(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hypervisor: HypervisorKind::Auto,
+            kernel: "/opt/podvisor/share/guest/kernel".into(),
+            initramfs: "/opt/podvisor/share/guest/initramfs".into(),
+            default_vcpus: 1,
+            default_memory_mib: 512,
+            max_vcpus: 16,
+            max_memory_mib: 16384,
+            kernel_params: String::new(),
+            allowed_annotations: Vec::new(),
+            paths: Paths::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`; the default path may be absent (defaults apply), a
+    /// path given explicitly may not.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_owned(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        Self::parse(&path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })?;
+        let invalid = |reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        if cfg.default_vcpus == 0 || cfg.default_vcpus > cfg.max_vcpus {
+            return Err(invalid(format!(
+                "default_vcpus {} must be within 1..={}",
+                cfg.default_vcpus, cfg.max_vcpus
+            )));
+        }
+        if cfg.default_memory_mib < MIN_MEMORY_MIB || cfg.default_memory_mib > cfg.max_memory_mib {
+            return Err(invalid(format!(
+                "default_memory_mib {} must be within {MIN_MEMORY_MIB}..={}",
+                cfg.default_memory_mib, cfg.max_memory_mib
+            )));
+        }
+        for a in &cfg.allowed_annotations {
+            if ![
+                ANNOTATION_VCPUS,
+                ANNOTATION_MEMORY,
+                ANNOTATION_KERNEL_PARAMS,
+                ANNOTATION_HYPERVISOR,
+            ]
+            .contains(&a.as_str())
+            {
+                return Err(invalid(format!(
+                    "allowed_annotations: unknown annotation {a:?}"
+                )));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The VM for a pod with `annotations`.
+    pub fn vm_sizing(
+        &self,
+        annotations: &HashMap<String, String>,
+    ) -> Result<VmSizing, ConfigError> {
+        let bad = |key: &str, reason: String| ConfigError::Annotation {
+            key: key.to_string(),
+            reason,
+        };
+        let mut sizing = VmSizing {
+            vcpus: self.default_vcpus,
+            memory_mib: self.default_memory_mib,
+            kernel_params: self.kernel_params.clone(),
+            hypervisor: self.hypervisor,
+        };
+
+        // Kubernetes limits add to the guest's own share (Kata's model).
+        let quota =
+            parse_num::<i64>(annotations, CRI_CPU_QUOTA).map_err(|r| bad(CRI_CPU_QUOTA, r))?;
+        let period =
+            parse_num::<u64>(annotations, CRI_CPU_PERIOD).map_err(|r| bad(CRI_CPU_PERIOD, r))?;
+        if let (Some(q), Some(p)) = (quota, period) {
+            if q > 0 && p > 0 {
+                sizing.vcpus += (q as u64).div_ceil(p) as u32;
+            }
+        }
+        if let Some(bytes) =
+            parse_num::<u64>(annotations, CRI_MEMORY).map_err(|r| bad(CRI_MEMORY, r))?
+        {
+            sizing.memory_mib += bytes.div_ceil(1 << 20) as u32;
+        }
+
+        let mut keys: Vec<&String> = annotations
+            .keys()
+            .filter(|k| k.starts_with(PODVISOR_PREFIX))
+            .collect();
+        keys.sort();
+        for key in keys {
+            let value = &annotations[key];
+            if !self.allowed_annotations.iter().any(|a| a == key) {
+                return Err(bad(
+                    key,
+                    "not allowed by this node's podvisor config (allowed_annotations)".into(),
+                ));
+            }
+            match key.as_str() {
+                ANNOTATION_VCPUS => {
+                    let n: u32 = value
+                        .parse()
+                        .map_err(|_| bad(key, format!("{value:?} is not a number")))?;
+                    sizing.vcpus = n;
+                }
+                ANNOTATION_MEMORY => {
+                    let n: u32 = value
+                        .parse()
+                        .map_err(|_| bad(key, format!("{value:?} is not a number")))?;
+                    sizing.memory_mib = n;
+                }
+                ANNOTATION_KERNEL_PARAMS => {
+                    if value.chars().any(|c| c.is_control()) {
+                        return Err(bad(key, "control characters are not allowed".into()));
+                    }
+                    if !sizing.kernel_params.is_empty() {
+                        sizing.kernel_params.push(' ');
+                    }
+                    sizing.kernel_params.push_str(value);
+                }
+                ANNOTATION_HYPERVISOR => {
+                    sizing.hypervisor = value.parse().map_err(|e| bad(key, e))?;
+                }
+                _ => return Err(bad(key, "unknown podvisor annotation".into())),
+            }
+        }
+        if sizing.vcpus == 0 || sizing.vcpus > self.max_vcpus {
+            return Err(bad(
+                ANNOTATION_VCPUS,
+                format!("{} vCPUs is outside 1..={}", sizing.vcpus, self.max_vcpus),
+            ));
+        }
+        if sizing.memory_mib < MIN_MEMORY_MIB || sizing.memory_mib > self.max_memory_mib {
+            return Err(bad(
+                ANNOTATION_MEMORY,
+                format!(
+                    "{} MiB is outside {MIN_MEMORY_MIB}..={} MiB",
+                    sizing.memory_mib, self.max_memory_mib
+                ),
+            ));
+        }
+        Ok(sizing)
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(
+    annotations: &HashMap<String, String>,
+    key: &str,
+) -> Result<Option<T>, String> {
+    match annotations.get(key) {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{v:?} is not a number")),
+    }
+}
+
+/// One VM's size and kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSizing {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub kernel_params: String,
+    pub hypervisor: HypervisorKind,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> Config {
+        Config::parse(Path::new("test.toml"), text).unwrap()
+    }
+
+    fn ann(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_without_a_file() {
+        let c = Config::load(None).unwrap_or_default();
+        assert_eq!(c.default_vcpus, 1);
+        assert_eq!(c.hypervisor, HypervisorKind::Auto);
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let e = Config::load(Some(Path::new("/nonexistent/podvisor.toml"))).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/podvisor.toml"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let e = Config::parse(Path::new("c.toml"), "vcpus = 2").unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        let e = Config::parse(Path::new("c.toml"), "hypervisor = \"xen\"").unwrap_err();
+        assert!(e.to_string().contains("c.toml"), "{e}");
+        let e = Config::parse(Path::new("c.toml"), "default_memory_mib = 64").unwrap_err();
+        assert!(e.to_string().contains("default_memory_mib 64"), "{e}");
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "allowed_annotations = [\"podvisor.io/x\"]",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("podvisor.io/x"), "{e}");
+    }
+
+    #[test]
+    fn allowed_annotations_size_the_vm() {
+        let c = cfg(
+            r#"allowed_annotations = ["podvisor.io/vcpus", "podvisor.io/memory-mib", "podvisor.io/kernel-params"]
+                      kernel_params = "quiet""#,
+        );
+        let s = c
+            .vm_sizing(&ann(&[
+                ("podvisor.io/vcpus", "2"),
+                ("podvisor.io/memory-mib", "1024"),
+                ("podvisor.io/kernel-params", "loglevel=7"),
+            ]))
+            .unwrap();
+        assert_eq!((s.vcpus, s.memory_mib), (2, 1024));
+        assert_eq!(s.kernel_params, "quiet loglevel=7");
+    }
+
+    #[test]
+    fn annotation_not_allowed_fails() {
+        let c = cfg("");
+        let e = c
+            .vm_sizing(&ann(&[("podvisor.io/vcpus", "2")]))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("podvisor.io/vcpus: not allowed"),
+            "{e}"
+        );
+        // Other annotations are not ours to judge.
+        assert!(c.vm_sizing(&ann(&[("example.com/x", "y")])).is_ok());
+    }
+
+    #[test]
+    fn out_of_range_values_fail() {
+        let c = cfg(
+            r#"allowed_annotations = ["podvisor.io/vcpus", "podvisor.io/memory-mib", "podvisor.io/hypervisor"]
+                      max_vcpus = 4"#,
+        );
+        for (k, v, msg) in [
+            ("podvisor.io/vcpus", "0", "outside 1..=4"),
+            ("podvisor.io/vcpus", "5", "outside 1..=4"),
+            ("podvisor.io/vcpus", "two", "not a number"),
+            ("podvisor.io/memory-mib", "64", "outside 128"),
+            ("podvisor.io/hypervisor", "xen", "unknown hypervisor"),
+        ] {
+            let e = c.vm_sizing(&ann(&[(k, v)])).unwrap_err();
+            assert!(e.to_string().contains(msg), "{k}={v}: {e}");
+        }
+    }
+
+    #[test]
+    fn cri_sizing_adds_to_the_defaults() {
+        let c = cfg("");
+        let s = c
+            .vm_sizing(&ann(&[
+                (CRI_CPU_QUOTA, "150000"),
+                (CRI_CPU_PERIOD, "100000"),
+                (CRI_MEMORY, "268435456"),
+            ]))
+            .unwrap();
+        assert_eq!((s.vcpus, s.memory_mib), (3, 768));
+    }
+}

@@ -1,0 +1,234 @@
+//! Hypervisor backends: one trait, one module per backend.
+//!
+//! A backend turns a [`VmSpec`] into a [`RunningVm`]: the VM process and
+//! its helpers (vsock, virtio-fs), each a supervised child, plus the
+//! hybrid-vsock socket the agent is reached through. Everything above this
+//! module (the sandbox, the task service) sees only that.
+//!
+//! - [`qemu`]: QEMU `-M q35`, KVM when the probe finds it fast, TCG
+//!   otherwise, vsock through `vhost-device-vsock`, virtio-fs through
+//!   virtiofsd.
+//! - `vmm`, the in-tree VMM, plugs in here as a second module.
+
+pub mod qemu;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::process::{Child, Command};
+use tokio::sync::{oneshot, watch};
+
+use crate::config::{HypervisorKind, Paths};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("starting {name} ({program}): {source}")]
+    Spawn {
+        name: &'static str,
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{name} exited ({status}) before it was ready; see {log}")]
+    EarlyExit {
+        name: &'static str,
+        status: String,
+        log: PathBuf,
+    },
+    #[error("{name} did not create {path} within {after:?}")]
+    NotReady {
+        name: &'static str,
+        path: PathBuf,
+        after: Duration,
+    },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// What a VM is made of.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Appended to the base kernel command line.
+    pub kernel_params: String,
+    /// Where sockets and logs go (console.log, <helper>.log).
+    pub dir: PathBuf,
+    /// Shared with the guest as virtio-fs tag `podvisor`.
+    pub shared_dir: PathBuf,
+}
+
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Backend and acceleration, for logs and figures ("qemu/tcg").
+    fn describe(&self) -> String;
+
+    /// Starts the VM and its helpers; returns once they run (not once the
+    /// guest has booted: dial the agent for that).
+    async fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError>;
+}
+
+/// The backend for `kind`, with the reason for the choice.
+pub fn select(
+    kind: HypervisorKind,
+    paths: &Paths,
+) -> Result<(Box<dyn Hypervisor>, String), HypervisorError> {
+    match kind {
+        HypervisorKind::Vmm => Err(HypervisorError::Unavailable(
+            "hypervisor \"vmm\" (the in-tree VMM) is not available in this build; use \"qemu\" or \"auto\"".into(),
+        )),
+        HypervisorKind::Qemu | HypervisorKind::Auto => {
+            let (accel, verdict) = qemu::Accel::detect();
+            let why = format!("{kind:?} -> qemu with {}: {verdict}", accel.name());
+            Ok((Box::new(qemu::Qemu::new(paths.clone(), accel)), why))
+        }
+    }
+}
+
+/// A child process the shim supervises: its exit is observable, and it is
+/// killed through the task that owns it (so a reused pid is never hit),
+/// at the latest when this handle is dropped.
+pub struct Supervised {
+    pub name: &'static str,
+    pub pid: u32,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    kill: Option<oneshot::Sender<()>>,
+}
+
+impl Supervised {
+    pub fn spawn(
+        name: &'static str,
+        cmd: &mut Command,
+        log: &Path,
+    ) -> Result<Supervised, HypervisorError> {
+        let io = |what: String| move |source| HypervisorError::Io { what, source };
+        let out = std::fs::File::create(log).map_err(io(format!("creating {}", log.display())))?;
+        let err = out.try_clone().map_err(io("dup log".into()))?;
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(false);
+        let program = PathBuf::from(cmd.as_std().get_program());
+        let mut child: Child = cmd.spawn().map_err(|source| HypervisorError::Spawn {
+            name,
+            program,
+            source,
+        })?;
+        let pid = child.id().unwrap_or_default();
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                s = child.wait() => s,
+                // A kill request, or the handle dropped.
+                _ = kill_rx => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            match status {
+                Ok(s) => {
+                    let _ = exit_tx.send(Some(s));
+                }
+                Err(e) => tracing::warn!("waiting for {name}: {e}"),
+            }
+        });
+        Ok(Supervised {
+            name,
+            pid,
+            exit: exit_rx,
+            kill: Some(kill_tx),
+        })
+    }
+
+    pub fn exited(&self) -> Option<ExitStatus> {
+        *self.exit.borrow()
+    }
+
+    /// A handle that sees the exit without holding the process.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<ExitStatus>> {
+        self.exit.clone()
+    }
+
+    /// Resolves when the process has exited (and was reaped).
+    pub async fn wait(&self) -> Option<ExitStatus> {
+        let mut rx = self.exit.clone();
+        rx.wait_for(|s| s.is_some()).await.ok().and_then(|s| *s)
+    }
+
+    /// SIGKILLs the process and waits until it is reaped.
+    pub async fn kill(&mut self) {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(());
+        }
+        self.wait().await;
+    }
+}
+
+/// A started VM: the VM process and its helpers.
+pub struct RunningVm {
+    /// The VM process (QEMU or podvisor-vmm).
+    pub vm: Supervised,
+    pub helpers: Vec<Supervised>,
+    /// Host end of the guest's vsock (hybrid-vsock UDS).
+    pub vsock: PathBuf,
+    pub describe: String,
+}
+
+impl RunningVm {
+    /// Waits up to `grace` for the VM process to exit by itself (the guest
+    /// powered off), then kills it and every helper.
+    pub async fn stop(&mut self, grace: Duration) {
+        if tokio::time::timeout(grace, self.vm.wait()).await.is_err() {
+            tracing::warn!("VM did not power off within {grace:?}; killing it");
+        }
+        self.vm.kill().await;
+        for h in &mut self.helpers {
+            h.kill().await;
+        }
+    }
+
+    /// Pids of the VM process and the helpers, with their names.
+    pub fn processes(&self) -> Vec<(&'static str, u32)> {
+        std::iter::once(&self.vm)
+            .chain(self.helpers.iter())
+            .map(|s| (s.name, s.pid))
+            .collect()
+    }
+}
+
+/// Waits for `path` to appear while `child` runs.
+pub(crate) async fn wait_for_socket(
+    path: &Path,
+    child: &Supervised,
+    log: &Path,
+    within: Duration,
+) -> Result<(), HypervisorError> {
+    let deadline = tokio::time::Instant::now() + within;
+    while !path.exists() {
+        if let Some(st) = child.exited() {
+            return Err(HypervisorError::EarlyExit {
+                name: child.name,
+                status: st.to_string(),
+                log: log.to_owned(),
+            });
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(HypervisorError::NotReady {
+                name: child.name,
+                path: path.to_owned(),
+                after: within,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! The QEMU backend: `qemu-system-x86_64 -M q35` with guest RAM in a
+//! shared memfd, vsock through `vhost-user-vsock-pci` served by
+//! `vhost-device-vsock` (whose UDS speaks the same hybrid-vsock protocol as
+//! the in-tree VMM), and the shared directory through `vhost-user-fs-pci`
+//! served by virtiofsd. KVM where the probe finds it fast, TCG elsewhere.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::process::Command;
+
+use super::{wait_for_socket, Hypervisor, HypervisorError, RunningVm, Supervised, VmSpec};
+use crate::config::Paths;
+
+/// How long a helper may take to create its socket.
+const HELPER_READY: Duration = Duration::from_secs(10);
+
+/// The guest CID; each VM has its own vsock device, so one value serves all.
+const GUEST_CID: u32 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    /// KVM where the probe finds it runs guest code at hardware speed,
+    /// else TCG; with the probe's verdict.
+    pub fn detect() -> (Accel, String) {
+        let verdict = podvisor_vmm::probe::probe();
+        let accel = if verdict.is_fast() {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        };
+        (accel, verdict.to_string())
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+pub struct Qemu {
+    paths: Paths,
+    accel: Accel,
+}
+
+impl Qemu {
+    pub fn new(paths: Paths, accel: Accel) -> Qemu {
+        Qemu { paths, accel }
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    fn describe(&self) -> String {
+        format!("qemu/{}", self.accel.name())
+    }
+
+    async fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError> {
+        let d = &spec.dir;
+        let vhost_sock = d.join("vhost-vsock.sock");
+        let vsock = d.join("vm.vsock");
+        let fs_sock = d.join("virtiofs.sock");
+
+        let vsock_log = d.join("vhost-device-vsock.log");
+        let mut vsock_helper = Supervised::spawn(
+            "vhost-device-vsock",
+            Command::new(&self.paths.vhost_device_vsock)
+                .arg("--vm")
+                .arg(format!(
+                    "guest-cid={GUEST_CID},socket={},uds-path={}",
+                    vhost_sock.display(),
+                    vsock.display()
+                )),
+            &vsock_log,
+        )?;
+        let fs_log = d.join("virtiofsd.log");
+        let mut fs_helper = match Supervised::spawn(
+            "virtiofsd",
+            Command::new(&self.paths.virtiofsd)
+                .arg(format!("--socket-path={}", fs_sock.display()))
+                .arg("-o")
+                .arg(format!("source={}", spec.shared_dir.display()))
+                .args(["-o", "cache=none", "-o", "announce_submounts"]),
+            &fs_log,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                vsock_helper.kill().await;
+                return Err(e);
+            }
+        };
+        let ready = async {
+            wait_for_socket(&vhost_sock, &vsock_helper, &vsock_log, HELPER_READY).await?;
+            wait_for_socket(&fs_sock, &fs_helper, &fs_log, HELPER_READY).await
+        };
+        if let Err(e) = ready.await {
+            vsock_helper.kill().await;
+            fs_helper.kill().await;
+            return Err(e);
+        }
+
+        let mem = spec.memory_mib;
+        let mut qemu = Command::new(&self.paths.qemu);
+        qemu.args(["-M", "q35", "-accel", self.accel.name()])
+            .args([
+                "-cpu",
+                if self.accel == Accel::Kvm {
+                    "host"
+                } else {
+                    "max"
+                },
+            ])
+            .args(["-m", &format!("{mem}M"), "-smp", &spec.vcpus.to_string()])
+            .args(["-nodefaults", "-nographic", "-no-reboot"])
+            .args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            ])
+            .args(["-numa", "node,memdev=mem"])
+            .args([
+                "-chardev",
+                &format!("socket,id=vsock,path={}", vhost_sock.display()),
+            ])
+            .args(["-device", "vhost-user-vsock-pci,chardev=vsock"])
+            .args([
+                "-chardev",
+                &format!("socket,id=fs,path={}", fs_sock.display()),
+            ])
+            .args(["-device", "vhost-user-fs-pci,chardev=fs,tag=podvisor"])
+            .args([
+                "-serial",
+                &format!("file:{}", d.join("console.log").display()),
+            ])
+            .arg("-kernel")
+            .arg(&spec.kernel)
+            .arg("-initrd")
+            .arg(&spec.initramfs)
+            .arg("-append")
+            .arg(format!("console=ttyS0 panic=-1 quiet {}", spec.kernel_params).trim_end());
+        let vm = match Supervised::spawn("qemu", &mut qemu, &d.join("qemu.log")) {
+            Ok(vm) => vm,
+            Err(e) => {
+                vsock_helper.kill().await;
+                fs_helper.kill().await;
+                return Err(e);
+            }
+        };
+        Ok(RunningVm {
+            vm,
+            helpers: vec![vsock_helper, fs_helper],
+            vsock,
+            describe: self.describe(),
+        })
+    }
+}

@@ -1,0 +1,100 @@
+//! The shim process's lifecycle as containerd drives it: `start` (one
+//! shim per pod, found by the pod's sandbox id), serving the task API, and
+//! `delete`, which containerd runs when a shim is gone without cleaning up.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim::api::DeleteResponse;
+use containerd_shim::asynchronous::{spawn, ExitSignal};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Error, Flags, StartOpts};
+
+use crate::bundle::{Bundle, Role};
+use crate::process::now;
+use crate::state::{kill_recorded, SandboxDir};
+use crate::task::{Service, TaskService};
+
+pub const RUNTIME_ID: &str = "io.containerd.podvisor.v2";
+
+pub struct Shim {
+    id: String,
+    namespace: String,
+    exit: Arc<ExitSignal>,
+}
+
+/// What containerd-shim must not do for us: reap children (tokio reaps
+/// the VM and its helpers) or adopt orphans.
+pub fn shim_config() -> containerd_shim::Config {
+    containerd_shim::Config {
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Default::default()
+    }
+}
+
+#[async_trait]
+impl containerd_shim::asynchronous::Shim for Shim {
+    type T = Service;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut containerd_shim::Config) -> Self {
+        Shim {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    /// One shim per pod: a workload container is served by its sandbox's
+    /// shim (same socket address), anything else gets its own.
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
+        let bundle =
+            Bundle::load(Path::new(".")).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let grouping = match bundle.role() {
+            Role::Sandbox => opts.id.clone(),
+            Role::Member { sandbox_id } => sandbox_id,
+        };
+        spawn(opts, &grouping, Vec::new()).await
+    }
+
+    /// containerd's cleanup after a shim that died: kill the VM and its
+    /// helpers (verified by start time), unmount and remove what the
+    /// container left under /run/podvisor.
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
+        let role = Bundle::load(Path::new("."))
+            .map(|b| b.role())
+            .unwrap_or(Role::Sandbox);
+        match role {
+            Role::Sandbox => {
+                let dir = SandboxDir::open(&self.id);
+                if let Some(state) = dir.read_state() {
+                    for p in &state.processes {
+                        if kill_recorded(p) {
+                            tracing::info!("killed leftover {} (pid {})", p.name, p.pid);
+                        }
+                    }
+                }
+                dir.destroy();
+            }
+            Role::Member { sandbox_id } => SandboxDir::open(&sandbox_id).remove_container(&self.id),
+        }
+        Ok(DeleteResponse {
+            exit_status: 128 + libc::SIGKILL as u32,
+            exited_at: Some(now()).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Service {
+        Service(TaskService::new(
+            &self.namespace,
+            publisher,
+            self.exit.clone(),
+        ))
+    }
+}

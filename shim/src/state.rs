@@ -1,0 +1,206 @@
+//! `/run/podvisor/<sandbox-id>/`: everything a pod's VM puts on the host,
+//! and what lets `containerd-shim-podvisor-v2 delete` clean up after a
+//! crashed shim.
+//!
+//! ```text
+//! /run/podvisor/<sandbox-id>/
+//!   state.json          VM and helper pids (with start times), written at boot
+//!   console.log, *.log  the guest console and the helpers' output
+//!   *.sock, vm.vsock    helper sockets, the hybrid-vsock UDS
+//!   shared/             virtio-fs root (a shared bind mount of itself)
+//!     <container-id>/rootfs        the container's rootfs mounts
+//!     <container-id>/mounts/<n>    its bind mounts (volumes, /etc/hosts, ...)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use containerd_shim::mount::umount_recursive;
+use nix::mount::{mount, MsFlags};
+use serde::{Deserialize, Serialize};
+
+pub const STATE_ROOT: &str = "/run/podvisor";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct StateError {
+    what: String,
+    source: std::io::Error,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StateError {
+    let what = what.into();
+    move |source| StateError { what, source }
+}
+
+fn nix_err(what: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> StateError {
+    let what = what.into();
+    move |e| StateError {
+        what,
+        source: e.into(),
+    }
+}
+
+/// A process the VM consists of, as recorded for crash cleanup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecordedProcess {
+    pub name: String,
+    pub pid: u32,
+    /// Field 22 of /proc/<pid>/stat: tells a reused pid apart.
+    pub start_time: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    pub sandbox_id: String,
+    pub hypervisor: String,
+    pub processes: Vec<RecordedProcess>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SandboxDir {
+    root: PathBuf,
+}
+
+impl SandboxDir {
+    pub fn path_for(sandbox_id: &str) -> PathBuf {
+        Path::new(STATE_ROOT).join(sandbox_id)
+    }
+
+    /// The directory of an existing (or crashed) sandbox.
+    pub fn open(sandbox_id: &str) -> SandboxDir {
+        SandboxDir {
+            root: Self::path_for(sandbox_id),
+        }
+    }
+
+    /// Creates the directory and makes `shared/` a shared mount, so
+    /// rootfs and volume mounts made later reach virtiofsd's namespace.
+    pub fn create(sandbox_id: &str) -> Result<SandboxDir, StateError> {
+        let dir = Self::open(sandbox_id);
+        if dir.root.exists() {
+            return Err(StateError {
+                what: format!("sandbox directory {}", dir.root.display()),
+                source: std::io::ErrorKind::AlreadyExists.into(),
+            });
+        }
+        let shared = dir.shared();
+        std::fs::create_dir_all(&shared)
+            .map_err(io_err(format!("creating {}", shared.display())))?;
+        let made = mount(
+            Some(&shared),
+            &shared,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .and_then(|()| {
+            mount(
+                None::<&str>,
+                &shared,
+                None::<&str>,
+                MsFlags::MS_SHARED,
+                None::<&str>,
+            )
+        });
+        if let Err(e) = made {
+            dir.destroy();
+            return Err(nix_err(format!(
+                "making {} a shared mount",
+                shared.display()
+            ))(e));
+        }
+        Ok(dir)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn shared(&self) -> PathBuf {
+        self.root.join("shared")
+    }
+
+    /// `shared/<container-id>/`: what the guest sees of one container.
+    pub fn container(&self, container_id: &str) -> PathBuf {
+        self.shared().join(container_id)
+    }
+
+    pub fn write_state(&self, state: &State) -> Result<(), StateError> {
+        let path = self.root.join("state.json");
+        let tmp = self.root.join("state.json.tmp");
+        let data = serde_json::to_vec_pretty(state).map_err(|e| StateError {
+            what: "encoding state".into(),
+            source: e.into(),
+        })?;
+        std::fs::write(&tmp, data).map_err(io_err(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(format!("writing {}", path.display())))
+    }
+
+    pub fn read_state(&self) -> Option<State> {
+        let data = std::fs::read(self.root.join("state.json")).ok()?;
+        serde_json::from_slice(&data).ok()
+    }
+
+    /// Unmounts one container's rootfs and bind mounts and removes its
+    /// directory.
+    pub fn remove_container(&self, container_id: &str) {
+        remove_tree(&self.container(container_id));
+    }
+
+    /// Unmounts everything below the sandbox directory and removes it.
+    pub fn destroy(&self) {
+        remove_tree(&self.root);
+    }
+}
+
+/// Unmounts every mount at or below `dir` (deepest first) and removes it.
+fn remove_tree(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    if let Some(d) = dir.to_str() {
+        if let Err(e) = umount_recursive(Some(d), libc::MNT_DETACH) {
+            tracing::warn!("unmounting below {d}: {e}");
+        }
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        tracing::warn!("removing {}: {e}", dir.display());
+    }
+}
+
+/// Start time of `pid` (jiffies since boot), if it runs.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command may contain spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// SIGKILLs a recorded process if it is still the same process.
+pub fn kill_recorded(p: &RecordedProcess) -> bool {
+    if process_start_time(p.pid) != Some(p.start_time) {
+        return false;
+    }
+    // SAFETY: kill(2) with plain integers; the start time matched.
+    unsafe { libc::kill(p.pid as i32, libc::SIGKILL) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_tells_processes_apart() {
+        let me = std::process::id();
+        let t = process_start_time(me).unwrap();
+        assert!(t > 0);
+        let stale = RecordedProcess {
+            name: "old".into(),
+            pid: me,
+            start_time: t + 1,
+        };
+        // A pid whose start time differs is someone else: left alone.
+        assert!(!kill_recorded(&stale));
+        assert_eq!(process_start_time(u32::MAX), None);
+    }
+}

@@ -1,0 +1,19 @@
+//! podvisor's test, demo and benchmark harness.
+//!
+//! - [`vm`]: one guest VM (through the shim's QEMU backend) and its agent;
+//! - [`io`]: running containers through the agent as the shim will;
+//! - [`rootfs`]: busybox root filesystems for test containers;
+//! - [`spec`]: containerd-like OCI specs.
+//!
+//! Tests: `tests/agent.rs` (the agent in a real guest). The binary
+//! `podvisor-testkit demo|bench` backs `make demo` and `make bench`. The
+//! guest image itself is built by `guest/build-image.sh`.
+
+pub mod io;
+pub mod rootfs;
+pub mod spec;
+pub mod vm;
+
+pub use io::{Output, StdioReq, Streams};
+pub use podvisor_shim::hypervisor::qemu::Accel;
+pub use vm::{ctx, detect_accel, TestVm, VmConfig};

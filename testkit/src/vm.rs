@@ -1,0 +1,221 @@
+//! One guest VM for tests and benchmarks, started through the shim's own
+//! QEMU backend (the same processes and flags a pod gets), in a temporary
+//! directory, with the agent client connected.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use podvisor_protocol::api::{self, AgentClient};
+use podvisor_protocol::hybrid_vsock;
+use podvisor_shim::config::Paths;
+use podvisor_shim::hypervisor::qemu::{Accel, Qemu};
+use podvisor_shim::hypervisor::{Hypervisor, RunningVm, VmSpec};
+
+/// Where `make guest-image` puts the image, unless PODVISOR_GUEST_DIR says.
+pub fn image_dir() -> PathBuf {
+    std::env::var_os("PODVISOR_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest"))
+}
+
+/// A value from the image's manifest (kernel_release, ...).
+pub fn manifest(key: &str) -> Result<String> {
+    let path = image_dir().join("manifest");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (run `make guest-image`)", path.display()))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(' ')))
+        .map(str::to_string)
+        .with_context(|| format!("no {key} in {}", path.display()))
+}
+
+/// The accelerator for test VMs: the shim's probe, or PODVISOR_ACCEL
+/// (kvm|tcg).
+pub fn detect_accel() -> (Accel, String) {
+    match std::env::var("PODVISOR_ACCEL").as_deref() {
+        Ok("kvm") => (Accel::Kvm, "PODVISOR_ACCEL=kvm".into()),
+        Ok("tcg") => (Accel::Tcg, "PODVISOR_ACCEL=tcg".into()),
+        _ => Accel::detect(),
+    }
+}
+
+/// A helper binary: the environment variable `env`, else `name` in PATH
+/// or in ~/.cargo/bin (where `cargo install` puts vhost-device-vsock).
+pub fn tool(env: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    let in_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|c| c.exists())
+        })
+        .unwrap_or_default();
+    let cargo_bin = || {
+        std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".cargo/bin").join(name))
+            .filter(|p| p.exists())
+    };
+    in_path
+        .or_else(cargo_bin)
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// The binaries a VM needs, as found on this machine.
+pub fn paths() -> Paths {
+    Paths {
+        qemu: tool("QEMU", "qemu-system-x86_64"),
+        virtiofsd: std::env::var_os("VIRTIOFSD")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Paths::default().virtiofsd),
+        vhost_device_vsock: tool("VHOST_DEVICE_VSOCK", "vhost-device-vsock"),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub accel: Accel,
+    pub kernel_params: String,
+    pub boot_timeout: Duration,
+}
+
+impl VmConfig {
+    pub fn new(accel: Accel) -> VmConfig {
+        VmConfig {
+            memory_mib: 512,
+            vcpus: 1,
+            accel,
+            kernel_params: String::new(),
+            boot_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Fields drop in order: the VM and its helpers go before their directory.
+pub struct TestVm {
+    vm: RunningVm,
+    pub agent: AgentClient,
+    /// Time from starting QEMU to the agent answering Check.
+    pub boot_time: Duration,
+    pub accel: Accel,
+    dir: tempfile::TempDir,
+}
+
+impl TestVm {
+    /// Boots the guest image and waits for the agent to answer Check.
+    pub async fn boot(cfg: &VmConfig) -> Result<TestVm> {
+        let image = image_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("podvisor-test-")
+            .tempdir()?;
+        std::fs::create_dir(dir.path().join("shared"))?;
+        let spec = VmSpec {
+            kernel: image.join("kernel"),
+            initramfs: image.join("initramfs"),
+            vcpus: cfg.vcpus,
+            memory_mib: cfg.memory_mib,
+            kernel_params: cfg.kernel_params.clone(),
+            dir: dir.path().to_owned(),
+            shared_dir: dir.path().join("shared"),
+        };
+        for f in [&spec.kernel, &spec.initramfs] {
+            if !f.exists() {
+                bail!("{} missing: run `make guest-image`", f.display());
+            }
+        }
+        let started = Instant::now();
+        let vm = Qemu::new(paths(), cfg.accel).launch(&spec).await?;
+        let agent = tokio::select! {
+            r = hybrid_vsock::connect_agent(&vm.vsock, cfg.boot_timeout) => {
+                r.with_context(|| format!("waiting for the agent\n{}", diagnostics(dir.path())))?
+            }
+            st = vm.vm.wait() => bail!("QEMU exited ({st:?}) during boot\n{}", diagnostics(dir.path())),
+        };
+        agent
+            .check(ctx(), &api::CheckRequest::new())
+            .await
+            .with_context(|| format!("agent Check\n{}", diagnostics(dir.path())))?;
+        Ok(TestVm {
+            vm,
+            agent,
+            boot_time: started.elapsed(),
+            accel: cfg.accel,
+            dir,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The host side of the guest's /run/podvisor/shared.
+    pub fn shared(&self) -> PathBuf {
+        self.dir.path().join("shared")
+    }
+
+    pub fn vsock_path(&self) -> PathBuf {
+        self.vm.vsock.clone()
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
+    }
+
+    /// The console and helper logs, for a failure message.
+    pub fn diagnostics(&self) -> String {
+        diagnostics(self.dir.path())
+    }
+
+    /// Pids of QEMU and the helpers, for leak checks.
+    pub fn pids(&self) -> Vec<u32> {
+        self.vm
+            .processes()
+            .into_iter()
+            .map(|(_, pid)| pid)
+            .collect()
+    }
+
+    /// Waits up to `within` for QEMU to exit by itself (the guest powered
+    /// off) and returns its status.
+    pub async fn wait_qemu_exit(&self, within: Duration) -> Result<ExitStatus> {
+        match tokio::time::timeout(within, self.vm.vm.wait()).await {
+            Ok(Some(st)) => Ok(st),
+            Ok(None) => bail!("lost track of QEMU"),
+            Err(_) => bail!("QEMU still running {within:?} after the guest was told to power off"),
+        }
+    }
+
+    /// Stops QEMU and the helpers and removes the VM's directory.
+    pub async fn shutdown(mut self) {
+        self.vm.stop(Duration::ZERO).await;
+    }
+}
+
+fn diagnostics(dir: &Path) -> String {
+    let mut s = String::new();
+    for f in [
+        "console.log",
+        "qemu.log",
+        "vhost-device-vsock.log",
+        "virtiofsd.log",
+    ] {
+        let text = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        s.push_str(&format!("--- {f} (last lines)\n"));
+        for l in &lines[lines.len().saturating_sub(30)..] {
+            s.push_str(l);
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// A call context with a generous timeout (TCG is slow, a hang is not).
+pub fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(Duration::from_secs(120).as_nanos() as i64)
+}
