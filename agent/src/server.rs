@@ -28,8 +28,26 @@ pub async fn serve(sandbox: Arc<Sandbox>, port: u32) -> anyhow::Result<()> {
         .register_service(api::create_agent(service));
     server.start().await?;
     tracing::info!("agent API serving on vsock port {port}");
+    tokio::spawn(report_ready());
     std::future::pending::<()>().await;
     Ok(())
+}
+
+/// Tells the host the API serves: a connection to host port READY_PORT.
+/// Without a listener there (a host that dials blindly) it is refused;
+/// that is fine.
+async fn report_ready() {
+    let addr = VsockAddr::new(libc::VMADDR_CID_HOST, podvisor_protocol::READY_PORT);
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio_vsock::VsockStream::connect(addr),
+    )
+    .await
+    {
+        Ok(Ok(_)) => tracing::debug!("reported ready to the host"),
+        Ok(Err(e)) => tracing::debug!("reporting ready: {e}"),
+        Err(_) => tracing::debug!("reporting ready: no answer"),
+    }
 }
 
 fn log_err<T>(call: &str, r: Result<T, AgentError>) -> Rpc<T> {

@@ -5,17 +5,19 @@
 //! both speak: connect to the VM's UDS, write `CONNECT <port>\n`, read
 //! `OK <host-port>\n`; from then on the stream is the guest's. A guest with
 //! no listener on that port makes the backend close the stream instead.
+//! The other way, a guest connecting to host port P reaches a listener on
+//! `<uds>_P`: [`ReadyListener`] waits there for the agent's "I serve".
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::time::{sleep, timeout_at, Instant};
 
 use crate::api::AgentClient;
-use crate::AGENT_PORT;
+use crate::{AGENT_PORT, READY_PORT};
 
 /// The longest handshake reply we accept ("OK 4294967295\n" is 14 bytes).
 const MAX_REPLY: usize = 32;
@@ -23,8 +25,17 @@ const MAX_REPLY: usize = 32;
 /// Pause between attempts while a guest is still booting.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
+/// The longest one attempt may take. A request that reaches the guest
+/// before its vsock driver is up is never answered, so an attempt that
+/// hangs is abandoned and retried on a new connection.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
+    #[error("listening on {path} for the agent: {source}")]
+    Listen { path: PathBuf, source: io::Error },
+    #[error("the agent did not report ready on {path} within {after:?}")]
+    NotReady { path: PathBuf, after: Duration },
     #[error("cannot connect to hybrid-vsock socket {path}: {source}")]
     Connect { path: PathBuf, source: io::Error },
     #[error("hybrid-vsock handshake for guest port {port} on {path}: {source}")]
@@ -132,23 +143,72 @@ pub async fn dial_within(uds: &Path, port: u32, within: Duration) -> Result<Unix
         last,
     };
     loop {
-        let err = match timeout_at(deadline, dial(uds, port)).await {
+        let attempt_end = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
+        let last = match timeout_at(attempt_end, dial(uds, port)).await {
             Ok(Ok(stream)) => return Ok(stream),
-            Ok(Err(e)) if e.is_transient() => e,
+            Ok(Err(e)) if e.is_transient() => e.to_string(),
             Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(timeout("handshake did not complete".into())),
+            Err(_) => "the handshake was not answered".to_string(),
         };
         if Instant::now() + RETRY_PAUSE >= deadline {
-            return Err(timeout(err.to_string()));
+            return Err(timeout(last));
         }
         sleep(RETRY_PAUSE).await;
     }
 }
 
-/// A ttrpc client of the agent behind the VM's hybrid-vsock socket `uds`,
-/// waiting up to `within` for the agent to listen.
-pub async fn connect_agent(uds: &Path, within: Duration) -> Result<AgentClient, DialError> {
-    let stream = dial_within(uds, AGENT_PORT, within).await?;
+/// Where the agent reports ready: `<uds>_1025`, bound before the VM
+/// starts.
+pub struct ReadyListener {
+    path: PathBuf,
+    listener: UnixListener,
+}
+
+impl ReadyListener {
+    /// Binds `<uds>_<READY_PORT>`; call before starting the VM.
+    pub fn bind(uds: &Path) -> Result<ReadyListener, DialError> {
+        let mut name = uds.as_os_str().to_owned();
+        name.push(format!("_{READY_PORT}"));
+        let path = PathBuf::from(name);
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(|source| DialError::Listen {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(ReadyListener { path, listener })
+    }
+
+    /// Waits up to `within` for the agent's connection.
+    pub async fn wait(&self, within: Duration) -> Result<(), DialError> {
+        let not_ready = || DialError::NotReady {
+            path: self.path.clone(),
+            after: within,
+        };
+        match tokio::time::timeout(within, self.listener.accept()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(not_ready()),
+        }
+    }
+}
+
+impl Drop for ReadyListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A ttrpc client of the agent behind the VM's hybrid-vsock socket `uds`:
+/// waits up to `within` for the agent to report ready on `ready`, then
+/// dials its API port.
+pub async fn connect_agent(
+    uds: &Path,
+    ready: &ReadyListener,
+    within: Duration,
+) -> Result<AgentClient, DialError> {
+    let start = Instant::now();
+    ready.wait(within).await?;
+    let left = within.saturating_sub(start.elapsed()).max(ATTEMPT_TIMEOUT);
+    let stream = dial_within(uds, AGENT_PORT, left).await?;
     Ok(AgentClient::new(ttrpc::r#async::Client::new(stream.into())))
 }
 
@@ -208,6 +268,51 @@ mod tests {
         let (_d, path) = backend("NOPE\n").await;
         let err = dial(&path, 7).await.unwrap_err();
         assert!(matches!(err, DialError::BadReply { port: 7, .. }), "{err}");
+    }
+
+    /// A backend that accepts but never answers (a guest whose vsock
+    /// driver is not up yet) is retried, not waited on forever.
+    #[tokio::test]
+    async fn unanswered_handshake_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.vsock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = attempts.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                // The first connection hangs; the second one is answered.
+                if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    held.push(s);
+                    continue;
+                }
+                let mut s = s;
+                let mut b = [0u8; 1];
+                while s.read(&mut b).await.unwrap() == 1 && b[0] != b'\n' {}
+                s.write_all(b"OK 5\n").await.unwrap();
+                held.push(s);
+            }
+        });
+        let _s = dial_within(&path, 1024, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(attempts.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    }
+
+    #[tokio::test]
+    async fn ready_listener_sees_the_agent_connect() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vm.vsock");
+        let ready = ReadyListener::bind(&uds).unwrap();
+        let port_path = dir.path().join("vm.vsock_1025");
+        assert!(port_path.exists());
+        let err = ready.wait(Duration::from_millis(50)).await.unwrap_err();
+        assert!(err.to_string().contains("vm.vsock_1025"), "{err}");
+        let _agent = UnixStream::connect(&port_path).await.unwrap();
+        ready.wait(Duration::from_secs(5)).await.unwrap();
+        drop(ready);
+        assert!(!port_path.exists());
     }
 
     #[tokio::test]

@@ -28,10 +28,15 @@ pub mod api {
     pub use crate::agent_ttrpc::*;
 }
 
-pub use hybrid_vsock::{connect_agent, DialError};
+pub use hybrid_vsock::{connect_agent, DialError, ReadyListener};
 
 /// The guest vsock port the agent serves its API on.
 pub const AGENT_PORT: u32 = 1024;
+
+/// The host vsock port the agent connects to once it serves: the host
+/// dials only after that, so no request reaches a guest whose vsock driver
+/// is not up yet (such a request may never be answered).
+pub const READY_PORT: u32 = 1025;
 
 /// Bumped on incompatible changes to `agent.proto`.
 pub const API_VERSION: u32 = 1;

@@ -302,8 +302,8 @@ mod tests {
     }
 
     #[test]
-    fn defaults_without_a_file() {
-        let c = Config::load(None).unwrap_or_default();
+    fn empty_file_means_defaults() {
+        let c = cfg("");
         assert_eq!(c.default_vcpus, 1);
         assert_eq!(c.hypervisor, HypervisorKind::Auto);
     }

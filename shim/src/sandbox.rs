@@ -6,7 +6,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use podvisor_protocol::api::{self, AgentClient};
-use podvisor_protocol::hybrid_vsock::connect_agent;
+use podvisor_protocol::hybrid_vsock::{connect_agent, ReadyListener};
 use tokio::sync::{watch, Mutex};
 
 use crate::config::{Config, VmSizing};
@@ -30,9 +30,9 @@ pub enum PodError {
         "guest {what} {path} missing: install the guest image (make install) or fix the config"
     )]
     Image { what: &'static str, path: PathBuf },
-    #[error("the VM exited ({status}) while booting; guest console:\n{console}")]
+    #[error("the VM exited ({status}) while booting; logs:\n{console}")]
     DiedBooting { status: String, console: String },
-    #[error("the agent did not answer: {source}; guest console:\n{console}")]
+    #[error("the agent did not answer: {source}; logs:\n{console}")]
     Agent {
         source: podvisor_protocol::DialError,
         console: String,
@@ -87,7 +87,18 @@ impl Pod {
             memory_mib: sizing.memory_mib,
             kernel_params: sizing.kernel_params.clone(),
             dir: dir.root().to_owned(),
+            vsock: dir.root().join("vm.vsock"),
             shared_dir: dir.shared(),
+        };
+        let ready = match ReadyListener::bind(&spec.vsock) {
+            Ok(r) => r,
+            Err(e) => {
+                dir.destroy();
+                return Err(PodError::Agent {
+                    source: e,
+                    console: String::new(),
+                });
+            }
         };
         let mut vm = match hv.launch(&spec).await {
             Ok(vm) => vm,
@@ -96,7 +107,7 @@ impl Pod {
                 return Err(e.into());
             }
         };
-        match Self::connect(id, &dir, &vm, hv.describe(), hostname).await {
+        match Self::connect(id, &dir, &vm, &ready, hv.describe(), hostname).await {
             Ok(agent) => Ok(Pod {
                 id: id.to_string(),
                 agent,
@@ -119,6 +130,7 @@ impl Pod {
         id: &str,
         dir: &SandboxDir,
         vm: &RunningVm,
+        ready: &ReadyListener,
         describe: String,
         hostname: &str,
     ) -> Result<AgentClient, PodError> {
@@ -138,7 +150,7 @@ impl Pod {
         let console =
             || std::fs::read_to_string(dir.root().join("console.log")).unwrap_or_default();
         let agent = tokio::select! {
-            r = connect_agent(&vm.vsock, BOOT_TIMEOUT) => r.map_err(|source| PodError::Agent { source, console: console() })?,
+            r = connect_agent(&vm.vsock, ready, BOOT_TIMEOUT) => r.map_err(|source| PodError::Agent { source, console: console() })?,
             st = vm.vm.wait() => return Err(PodError::DiedBooting {
                 status: st.map(|s| s.to_string()).unwrap_or_default(),
                 console: console(),

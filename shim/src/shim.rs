@@ -21,7 +21,20 @@ pub const RUNTIME_ID: &str = "io.containerd.podvisor.v2";
 pub struct Shim {
     id: String,
     namespace: String,
+    /// containerd's address: with the namespace and the pod, it names the
+    /// shim socket.
+    address: String,
+    /// The socket this shim serves on (serving processes only).
+    socket: String,
     exit: Arc<ExitSignal>,
+}
+
+/// Removes a shim socket (`unix://` address) that nothing serves anymore.
+fn remove_socket(address: &str) {
+    let path = address.strip_prefix("unix://").unwrap_or(address);
+    if !path.is_empty() && std::os::unix::net::UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// What containerd-shim must not do for us: reap children (tokio reaps
@@ -42,6 +55,8 @@ impl containerd_shim::asynchronous::Shim for Shim {
         Shim {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
+            address: args.address.clone(),
+            socket: args.socket.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
@@ -65,6 +80,15 @@ impl containerd_shim::asynchronous::Shim for Shim {
         let role = Bundle::load(Path::new("."))
             .map(|b| b.role())
             .unwrap_or(Role::Sandbox);
+        let grouping = match &role {
+            Role::Sandbox => self.id.as_str(),
+            Role::Member { sandbox_id } => sandbox_id.as_str(),
+        };
+        remove_socket(&containerd_shim::socket_address(
+            &self.address,
+            &self.namespace,
+            grouping,
+        ));
         match role {
             Role::Sandbox => {
                 let dir = SandboxDir::open(&self.id);
@@ -88,6 +112,10 @@ impl containerd_shim::asynchronous::Shim for Shim {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        // containerd-shim removes the socket only when it found it in use.
+        let path = self.socket.strip_prefix("unix://").unwrap_or(&self.socket);
+        let r = std::fs::remove_file(path);
+        tracing::debug!("removing socket {path:?}: {r:?}");
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Service {

@@ -154,7 +154,7 @@ impl SandboxDir {
 }
 
 /// Unmounts every mount at or below `dir` (deepest first) and removes it.
-fn remove_tree(dir: &Path) {
+pub fn remove_tree(dir: &Path) {
     if !dir.exists() {
         return;
     }

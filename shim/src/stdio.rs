@@ -165,6 +165,11 @@ impl Bridge {
 impl Drop for Bridge {
     fn drop(&mut self) {
         if let Some(t) = &self.stdin {
+            // A FIFO open still waiting for the client holds a blocking
+            // thread: release it.
+            if !t.is_finished() {
+                self.close_stdin();
+            }
             t.abort();
         }
         for t in &self.outputs {

@@ -349,12 +349,14 @@ impl Task for Service {
             let mut slot = svc.pod.lock().await;
             match (&*slot, bundle.role()) {
                 (Some(p), Role::Member { .. }) => (p.clone(), false),
-                (None, Role::Member { sandbox_id }) => return Err(status(
-                    Code::FAILED_PRECONDITION,
-                    format!(
+                (None, Role::Member { sandbox_id }) => {
+                    return Err(status(
+                        Code::FAILED_PRECONDITION,
+                        format!(
                         "the sandbox {sandbox_id} of container {id} is not running in this shim"
                     ),
-                )),
+                    ))
+                }
                 (Some(p), Role::Sandbox) => {
                     return Err(status(
                         Code::FAILED_PRECONDITION,

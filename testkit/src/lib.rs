@@ -9,6 +9,8 @@
 //! `podvisor-testkit demo|bench` backs `make demo` and `make bench`. The
 //! guest image itself is built by `guest/build-image.sh`.
 
+pub mod containerd;
+pub mod image;
 pub mod io;
 pub mod rootfs;
 pub mod spec;

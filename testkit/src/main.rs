@@ -25,7 +25,20 @@ fn main() -> Result<()> {
     match cmd.as_str() {
         "demo" => rt.block_on(demo()),
         "bench" => rt.block_on(bench()),
-        _ => bail!("usage: podvisor-testkit demo|bench"),
+        "image" => {
+            let usage = "usage: podvisor-testkit image OUT.tar NAME [CMD...]";
+            let args: Vec<String> = std::env::args().skip(2).collect();
+            let (out, name) = match (args.first(), args.get(1)) {
+                (Some(o), Some(n)) => (o, n),
+                _ => bail!(usage),
+            };
+            let cmd: Vec<&str> = match &args[2..] {
+                [] => vec!["sh"],
+                rest => rest.iter().map(String::as_str).collect(),
+            };
+            podvisor_testkit::image::busybox_archive(std::path::Path::new(out), name, &cmd)
+        }
+        _ => bail!("usage: podvisor-testkit demo|bench|image"),
     }
 }
 

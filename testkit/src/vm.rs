@@ -121,6 +121,7 @@ impl TestVm {
             memory_mib: cfg.memory_mib,
             kernel_params: cfg.kernel_params.clone(),
             dir: dir.path().to_owned(),
+            vsock: dir.path().join("vm.vsock"),
             shared_dir: dir.path().join("shared"),
         };
         for f in [&spec.kernel, &spec.initramfs] {
@@ -128,10 +129,11 @@ impl TestVm {
                 bail!("{} missing: run `make guest-image`", f.display());
             }
         }
+        let ready = hybrid_vsock::ReadyListener::bind(&spec.vsock)?;
         let started = Instant::now();
         let vm = Qemu::new(paths(), cfg.accel).launch(&spec).await?;
         let agent = tokio::select! {
-            r = hybrid_vsock::connect_agent(&vm.vsock, cfg.boot_timeout) => {
+            r = hybrid_vsock::connect_agent(&vm.vsock, &ready, cfg.boot_timeout) => {
                 r.with_context(|| format!("waiting for the agent\n{}", diagnostics(dir.path())))?
             }
             st = vm.vm.wait() => bail!("QEMU exited ({st:?}) during boot\n{}", diagnostics(dir.path())),

@@ -62,6 +62,9 @@ pub struct VmSpec {
     pub kernel_params: String,
     /// Where sockets and logs go (console.log, <helper>.log).
     pub dir: PathBuf,
+    /// The hybrid-vsock UDS to expose (the caller may listen on
+    /// `<vsock>_<port>` for guest-initiated connections before launch).
+    pub vsock: PathBuf,
     /// Shared with the guest as virtio-fs tag `podvisor`.
     pub shared_dir: PathBuf,
 }

@@ -65,7 +65,7 @@ impl Hypervisor for Qemu {
     async fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError> {
         let d = &spec.dir;
         let vhost_sock = d.join("vhost-vsock.sock");
-        let vsock = d.join("vm.vsock");
+        let vsock = spec.vsock.clone();
         let fs_sock = d.join("virtiofs.sock");
 
         let vsock_log = d.join("vhost-device-vsock.log");

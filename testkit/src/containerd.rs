@@ -1,0 +1,277 @@
+//! A private containerd (Debian's) for tests and the demo: its own root,
+//! state and socket in a temporary directory, the CRI plugin with runtime
+//! handlers `runc` and `podvisor`, a CNI bridge network, and the busybox
+//! and pause images imported. The shim it runs is this workspace's build.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::image::busybox_archive;
+use crate::vm::{image_dir, paths, tool};
+
+/// The image test containers run, and the pod sandbox image.
+pub const BUSYBOX: &str = "docker.io/podvisor/busybox:latest";
+pub const PAUSE: &str = "docker.io/podvisor/pause:latest";
+/// The ctr namespace of the tests; CRI uses k8s.io.
+pub const NAMESPACE: &str = "podvisor-test";
+pub const RUNTIME: &str = podvisor_shim::RUNTIME_ID;
+/// The CNI bridge; a name of our own so nothing else is touched.
+const BRIDGE: &str = "pvtest0";
+
+pub struct Containerd {
+    child: Child,
+    pub address: PathBuf,
+    /// The podvisor config the runtime uses (ConfigPath).
+    pub podvisor_config: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+/// The directory holding `containerd-shim-podvisor-v2`: PODVISOR_SHIM_DIR,
+/// else the cargo target directory this binary was built into.
+pub fn shim_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("PODVISOR_SHIM_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        if dir.join("containerd-shim-podvisor-v2").exists() {
+            return Ok(dir.to_owned());
+        }
+    }
+    bail!(
+        "containerd-shim-podvisor-v2 not found next to {} (build it: cargo build -p podvisor-shim)",
+        exe.display()
+    )
+}
+
+impl Containerd {
+    pub fn start() -> Result<Containerd> {
+        let dir = tempfile::Builder::new()
+            .prefix("podvisor-containerd-")
+            .tempdir()?;
+        let d = dir.path().to_owned();
+        let address = d.join("containerd.sock");
+        let image = image_dir();
+        let p = paths();
+        let podvisor_config = d.join("podvisor.toml");
+        std::fs::write(
+            &podvisor_config,
+            format!(
+                "kernel = {:?}\ninitramfs = {:?}\nallowed_annotations = [\"podvisor.io/vcpus\", \"podvisor.io/memory-mib\"]\nmax_vcpus = 4\n\n[paths]\nqemu = {:?}\nvirtiofsd = {:?}\nvhost_device_vsock = {:?}\n",
+                image.join("kernel"),
+                image.join("initramfs"),
+                p.qemu,
+                p.virtiofsd,
+                p.vhost_device_vsock
+            ),
+        )?;
+        let cni = d.join("cni");
+        std::fs::create_dir_all(&cni)?;
+        std::fs::write(
+            cni.join("10-podvisor-test.conflist"),
+            format!(
+                r#"{{"cniVersion":"1.0.0","name":"podvisor-test","plugins":[
+  {{"type":"bridge","bridge":"{BRIDGE}","isGateway":true,"ipMasq":false,
+    "ipam":{{"type":"host-local","ranges":[[{{"subnet":"10.88.77.0/24"}}]],"routes":[{{"dst":"0.0.0.0/0"}}]}}}},
+  {{"type":"loopback"}}]}}"#
+            ),
+        )?;
+        let config = d.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{address}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE}"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.podvisor]
+      runtime_type = "{RUNTIME}"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.podvisor.options]
+        ConfigPath = "{podvisor_config}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+"#,
+                root = d.join("root").display(),
+                state = d.join("state").display(),
+                address = address.display(),
+                podvisor_config = podvisor_config.display(),
+                cni = cni.display(),
+            ),
+        )?;
+
+        let path = format!(
+            "{}:{}",
+            shim_dir()?.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(d.join("containerd.log"))?;
+        let child = Command::new(tool("CONTAINERD", "containerd"))
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting containerd (apt-get install containerd)")?;
+        let ctd = Containerd {
+            child,
+            address,
+            podvisor_config,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ctd
+            .ctr(&["version"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
+            if Instant::now() > deadline {
+                bail!("containerd did not come up:\n{}", ctd.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for (name, cmd) in [(BUSYBOX, vec!["sh"]), (PAUSE, vec!["sleep", "2147483647"])] {
+            let archive = d.join(format!("{}.tar", name.replace(['/', ':'], "_")));
+            busybox_archive(&archive, name, &cmd)?;
+            for ns in [NAMESPACE, "k8s.io"] {
+                ctd.ctr_in(ns, &["images", "import"])
+                    .arg(&archive)
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success())
+                    .with_context(|| format!("importing {name} into {ns}"))?;
+            }
+        }
+        Ok(ctd)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `ctr` against this containerd, in the tests' namespace.
+    pub fn ctr(&self, args: &[&str]) -> Command {
+        self.ctr_in(NAMESPACE, args)
+    }
+
+    fn ctr_in(&self, namespace: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(tool("CTR", "ctr"));
+        c.arg("--address")
+            .arg(&self.address)
+            .args(["-n", namespace])
+            .args(args);
+        c
+    }
+
+    /// `ctr run` with the podvisor runtime and its config.
+    pub fn ctr_run(&self, flags: &[&str], id: &str, cmd: &[&str]) -> Command {
+        let mut c = self.ctr(&["run", "--runtime", RUNTIME, "--runtime-config-path"]);
+        c.arg(&self.podvisor_config)
+            .args(flags)
+            .arg(BUSYBOX)
+            .arg(id)
+            .args(cmd);
+        c
+    }
+
+    /// `crictl` against this containerd's CRI endpoint.
+    pub fn crictl(&self, args: &[&str]) -> Command {
+        let endpoint = format!("unix://{}", self.address.display());
+        let mut c = Command::new(tool("CRICTL", "crictl"));
+        c.args([
+            "--runtime-endpoint",
+            &endpoint,
+            "--image-endpoint",
+            &endpoint,
+            "--timeout",
+            "120s",
+        ])
+        .args(args);
+        c
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Removes every pod, task and container, as an operator would with
+    /// crictl and ctr (a failed test leaves its pods running otherwise:
+    /// shims outlive containerd by design).
+    pub fn remove_everything(&self) {
+        let out = |c: &mut Command| {
+            c.output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        for pod in out(&mut self.crictl(&["pods", "-q"])).split_whitespace() {
+            let _ = self.crictl(&["stopp", pod]).output();
+            let _ = self.crictl(&["rmp", "-f", pod]).output();
+        }
+        for id in out(&mut self.ctr(&["containers", "ls", "-q"])).split_whitespace() {
+            let _ = self.ctr(&["task", "kill", "-a", "-s", "KILL", id]).output();
+            for _ in 0..50 {
+                let ls = out(&mut self.ctr(&["task", "ls"]));
+                let running = ls
+                    .lines()
+                    .any(|l| l.split_whitespace().next() == Some(id) && l.contains("RUNNING"));
+                if !running {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.ctr(&["task", "delete", "-f", id]).output();
+            let _ = self.ctr(&["containers", "rm", id]).output();
+        }
+    }
+
+    /// Stops containerd and removes the CNI bridge it made.
+    pub fn stop(mut self) {
+        self.remove_everything();
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
+        // containerd may leave snapshots mounted under its root.
+        podvisor_shim::state::remove_tree(self.dir.path());
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Output of a finished command, as text.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}

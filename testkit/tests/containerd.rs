@@ -1,0 +1,607 @@
+//! The shim under real containerd (Debian's), as `ctr` and kubelet (via
+//! crictl) drive it. One private containerd serves every test; each test
+//! ends by checking that nothing of its pods is left on the host.
+//! Run with `make test-containerd`.
+
+use std::borrow::BorrowMut;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use libtest_mimic::{Arguments, Failed, Trial};
+use podvisor_testkit::containerd::{text, Containerd};
+use podvisor_testkit::vm::manifest;
+
+type TestFn = fn(&Containerd) -> Result<()>;
+
+fn main() {
+    let mut args = Arguments::from_args();
+    // One containerd, one VM at a time: these machines have two cores.
+    args.test_threads = Some(1);
+    let tests: Vec<(&str, TestFn)> = vec![
+        (
+            "ctr_run_prints_guest_kernel_and_exit_code",
+            ctr_run_prints_guest_kernel_and_exit_code,
+        ),
+        ("stdin_is_piped_through", stdin_is_piped_through),
+        ("tty_interactive_session", tty_interactive_session),
+        ("exec_kill_ps_metrics_delete", exec_kill_ps_metrics_delete),
+        (
+            "cri_pod_runs_two_containers_in_one_vm",
+            cri_pod_runs_two_containers_in_one_vm,
+        ),
+        (
+            "annotations_are_allow_listed_and_checked",
+            annotations_are_allow_listed_and_checked,
+        ),
+        (
+            "vm_killed_under_a_running_task",
+            vm_killed_under_a_running_task,
+        ),
+        (
+            "crashed_shim_is_cleaned_up_by_delete",
+            crashed_shim_is_cleaned_up_by_delete,
+        ),
+        (
+            "twenty_create_delete_cycles_leave_nothing",
+            twenty_create_delete_cycles_leave_nothing,
+        ),
+    ];
+    let ctd = match Containerd::start() {
+        Ok(c) => std::sync::Arc::new(c),
+        Err(e) => {
+            eprintln!("cannot start containerd: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let trials = tests
+        .into_iter()
+        .map(|(name, f)| {
+            let ctd = ctd.clone();
+            Trial::test(name, move || {
+                let result = f(&ctd).and_then(|()| wait_clean());
+                if result.is_err() {
+                    // Keep one failure from failing the tests after it.
+                    ctd.remove_everything();
+                    let _ = wait_clean();
+                }
+                result.map_err(|e| {
+                    Failed::from(format!(
+                        "{e:#}\n--- containerd log (tail)\n{}",
+                        ctd.log_tail()
+                    ))
+                })
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    match std::sync::Arc::try_unwrap(ctd) {
+        Ok(c) => c.stop(),
+        Err(_) => eprintln!("containerd still referenced at exit"),
+    }
+    conclusion.exit();
+}
+
+/// Runs `cmd` to its end, killing it after `secs`.
+fn run(cmd: impl BorrowMut<Command>, secs: u64) -> Result<Output> {
+    run_with_input(cmd, None, secs)
+}
+
+fn run_with_input(
+    mut cmd: impl BorrowMut<Command>,
+    input: Option<&[u8]>,
+    secs: u64,
+) -> Result<Output> {
+    let cmd = cmd.borrow_mut();
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("running {cmd:?}"))?;
+    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(data)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            bail!(
+                "{cmd:?} did not finish within {secs}s; output so far:\n{}",
+                text(&out)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ok(mut cmd: impl BorrowMut<Command>, secs: u64) -> Result<String> {
+    let cmd = cmd.borrow_mut();
+    let out = run(&mut *cmd, secs)?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}",
+        out.status,
+        text(&out)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Processes of ours still running: shims, VMs, helpers.
+fn leftover_processes() -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let ours = [
+            "containerd-shim-podvisor-v2",
+            "qemu-system-x86_64",
+            "virtiofsd",
+            "vhost-device-vsock",
+        ];
+        if ours
+            .iter()
+            .any(|p| cmd.split(' ').next().unwrap_or_default().ends_with(p))
+        {
+            found.push(format!(
+                "{} {}",
+                e.file_name().to_string_lossy(),
+                cmd.trim()
+            ));
+        }
+    }
+    found
+}
+
+/// Entries of a directory, as names.
+fn names(dir: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Everything a pod leaves on the host, if anything.
+fn leftovers() -> Vec<String> {
+    let mut left = leftover_processes();
+    // Shim sockets, and network namespaces of pods.
+    left.extend(
+        names("/run/containerd/s")
+            .into_iter()
+            .map(|n| format!("socket /run/containerd/s/{n}")),
+    );
+    left.extend(
+        names("/var/run/netns")
+            .into_iter()
+            .filter(|n| n.starts_with("cni-"))
+            .map(|n| format!("netns {n}")),
+    );
+    if let Ok(entries) = std::fs::read_dir("/run/podvisor") {
+        left.extend(
+            entries
+                .flatten()
+                .map(|e| format!("dir {}", e.path().display())),
+        );
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    left.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains("/run/podvisor"))
+            .map(|l| format!("mount {l}")),
+    );
+    left
+}
+
+/// Waits a little for shims to finish exiting, then insists on a clean
+/// host.
+fn wait_clean() -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = leftovers();
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("left behind on the host:\n{}", left.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn host_kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn ctr_run_prints_guest_kernel_and_exit_code(c: &Containerd) -> Result<()> {
+    let out = run(
+        c.ctr_run(&["--rm"], "t1", &["sh", "-c", "uname -r; echo ok"]),
+        180,
+    )?;
+    ensure!(out.status.success(), "ctr run failed: {}", text(&out));
+    let guest = manifest("kernel_release")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        stdout == format!("{guest}\nok\n"),
+        "output {stdout:?}, guest kernel {guest}"
+    );
+    ensure!(
+        guest != host_kernel(),
+        "guest and host kernels are the same"
+    );
+
+    let out = run(c.ctr_run(&["--rm"], "t1", &["sh", "-c", "exit 7"]), 180)?;
+    ensure!(
+        out.status.code() == Some(7),
+        "ctr exited {:?}: {}",
+        out.status,
+        text(&out)
+    );
+    Ok(())
+}
+
+fn stdin_is_piped_through(c: &Containerd) -> Result<()> {
+    let input: Vec<u8> = (0..200_000u32)
+        .map(|i| b"podvisor\n"[(i % 9) as usize])
+        .collect();
+    let out = run_with_input(
+        c.ctr_run(&["--rm"], "stdin", &["sh", "-c", "md5sum; echo end"]),
+        Some(&input),
+        180,
+    )?;
+    ensure!(out.status.success(), "ctr run failed: {}", text(&out));
+    let expected = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut ch| {
+            ch.stdin
+                .take()
+                .map(|mut s| s.write_all(&input))
+                .transpose()?;
+            ch.wait_with_output()
+        })?;
+    let want = String::from_utf8_lossy(&expected.stdout);
+    let got = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        got.split_whitespace().next() == want.split_whitespace().next() && got.ends_with("end\n"),
+        "in the container: {got:?}; on the host: {want:?}"
+    );
+    Ok(())
+}
+
+fn tty_interactive_session(c: &Containerd) -> Result<()> {
+    // `script` gives ctr the terminal `ctr run -t` insists on.
+    let cmd = c.ctr_run(&["-t", "--rm"], "tty", &["sh"]);
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = run_with_input(
+        Command::new("script").args(["-qec", &line, "/dev/null"]),
+        Some(b"tty; echo hello-$((6*7))\rexit 5\r"),
+        180,
+    )?;
+    let shown = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        shown.contains("hello-42"),
+        "no command output on the terminal: {shown:?}"
+    );
+    ensure!(
+        shown.contains("/dev/pts/0"),
+        "no pty in the container: {shown:?}"
+    );
+    ensure!(
+        out.status.code() == Some(5),
+        "exit {:?}: {shown:?}",
+        out.status
+    );
+    Ok(())
+}
+
+fn task_status(c: &Containerd, id: &str) -> Result<String> {
+    let ls = ok(&mut c.ctr(&["task", "ls"]), 30)?;
+    Ok(ls
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("absent")
+        .to_string())
+}
+
+fn wait_status(c: &Containerd, id: &str, want: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = task_status(c, id)?;
+        if s == want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("task {id} is {s}, not {want}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn exec_kill_ps_metrics_delete(c: &Containerd) -> Result<()> {
+    let id = "busy";
+    ok(c.ctr_run(&["-d"], id, &["sleep", "1000"]), 180)?;
+    wait_status(c, id, "RUNNING")?;
+
+    let out = ok(
+        &mut c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            id,
+            "sh",
+            "-c",
+            "echo in-exec; cat /proc/1/cmdline",
+        ]),
+        60,
+    )?;
+    ensure!(out.starts_with("in-exec\nsleep"), "exec output {out:?}");
+
+    // A second process to see in ps and to TERM.
+    let mut sleeper = c
+        .ctr(&["task", "exec", "--exec-id", "sl", id, "sleep", "1000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ps = ok(&mut c.ctr(&["task", "ps", id]), 30)?;
+        if ps.lines().skip(1).count() >= 2 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "ctr task ps never showed the exec: {ps}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ok(
+        &mut c.ctr(&["task", "kill", "--exec-id", "sl", "-s", "TERM", id]),
+        30,
+    )?;
+    let st = sleeper.wait()?;
+    ensure!(st.code() == Some(143), "exec after SIGTERM exited {st:?}");
+
+    let metrics = ok(&mut c.ctr(&["task", "metrics", id]), 30)?;
+    for key in ["memory.usage", "pids.current", "cpu.usage_usec"] {
+        ensure!(
+            metrics.contains(key),
+            "{key} missing from metrics:\n{metrics}"
+        );
+    }
+
+    ok(&mut c.ctr(&["task", "kill", "-s", "KILL", id]), 30)?;
+    wait_status(c, id, "STOPPED")?;
+    let del = run(&mut c.ctr(&["task", "delete", id]), 60)?;
+    ensure!(del.status.success(), "task delete: {}", text(&del));
+    ensure!(
+        text(&del).contains("137"),
+        "task delete did not report 137: {}",
+        text(&del)
+    );
+    ok(&mut c.ctr(&["containers", "rm", id]), 30)?;
+    ensure!(task_status(c, id)? == "absent");
+    Ok(())
+}
+
+fn json_file(dir: &Path, name: &str, body: &str) -> Result<String> {
+    let p = dir.join(name);
+    std::fs::write(&p, body)?;
+    Ok(p.display().to_string())
+}
+
+fn cri_pod_runs_two_containers_in_one_vm(c: &Containerd) -> Result<()> {
+    let d = c.dir();
+    let logs = d.join("pod-logs");
+    std::fs::create_dir_all(&logs)?;
+    let pod = json_file(
+        d,
+        "pod.json",
+        &format!(
+            r#"{{"metadata":{{"name":"pv","namespace":"default","uid":"pv-uid","attempt":0}},"log_directory":"{}","linux":{{}}}}"#,
+            logs.display()
+        ),
+    )?;
+    let container = |name: &str, cmd: &str| -> Result<String> {
+        json_file(
+            d,
+            &format!("{name}.json"),
+            &format!(
+                r#"{{"metadata":{{"name":"{name}"}},"image":{{"image":"docker.io/podvisor/busybox:latest"}},"command":["sh","-c","{cmd}"],"log_path":"{name}.log","linux":{{}}}}"#
+            ),
+        )
+    };
+    let c1 = container("c1", "echo c1-started; exec sleep 1000")?;
+    let c2 = container("c2", "echo c2-started; exec sleep 1000")?;
+
+    let sandbox = ok(&mut c.crictl(&["runp", "--runtime", "podvisor", &pod]), 180)?
+        .trim()
+        .to_string();
+    let vms = leftover_processes()
+        .into_iter()
+        .filter(|p| p.contains("qemu-system") && p.contains(&sandbox))
+        .count();
+    ensure!(vms == 1, "{vms} VMs for the pod");
+    let mut ids = Vec::new();
+    for spec in [&c1, &c2] {
+        let id = ok(&mut c.crictl(&["create", &sandbox, spec, &pod]), 120)?
+            .trim()
+            .to_string();
+        ok(&mut c.crictl(&["start", &id]), 120)?;
+        ids.push(id);
+    }
+    let boot = |id: &str| {
+        ok(
+            &mut c.crictl(&["exec", "-s", id, "cat", "/proc/sys/kernel/random/boot_id"]),
+            60,
+        )
+    };
+    let (b1, b2) = (boot(&ids[0])?, boot(&ids[1])?);
+    ensure!(
+        b1 == b2 && !b1.trim().is_empty(),
+        "containers in different VMs: {b1:?} vs {b2:?}"
+    );
+    let host_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
+    ensure!(b1 != host_boot, "the container reports the host's boot id");
+    let total_vms = leftover_processes()
+        .iter()
+        .filter(|p| p.contains("qemu-system"))
+        .count();
+    ensure!(
+        total_vms == 1,
+        "{total_vms} VMs for one pod with two containers"
+    );
+
+    let ex = ok(
+        &mut c.crictl(&["exec", "-s", &ids[0], "sh", "-c", "echo out; echo err >&2"]),
+        60,
+    )?;
+    ensure!(ex.contains("out"), "ExecSync stdout: {ex:?}");
+    let ex = run(
+        &mut c.crictl(&["exec", "-s", &ids[0], "sh", "-c", "exit 3"]),
+        60,
+    )?;
+    ensure!(
+        !ex.status.success() && text(&ex).contains("exited with 3"),
+        "ExecSync exit: {}",
+        text(&ex)
+    );
+
+    let stats = ok(&mut c.crictl(&["stats", "-o", "json"]), 60)?;
+    for id in &ids {
+        ensure!(stats.contains(id.as_str()), "no stats for {id}: {stats}");
+    }
+    ensure!(
+        stats.contains("workingSetBytes"),
+        "no memory in stats: {stats}"
+    );
+    let log = ok(&mut c.crictl(&["logs", &ids[0]]), 30)?;
+    ensure!(log.contains("c1-started"), "logs: {log:?}");
+
+    ok(&mut c.crictl(&["stopp", &sandbox]), 120)?;
+    ok(&mut c.crictl(&["rmp", &sandbox]), 120)?;
+    let left = ok(&mut c.crictl(&["pods", "-q"]), 30)?;
+    ensure!(left.trim().is_empty(), "pods left: {left}");
+    Ok(())
+}
+
+fn annotations_are_allow_listed_and_checked(c: &Containerd) -> Result<()> {
+    // The test config allows vcpus and memory-mib, up to 4 vCPUs.
+    let out = ok(
+        c.ctr_run(
+            &["--rm", "--annotation", "podvisor.io/vcpus=2"],
+            "ann",
+            &["nproc"],
+        ),
+        180,
+    )?;
+    ensure!(out.trim() == "2", "nproc in a 2-vCPU pod said {out:?}");
+    for (annotation, message) in [
+        ("podvisor.io/vcpus=9", "outside 1..=4"),
+        ("podvisor.io/memory-mib=lots", "is not a number"),
+        (
+            "podvisor.io/kernel-params=init=/bin/sh",
+            "not allowed by this node's podvisor config",
+        ),
+        (
+            "podvisor.io/hypervisor=qemu",
+            "not allowed by this node's podvisor config",
+        ),
+    ] {
+        let out = run(
+            c.ctr_run(&["--rm", "--annotation", annotation], "ann", &["true"]),
+            120,
+        )?;
+        ensure!(!out.status.success(), "{annotation} was accepted");
+        ensure!(text(&out).contains(message), "{annotation}: {}", text(&out));
+        // Nothing of the refused container stays behind.
+        let _ = run(&mut c.ctr(&["containers", "rm", "ann"]), 30);
+    }
+    Ok(())
+}
+
+fn vm_pid(c: &Containerd, id: &str) -> Result<u32> {
+    let ls = ok(&mut c.ctr(&["task", "ls"]), 30)?;
+    ls.lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no pid for {id} in {ls}"))
+}
+
+fn vm_killed_under_a_running_task(c: &Containerd) -> Result<()> {
+    let id = "doomed";
+    ok(c.ctr_run(&["-d"], id, &["sleep", "1000"]), 180)?;
+    let pid = vm_pid(c, id)?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))?;
+    ensure!(
+        comm.starts_with("qemu-system"),
+        "task pid {pid} is {comm:?}, not the VM"
+    );
+    // SAFETY: kill(2) on the VM process we just looked up.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_status(c, id, "STOPPED")?;
+    ok(&mut c.ctr(&["task", "delete", id]), 60)?;
+    ok(&mut c.ctr(&["containers", "rm", id]), 30)?;
+    let ls = ok(&mut c.ctr(&["task", "ls"]), 30)?;
+    ensure!(ls.lines().count() <= 1, "ctr task ls not clean: {ls}");
+    Ok(())
+}
+
+fn crashed_shim_is_cleaned_up_by_delete(c: &Containerd) -> Result<()> {
+    let id = "orphan";
+    ok(c.ctr_run(&["-d"], id, &["sleep", "1000"]), 180)?;
+    let shim: Vec<u32> = leftover_processes()
+        .iter()
+        .filter(|p| p.contains("containerd-shim-podvisor-v2") && p.contains(&format!("-id {id} ")))
+        .filter_map(|p| p.split(' ').next()?.parse().ok())
+        .collect();
+    ensure!(
+        shim.len() == 1,
+        "expected one shim for {id}, found {shim:?}"
+    );
+    // SAFETY: kill(2) on the shim we just found.
+    unsafe { libc::kill(shim[0] as i32, libc::SIGKILL) };
+    // containerd notices and runs `containerd-shim-podvisor-v2 delete`.
+    wait_clean()?;
+    let _ = run(&mut c.ctr(&["task", "delete", id]), 30);
+    ok(&mut c.ctr(&["containers", "rm", id]), 30)?;
+    Ok(())
+}
+
+fn twenty_create_delete_cycles_leave_nothing(c: &Containerd) -> Result<()> {
+    for i in 0..20 {
+        let out = run(c.ctr_run(&["--rm"], &format!("cycle-{i}"), &["true"]), 180)?;
+        ensure!(out.status.success(), "cycle {i}: {}", text(&out));
+        wait_clean().with_context(|| format!("after cycle {i}"))?;
+    }
+    let cs = ok(&mut c.ctr(&["containers", "ls", "-q"]), 30)?;
+    ensure!(cs.trim().is_empty(), "containers left: {cs}");
+    Ok(())
+}
