@@ -1,34 +1,46 @@
-# podvisor: build, guest image, tests, benchmarks. `make help` lists targets.
+# podvisor: build, install, guest image, tests, benchmarks. `make help` lists targets.
 
 CARGO        ?= cargo
 AGENT_TARGET := x86_64-unknown-linux-musl
 AGENT_BIN    := target/$(AGENT_TARGET)/release/podvisor-agent
 GUEST_DIR    := build/guest
-
-.PHONY: help deps build agent guest-image demo test lint test-unit test-guest bench clean
-
-help:
-	@echo "make deps         install what the build and tests need (Debian packages, Rust target, vhost-device-vsock)"
-	@echo "make build        build the workspace"
-	@echo "make guest-image  build the guest kernel + initramfs into $(GUEST_DIR)/"
-	@echo "make demo         boot a guest VM and run a container in it"
-	@echo "make test         lint, unit tests, guest tests"
-	@echo "make test-guest   boot the guest under QEMU and run the agent tests"
-	@echo "make bench        print the guest figures (boot to agent, agent RSS, image size)"
+TOOLS        := build/tools
+PREFIX       ?= /opt/podvisor
+CONFIG_DIR   ?= /etc/podvisor
 
 # Debian 12 packages: QEMU (+ virtiofsd in qemu-system-common, SeaBIOS),
-# busybox-static for test rootfs, and the image build's tools.
+# containerd and the CNI plugins, busybox-static for test images, and the
+# image build's tools.
 DEB_PACKAGES := qemu-system-x86 qemu-system-common seabios busybox-static \
+                containerd containernetworking-plugins iproute2 bsdutils \
                 cpio kmod zstd file ca-certificates
 VHOST_DEVICE_VSOCK_VERSION := 0.3.0
+CRICTL_VERSION := v1.34.0
+
+# Tests and tools find crictl and vhost-device-vsock here.
+export PATH := $(CURDIR)/$(TOOLS):$(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: help deps build agent guest-image shim install uninstall demo bench \
+        test lint test-unit test-guest test-containerd clean
+
+help:
+	@echo "make deps             install what the build and tests need (as root)"
+	@echo "make build            build the workspace (release)"
+	@echo "make guest-image      build the guest kernel + initramfs into $(GUEST_DIR)/"
+	@echo "make install          install the shim, guest image and config under $(PREFIX), $(CONFIG_DIR)"
+	@echo "make demo             start a private containerd and run a container in a VM"
+	@echo "make test             lint, unit tests, guest tests, containerd tests"
+	@echo "make bench            print the figures of DESIGN.md that can be measured here"
 
 deps:
 	DEBIAN_FRONTEND=noninteractive apt-get update -q
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEB_PACKAGES)
 	rustup target add $(AGENT_TARGET)
 	rustup component add rustfmt clippy
-	command -v vhost-device-vsock >/dev/null || [ -x $(HOME)/.cargo/bin/vhost-device-vsock ] || \
+	command -v vhost-device-vsock >/dev/null || \
 	  $(CARGO) install --locked vhost-device-vsock --version $(VHOST_DEVICE_VSOCK_VERSION)
+	command -v crictl >/dev/null || \
+	  GOBIN=$(CURDIR)/$(TOOLS) go install sigs.k8s.io/cri-tools/cmd/crictl@$(CRICTL_VERSION)
 
 build:
 	$(CARGO) build --workspace --release
@@ -39,10 +51,31 @@ agent:
 guest-image: agent
 	guest/build-image.sh $(AGENT_BIN) $(GUEST_DIR)
 
-demo: guest-image
+shim:
+	$(CARGO) build --release -p podvisor-shim
+
+# The layout DESIGN.md names; containerd finds the shim through /usr/local/bin.
+install: shim guest-image
+	install -D -m 0755 target/release/containerd-shim-podvisor-v2 $(PREFIX)/bin/containerd-shim-podvisor-v2
+	install -D -m 0755 $$(command -v vhost-device-vsock) $(PREFIX)/bin/vhost-device-vsock
+	install -D -m 0644 $(GUEST_DIR)/kernel $(PREFIX)/share/guest/kernel
+	install -D -m 0644 $(GUEST_DIR)/initramfs $(PREFIX)/share/guest/initramfs
+	install -D -m 0644 $(GUEST_DIR)/manifest $(PREFIX)/share/guest/manifest
+	ln -sf $(PREFIX)/bin/containerd-shim-podvisor-v2 /usr/local/bin/containerd-shim-podvisor-v2
+	[ -f $(CONFIG_DIR)/config.toml ] || install -D -m 0644 shim/config.toml $(CONFIG_DIR)/config.toml
+
+uninstall:
+	rm -f /usr/local/bin/containerd-shim-podvisor-v2
+	rm -rf $(PREFIX)
+	@echo "left $(CONFIG_DIR)/config.toml in place"
+
+demo: deps shim guest-image
 	$(CARGO) run --release -q -p podvisor-testkit -- demo
 
-test: lint test-unit test-guest
+bench: shim guest-image
+	$(CARGO) run --release -q -p podvisor-testkit -- bench
+
+test: lint test-unit test-guest test-containerd
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -54,8 +87,9 @@ test-unit:
 test-guest: guest-image
 	$(CARGO) test -p podvisor-testkit --test agent
 
-bench: guest-image
-	$(CARGO) run --release -q -p podvisor-testkit -- bench
+test-containerd: guest-image
+	$(CARGO) build -p podvisor-shim --bins
+	$(CARGO) test -p podvisor-testkit --test containerd
 
 clean:
 	$(CARGO) clean

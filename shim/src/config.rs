@@ -308,6 +308,22 @@ mod tests {
         assert_eq!(c.hypervisor, HypervisorKind::Auto);
     }
 
+    /// The example config shipped for `make install` states the defaults.
+    #[test]
+    fn shipped_config_is_the_defaults() {
+        let shipped = cfg(include_str!("../config.toml"));
+        let d = Config::default();
+        assert_eq!(shipped.hypervisor, d.hypervisor);
+        assert_eq!((shipped.kernel, shipped.initramfs), (d.kernel, d.initramfs));
+        assert_eq!(
+            (shipped.default_vcpus, shipped.default_memory_mib, shipped.max_vcpus, shipped.max_memory_mib),
+            (d.default_vcpus, d.default_memory_mib, d.max_vcpus, d.max_memory_mib)
+        );
+        assert_eq!(shipped.allowed_annotations, d.allowed_annotations);
+        assert_eq!(shipped.paths.vhost_device_vsock, d.paths.vhost_device_vsock);
+        assert_eq!(shipped.paths.virtiofsd, d.paths.virtiofsd);
+    }
+
     #[test]
     fn explicit_missing_file_is_an_error() {
         let e = Config::load(Some(Path::new("/nonexistent/podvisor.toml"))).unwrap_err();

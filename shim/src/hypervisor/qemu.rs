@@ -15,6 +15,9 @@ use crate::config::Paths;
 /// How long a helper may take to create its socket.
 const HELPER_READY: Duration = Duration::from_secs(10);
 
+/// TCG translation cache per VM, MiB.
+const TCG_TB_MIB: u32 = 64;
+
 /// The guest CID; each VM has its own vsock device, so one value serves all.
 const GUEST_CID: u32 = 3;
 
@@ -108,7 +111,13 @@ impl Hypervisor for Qemu {
 
         let mem = spec.memory_mib;
         let mut qemu = Command::new(&self.paths.qemu);
-        qemu.args(["-M", "q35", "-accel", self.accel.name()])
+        // TCG's translation cache defaults to 1 GiB of host memory per VM;
+        // a guest running containers needs a fraction of it.
+        let accel = match self.accel {
+            Accel::Kvm => "kvm".to_string(),
+            Accel::Tcg => format!("tcg,tb-size={TCG_TB_MIB}"),
+        };
+        qemu.args(["-M", "q35", "-accel", &accel])
             .args([
                 "-cpu",
                 if self.accel == Accel::Kvm {
