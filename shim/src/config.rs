@@ -316,8 +316,18 @@ mod tests {
         assert_eq!(shipped.hypervisor, d.hypervisor);
         assert_eq!((shipped.kernel, shipped.initramfs), (d.kernel, d.initramfs));
         assert_eq!(
-            (shipped.default_vcpus, shipped.default_memory_mib, shipped.max_vcpus, shipped.max_memory_mib),
-            (d.default_vcpus, d.default_memory_mib, d.max_vcpus, d.max_memory_mib)
+            (
+                shipped.default_vcpus,
+                shipped.default_memory_mib,
+                shipped.max_vcpus,
+                shipped.max_memory_mib
+            ),
+            (
+                d.default_vcpus,
+                d.default_memory_mib,
+                d.max_vcpus,
+                d.max_memory_mib
+            )
         );
         assert_eq!(shipped.allowed_annotations, d.allowed_annotations);
         assert_eq!(shipped.paths.vhost_device_vsock, d.paths.vhost_device_vsock);

@@ -64,7 +64,11 @@ fn demo() -> Result<()> {
         println!("boot id {}", first_line("/proc/sys/kernel/random/boot_id"));
         Ok(())
     } else {
-        Err(anyhow::anyhow!("ctr run failed: {}\n{}", text(&out), ctd.log_tail()))
+        Err(anyhow::anyhow!(
+            "ctr run failed: {}\n{}",
+            text(&out),
+            ctd.log_tail()
+        ))
     };
     ctd.stop();
     result
@@ -142,9 +146,15 @@ async fn guest_figures(accel: Accel, note: &str) -> Result<()> {
 
     let size = |f: &str| -> Result<u64> {
         let p = image_dir().join(f);
-        Ok(std::fs::metadata(&p).with_context(|| p.display().to_string())?.len())
+        Ok(std::fs::metadata(&p)
+            .with_context(|| p.display().to_string())?
+            .len())
     };
-    row(&format!("QEMU start to agent ready, median of {BOOTS} ({note})"), ms(median(boots)), "-");
+    row(
+        &format!("QEMU start to agent ready, median of {BOOTS} ({note})"),
+        ms(median(boots)),
+        "-",
+    );
     row(
         &format!("guest kernel start to agent serving, median ({note})"),
         ms(median(ready)),
@@ -156,9 +166,17 @@ async fn guest_figures(accel: Accel, note: &str) -> Result<()> {
         "<= 30 ms on real KVM",
     );
     row("agent RSS in the guest, idle", mib(rss_idle), "-");
-    row(&format!("agent RSS after {CONTAINER_STARTS} containers"), mib(rss_busy), "-");
+    row(
+        &format!("agent RSS after {CONTAINER_STARTS} containers"),
+        mib(rss_busy),
+        "-",
+    );
     row("initramfs size (zstd)", mib(size("initramfs")?), "-");
-    row("kernel size (Debian cloud bzImage)", mib(size("kernel")?), "-");
+    row(
+        "kernel size (Debian cloud bzImage)",
+        mib(size("kernel")?),
+        "-",
+    );
     Ok(())
 }
 
@@ -187,11 +205,22 @@ fn rss(pid: u32) -> u64 {
 fn processes_with(needle: &str) -> Vec<(u32, String)> {
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(needle) {
-            let prog = cmd.split(' ').next().unwrap_or_default().rsplit('/').next().unwrap_or_default().to_string();
+            let prog = cmd
+                .split(' ')
+                .next()
+                .unwrap_or_default()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
             found.push((pid, prog));
         }
     }
@@ -213,7 +242,10 @@ fn containerd_figures(note: &str) -> Result<()> {
             let mut byte = [0u8; 1];
             let mut stdout = child.stdout.take().context("ctr stdout")?;
             if stdout.read(&mut byte)? != 1 {
-                bail!("ctr run printed nothing: {}", text(&child.wait_with_output()?));
+                bail!(
+                    "ctr run printed nothing: {}",
+                    text(&child.wait_with_output()?)
+                );
             }
             firsts.push(t.elapsed());
             child.wait()?;
@@ -224,7 +256,9 @@ fn containerd_figures(note: &str) -> Result<()> {
             "-",
         );
 
-        let out = ctd.ctr_run(&["-d"], "resident", &["sleep", "1000"]).output()?;
+        let out = ctd
+            .ctr_run(&["-d"], "resident", &["sleep", "1000"])
+            .output()?;
         if !out.status.success() {
             bail!("ctr run -d: {}", text(&out));
         }

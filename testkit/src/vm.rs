@@ -41,8 +41,9 @@ pub fn detect_accel() -> (Accel, String) {
     }
 }
 
-/// A helper binary: the environment variable `env`, else `name` in PATH
-/// or in ~/.cargo/bin (where `cargo install` puts vhost-device-vsock).
+/// A helper binary: the environment variable `env`, else `name` in PATH,
+/// in the workspace's build/tools (where `make deps` puts crictl) or in
+/// ~/.cargo/bin (where `cargo install` puts vhost-device-vsock).
 pub fn tool(env: &str, name: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
@@ -54,12 +55,21 @@ pub fn tool(env: &str, name: &str) -> PathBuf {
                 .find(|c| c.exists())
         })
         .unwrap_or_default();
+    let tools = || {
+        Some(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../build/tools")
+                .join(name),
+        )
+        .filter(|p| p.exists())
+    };
     let cargo_bin = || {
         std::env::var_os("HOME")
             .map(|h| PathBuf::from(h).join(".cargo/bin").join(name))
             .filter(|p| p.exists())
     };
     in_path
+        .or_else(tools)
         .or_else(cargo_bin)
         .unwrap_or_else(|| PathBuf::from(name))
 }

@@ -389,6 +389,10 @@ fn exec_kill_ps_metrics_delete(c: &Containerd) -> Result<()> {
     ensure!(st.code() == Some(143), "exec after SIGTERM exited {st:?}");
 
     let metrics = ok(&mut c.ctr(&["task", "metrics", id]), 30)?;
+    ensure!(
+        metrics.contains("67108864"),
+        "metrics do not show the new limit:\n{metrics}"
+    );
     for key in ["memory.usage", "pids.current", "cpu.usage_usec"] {
         ensure!(
             metrics.contains(key),
@@ -491,6 +495,20 @@ fn cri_pod_runs_two_containers_in_one_vm(c: &Containerd) -> Result<()> {
         !ex.status.success() && text(&ex).contains("exited with 3"),
         "ExecSync exit: {}",
         text(&ex)
+    );
+
+    // UpdateContainerResources reaches the container's cgroup in the guest.
+    ok(
+        &mut c.crictl(&["update", "--memory", "67108864", &ids[1]]),
+        60,
+    )?;
+    let limit = ok(
+        &mut c.crictl(&["exec", "-s", &ids[1], "cat", "/sys/fs/cgroup/memory.max"]),
+        60,
+    )?;
+    ensure!(
+        limit.trim() == "67108864",
+        "memory.max after update: {limit:?}"
     );
 
     let stats = ok(&mut c.crictl(&["stats", "-o", "json"]), 60)?;
