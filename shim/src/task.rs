@@ -238,16 +238,24 @@ impl TaskService {
 
     /// Undoes a failed or finished container: its guest state, its mounts.
     async fn remove_container(&self, pod: &Pod, id: &str) {
-        if !pod.is_dead() {
-            let req = api::RemoveContainerRequest {
-                container_id: id.to_string(),
-                ..Default::default()
-            };
-            if let Err(e) = pod.agent.remove_container(ctx(), &req).await {
-                tracing::debug!(container = id, "RemoveContainer: {e}");
-            }
-        }
+        forget(pod, id, "").await;
         pod.dir.remove_container(id);
+    }
+}
+
+/// Drops a container (or, with `exec_id`, an exec) from the guest; a dead
+/// VM has nothing left to drop.
+async fn forget(pod: &Pod, id: &str, exec_id: &str) {
+    if pod.is_dead() {
+        return;
+    }
+    let req = api::RemoveContainerRequest {
+        container_id: id.to_string(),
+        exec_id: exec_id.to_string(),
+        ..Default::default()
+    };
+    if let Err(e) = pod.agent.remove_container(ctx(), &req).await {
+        tracing::debug!(container = id, exec = exec_id, "RemoveContainer: {e}");
     }
 }
 
@@ -542,17 +550,7 @@ impl Task for Service {
         let bridge = match Bridge::connect(&pod.vsock, &ports, &stdio).await {
             Ok(b) => b,
             Err(e) => {
-                let _ = pod
-                    .agent
-                    .remove_container(
-                        ctx(),
-                        &api::RemoveContainerRequest {
-                            container_id: req.id.clone(),
-                            exec_id: req.exec_id.clone(),
-                            ..Default::default()
-                        },
-                    )
-                    .await;
+                forget(&pod, &req.id, &req.exec_id).await;
                 return Err(status(Code::INTERNAL, e.to_string()));
             }
         };
@@ -676,22 +674,7 @@ impl Task for Service {
         };
         let pod = svc.pod().await?;
         if !req.exec_id.is_empty() {
-            if !pod.is_dead() {
-                let r = pod
-                    .agent
-                    .remove_container(
-                        ctx(),
-                        &api::RemoveContainerRequest {
-                            container_id: req.id.clone(),
-                            exec_id: req.exec_id.clone(),
-                            ..Default::default()
-                        },
-                    )
-                    .await;
-                if let Err(e) = r {
-                    tracing::debug!("RemoveContainer exec {}: {e}", req.exec_id);
-                }
-            }
+            forget(&pod, &req.id, &req.exec_id).await;
             lock(&c.execs).remove(&req.exec_id);
         } else {
             svc.remove_container(&pod, &req.id).await;

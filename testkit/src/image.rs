@@ -25,24 +25,7 @@ pub fn busybox_archive(out: &Path, name: &str, cmd: &[&str]) -> Result<()> {
     std::fs::create_dir_all(&blobs)?;
 
     let layer_tar = work.path().join("layer.tar");
-    let st = Command::new("tar")
-        .args([
-            "--sort=name",
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            "--mtime=@0",
-            "-C",
-        ])
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(&layer_tar)
-        .arg(".")
-        .status()
-        .context("running tar")?;
-    if !st.success() {
-        bail!("tar of the busybox rootfs failed");
-    }
+    tar(&rootfs, &layer_tar)?;
     let layer = std::fs::read(&layer_tar)?;
     let put = |data: &[u8]| -> Result<(String, usize)> {
         let digest = format!("{:x}", Sha256::digest(data));
@@ -88,6 +71,11 @@ pub fn busybox_archive(out: &Path, name: &str, cmd: &[&str]) -> Result<()> {
         layout.join("oci-layout"),
         br#"{"imageLayoutVersion":"1.0.0"}"#,
     )?;
+    tar(&layout, out)
+}
+
+/// `dir` as an uncompressed tar with fixed owners and times.
+fn tar(dir: &Path, out: &Path) -> Result<()> {
     let st = Command::new("tar")
         .args([
             "--sort=name",
@@ -97,14 +85,14 @@ pub fn busybox_archive(out: &Path, name: &str, cmd: &[&str]) -> Result<()> {
             "--mtime=@0",
             "-C",
         ])
-        .arg(&layout)
+        .arg(dir)
         .arg("-cf")
         .arg(out)
         .arg(".")
         .status()
         .context("running tar")?;
     if !st.success() {
-        bail!("writing {} failed", out.display());
+        bail!("tar of {} failed", dir.display());
     }
     Ok(())
 }
