@@ -147,8 +147,7 @@ impl Pod {
                 })
                 .collect(),
         })?;
-        let console =
-            || std::fs::read_to_string(dir.root().join("console.log")).unwrap_or_default();
+        let console = || hypervisor::log_tails(dir.root(), 20);
         let agent = tokio::select! {
             r = connect_agent(&vm.vsock, ready, BOOT_TIMEOUT) => r.map_err(|source| PodError::Agent { source, console: console() })?,
             st = vm.vm.wait() => return Err(PodError::DiedBooting {

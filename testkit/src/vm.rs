@@ -209,22 +209,7 @@ impl TestVm {
 }
 
 fn diagnostics(dir: &Path) -> String {
-    let mut s = String::new();
-    for f in [
-        "console.log",
-        "qemu.log",
-        "vhost-device-vsock.log",
-        "virtiofsd.log",
-    ] {
-        let text = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        s.push_str(&format!("--- {f} (last lines)\n"));
-        for l in &lines[lines.len().saturating_sub(30)..] {
-            s.push_str(l);
-            s.push('\n');
-        }
-    }
-    s
+    podvisor_shim::hypervisor::log_tails(dir, 30)
 }
 
 /// A call context with a generous timeout (TCG is slow, a hang is not).

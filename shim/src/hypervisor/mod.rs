@@ -208,6 +208,28 @@ impl RunningVm {
     }
 }
 
+/// The last `lines` lines of the guest console and of every helper's log
+/// in a VM directory, for error messages.
+pub fn log_tails(dir: &Path, lines: usize) -> String {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    names.retain(|p| p.extension().is_some_and(|e| e == "log"));
+    names.sort();
+    let mut out = String::new();
+    for path in names {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        out.push_str(&format!("--- {name} (last lines)\n"));
+        for l in &all[all.len().saturating_sub(lines)..] {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Waits for `path` to appear while `child` runs.
 pub(crate) async fn wait_for_socket(
     path: &Path,
@@ -234,4 +256,25 @@ pub(crate) async fn wait_for_socket(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_tails_show_every_log_and_only_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let long: String = (0..50).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(dir.path().join("console.log"), long).unwrap();
+        std::fs::write(dir.path().join("virtiofsd.log"), "fs said this\n").unwrap();
+        std::fs::write(dir.path().join("vm.vsock"), "not a log").unwrap();
+        let t = log_tails(dir.path(), 3);
+        assert!(
+            t.contains("--- console.log") && t.contains("line 49") && !t.contains("line 46"),
+            "{t}"
+        );
+        assert!(t.contains("fs said this"), "{t}");
+        assert!(!t.contains("not a log"), "{t}");
+    }
 }
