@@ -9,11 +9,11 @@ PREFIX       ?= /opt/podvisor
 CONFIG_DIR   ?= /etc/podvisor
 
 # Debian 12 packages: QEMU (+ virtiofsd in qemu-system-common, SeaBIOS),
-# containerd and the CNI plugins, busybox-static for test images, and the
-# image build's tools.
+# containerd and the CNI plugins, busybox-static for test images, the
+# image build's tools, and binutils for the VMM tests' small guests.
 DEB_PACKAGES := qemu-system-x86 qemu-system-common seabios busybox-static \
                 containerd containernetworking-plugins iproute2 bsdutils \
-                cpio kmod zstd file ca-certificates
+                cpio kmod zstd file ca-certificates binutils
 VHOST_DEVICE_VSOCK_VERSION := 0.3.0
 CRICTL_VERSION := v1.34.0
 
@@ -21,7 +21,7 @@ CRICTL_VERSION := v1.34.0
 export PATH := $(CURDIR)/$(TOOLS):$(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: help deps build agent guest-image shim install uninstall demo bench \
-        test lint test-unit test-guest test-containerd clean
+        test lint test-unit test-vmm test-guest test-containerd clean
 
 help:
 	@echo "make deps             install what the build and tests need (as root)"
@@ -29,7 +29,7 @@ help:
 	@echo "make guest-image      build the guest kernel + initramfs into $(GUEST_DIR)/"
 	@echo "make install          install the shim, guest image and config under $(PREFIX), $(CONFIG_DIR)"
 	@echo "make demo             start a private containerd and run a container in a VM"
-	@echo "make test             lint, unit tests, guest tests, containerd tests"
+	@echo "make test             lint, unit tests, VMM tests, guest tests, containerd tests"
 	@echo "make bench            print the figures of DESIGN.md that can be measured here"
 
 deps:
@@ -51,12 +51,14 @@ agent:
 guest-image: agent
 	guest/build-image.sh $(AGENT_BIN) $(GUEST_DIR)
 
+# The shim and the in-tree VMM it starts.
 shim:
-	$(CARGO) build --release -p podvisor-shim
+	$(CARGO) build --release -p podvisor-shim -p podvisor-vmm
 
 # The layout DESIGN.md names; containerd finds the shim through /usr/local/bin.
 install: shim guest-image
 	install -D -m 0755 target/release/containerd-shim-podvisor-v2 $(PREFIX)/bin/containerd-shim-podvisor-v2
+	install -D -m 0755 target/release/podvisor-vmm $(PREFIX)/bin/podvisor-vmm
 	install -D -m 0755 $$(command -v vhost-device-vsock) $(PREFIX)/bin/vhost-device-vsock
 	install -D -m 0644 $(GUEST_DIR)/kernel $(PREFIX)/share/guest/kernel
 	install -D -m 0644 $(GUEST_DIR)/initramfs $(PREFIX)/share/guest/initramfs
@@ -75,7 +77,7 @@ demo: deps shim guest-image
 bench: shim guest-image
 	$(CARGO) run --release -q -p podvisor-testkit -- bench
 
-test: lint test-unit test-guest test-containerd
+test: lint test-unit test-vmm test-guest test-containerd
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -83,6 +85,13 @@ lint:
 
 test-unit:
 	$(CARGO) test --workspace --lib --bins
+
+# Small guests under /dev/kvm (any KVM, even nested), then the guest image
+# on the VMM (only where KVM runs guest code at hardware speed).
+test-vmm: guest-image
+	$(CARGO) test -p podvisor-vmm --test kvm_guests
+	$(CARGO) build -p podvisor-vmm --bins
+	$(CARGO) test -p podvisor-testkit --test vmm
 
 test-guest: guest-image
 	$(CARGO) test -p podvisor-testkit --test agent

@@ -85,6 +85,7 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Paths {
+    pub vmm: PathBuf,
     pub qemu: PathBuf,
     pub virtiofsd: PathBuf,
     pub vhost_device_vsock: PathBuf,
@@ -93,6 +94,7 @@ pub struct Paths {
 impl Default for Paths {
     fn default() -> Self {
         Paths {
+            vmm: "/opt/podvisor/bin/podvisor-vmm".into(),
             qemu: "qemu-system-x86_64".into(),
             virtiofsd: "/usr/lib/qemu/virtiofsd".into(),
             vhost_device_vsock: "/opt/podvisor/bin/vhost-device-vsock".into(),
@@ -332,6 +334,7 @@ mod tests {
         assert_eq!(shipped.allowed_annotations, d.allowed_annotations);
         assert_eq!(shipped.paths.vhost_device_vsock, d.paths.vhost_device_vsock);
         assert_eq!(shipped.paths.virtiofsd, d.paths.virtiofsd);
+        assert_eq!(shipped.paths.vmm, d.paths.vmm);
     }
 
     #[test]

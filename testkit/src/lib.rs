@@ -1,11 +1,15 @@
 //! podvisor's test, demo and benchmark harness.
 //!
-//! - [`vm`]: one guest VM (through the shim's QEMU backend) and its agent;
+//! - [`vm`]: one guest VM (through the shim's QEMU or VMM backend) and its
+//!   agent;
 //! - [`io`]: running containers through the agent as the shim will;
 //! - [`rootfs`]: busybox root filesystems for test containers;
-//! - [`spec`]: containerd-like OCI specs.
+//! - [`spec`]: containerd-like OCI specs;
+//! - [`vmm_bench`]: start time and memory of the in-tree VMM beside QEMU.
 //!
-//! Tests: `tests/agent.rs` (the agent in a real guest). The binary
+//! Tests: `tests/agent.rs` (the agent in a real guest), `tests/vmm.rs`
+//! (the guest on the in-tree VMM, where KVM is fast),
+//! `tests/containerd.rs` (the shim under containerd). The binary
 //! `podvisor-testkit demo|bench` backs `make demo` and `make bench`. The
 //! guest image itself is built by `guest/build-image.sh`.
 
@@ -15,6 +19,7 @@ pub mod io;
 pub mod rootfs;
 pub mod spec;
 pub mod vm;
+pub mod vmm_bench;
 
 pub use io::{Output, StdioReq, Streams};
 pub use podvisor_shim::hypervisor::qemu::Accel;

@@ -101,8 +101,46 @@ async fn bench() -> Result<()> {
     println!("guest kernel {}", manifest("kernel_release")?);
     println!();
     println!("{:<66} {:>11}  target (DESIGN.md)", "figure", "measured");
+    vmm_figures()?;
     guest_figures(accel, note).await?;
     containerd_figures(note)
+}
+
+/// The in-tree VMM beside QEMU microvm, on the same tiny guest.
+fn vmm_figures() -> Result<()> {
+    let (ours, qemu) = podvisor_testkit::vmm_bench::run()?;
+    row(
+        "podvisor-vmm start to guest's first I/O, wall, median (KVM)",
+        ms(ours.wall),
+        "<= 5 ms (Firecracker ~12 ms to first KVM_RUN)",
+    );
+    row(
+        "podvisor-vmm CPU time by then",
+        ms(ours.cpu),
+        "Firecracker <= 8 CPU ms",
+    );
+    row(
+        "podvisor-vmm RSS beyond guest memory",
+        mib(ours.rss_beyond_guest),
+        "<= 4 MiB (Firecracker <= 5 MiB)",
+    );
+    match qemu {
+        Ok(q) => {
+            row(
+                "  baseline: QEMU -M microvm, same measure, wall",
+                ms(q.wall),
+                "-",
+            );
+            row("  baseline: QEMU -M microvm, CPU time", ms(q.cpu), "-");
+            row(
+                "  baseline: QEMU -M microvm, RSS beyond guest memory",
+                mib(q.rss_beyond_guest),
+                "-",
+            );
+        }
+        Err(e) => println!("  baseline: QEMU microvm could not run here: {e}"),
+    }
+    Ok(())
 }
 
 /// The guest and agent alone, through the shim's QEMU backend.

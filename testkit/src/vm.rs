@@ -1,6 +1,7 @@
-//! One guest VM for tests and benchmarks, started through the shim's own
-//! QEMU backend (the same processes and flags a pod gets), in a temporary
-//! directory, with the agent client connected.
+//! One guest VM for tests and benchmarks, started through one of the
+//! shim's own backends (the same processes and flags a pod gets): QEMU, or
+//! the in-tree VMM. In a temporary directory, with the agent client
+//! connected.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -11,6 +12,7 @@ use podvisor_protocol::api::{self, AgentClient};
 use podvisor_protocol::hybrid_vsock;
 use podvisor_shim::config::Paths;
 use podvisor_shim::hypervisor::qemu::{Accel, Qemu};
+use podvisor_shim::hypervisor::vmm::Vmm;
 use podvisor_shim::hypervisor::{Hypervisor, RunningVm, VmSpec};
 
 /// Where `make guest-image` puts the image, unless PODVISOR_GUEST_DIR says.
@@ -74,9 +76,27 @@ pub fn tool(env: &str, name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// The workspace's `podvisor-vmm` (PODVISOR_VMM overrides), built in the
+/// same profile as this crate.
+pub fn vmm_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("PODVISOR_VMM") {
+        return PathBuf::from(p);
+    }
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target")
+        .join(profile)
+        .join("podvisor-vmm")
+}
+
 /// The binaries a VM needs, as found on this machine.
 pub fn paths() -> Paths {
     Paths {
+        vmm: vmm_binary(),
         qemu: tool("QEMU", "qemu-system-x86_64"),
         virtiofsd: std::env::var_os("VIRTIOFSD")
             .map(PathBuf::from)
@@ -89,6 +109,8 @@ pub fn paths() -> Paths {
 pub struct VmConfig {
     pub memory_mib: u32,
     pub vcpus: u32,
+    /// The in-tree VMM instead of QEMU (which then uses `accel`).
+    pub vmm: bool,
     pub accel: Accel,
     pub kernel_params: String,
     pub boot_timeout: Duration,
@@ -99,6 +121,7 @@ impl VmConfig {
         VmConfig {
             memory_mib: 512,
             vcpus: 1,
+            vmm: false,
             accel,
             kernel_params: String::new(),
             boot_timeout: Duration::from_secs(120),
@@ -110,7 +133,7 @@ impl VmConfig {
 pub struct TestVm {
     vm: RunningVm,
     pub agent: AgentClient,
-    /// Time from starting QEMU to the agent answering Check.
+    /// Time from starting the VM to the agent answering Check.
     pub boot_time: Duration,
     pub accel: Accel,
     dir: tempfile::TempDir,
@@ -141,12 +164,16 @@ impl TestVm {
         }
         let ready = hybrid_vsock::ReadyListener::bind(&spec.vsock)?;
         let started = Instant::now();
-        let vm = Qemu::new(paths(), cfg.accel).launch(&spec).await?;
+        let vm = if cfg.vmm {
+            Vmm::new(paths()).launch(&spec).await?
+        } else {
+            Qemu::new(paths(), cfg.accel).launch(&spec).await?
+        };
         let agent = tokio::select! {
             r = hybrid_vsock::connect_agent(&vm.vsock, &ready, cfg.boot_timeout) => {
                 r.with_context(|| format!("waiting for the agent\n{}", diagnostics(dir.path())))?
             }
-            st = vm.vm.wait() => bail!("QEMU exited ({st:?}) during boot\n{}", diagnostics(dir.path())),
+            st = vm.vm.wait() => bail!("{} exited ({st:?}) during boot\n{}", vm.vm.name, diagnostics(dir.path())),
         };
         agent
             .check(ctx(), &api::CheckRequest::new())

@@ -1,7 +1,33 @@
-//! podvisor's in-tree KVM VMM.
+//! podvisor's in-tree KVM VMM: one process per microVM.
 //!
-//! So far it holds [`probe`]: whether this host's `/dev/kvm` runs guest
-//! code at hardware speed, which decides between this VMM and QEMU, and
-//! between KVM and TCG for QEMU.
+//! The layout follows the life of a VM:
+//!
+//! - [`config`]: the JSON description of a VM, validated before anything
+//!   is built.
+//! - [`memory`]: guest RAM, one memfd shared with vhost-user backends.
+//! - [`arch`]: x86_64 boot: kernel loading, zero page and E820, page
+//!   tables, GDT, CPUID, MSRs, MP table and ACPI tables.
+//! - [`devices`]: the port-I/O and MMIO buses and every device on them
+//!   (serial, i8042, ACPI power, virtio-mmio with vsock, block, net, fs,
+//!   rng).
+//! - [`vcpu`]: one thread per vCPU running `KVM_RUN` and dispatching exits.
+//! - [`vm`]: the builder that puts it all together, and the event loop
+//!   that runs device I/O until the guest powers off, reboots or fails.
+//! - [`exit`]: how a VM ends (power-off, reboot, failure) and how the
+//!   parts that notice it tell the rest.
+//! - [`control`]: the control socket (status, orderly shutdown).
+//! - [`probe`]: whether `/dev/kvm` runs guest code at hardware speed.
 
+pub mod arch;
+pub mod config;
+pub mod control;
+pub mod devices;
+pub mod exit;
+pub mod memory;
 pub mod probe;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::VmConfig;
+pub use exit::ExitReason;
+pub use vm::Vm;

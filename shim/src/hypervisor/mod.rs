@@ -5,12 +5,15 @@
 //! hybrid-vsock socket the agent is reached through. Everything above this
 //! module (the sandbox, the task service) sees only that.
 //!
+//! - [`vmm`]: the in-tree VMM (`podvisor-vmm`), where the probe finds KVM
+//!   runs guest code at hardware speed.
 //! - [`qemu`]: QEMU `-M q35`, KVM when the probe finds it fast, TCG
-//!   otherwise, vsock through `vhost-device-vsock`, virtio-fs through
-//!   virtiofsd.
-//! - `vmm`, the in-tree VMM, plugs in here as a second module.
+//!   otherwise, vsock through `vhost-device-vsock`.
+//!
+//! Both share the guest's files through virtiofsd ([`start_virtiofsd`]).
 
 pub mod qemu;
+pub mod vmm;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -79,21 +82,71 @@ pub trait Hypervisor: Send + Sync {
     async fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError>;
 }
 
-/// The backend for `kind`, with the reason for the choice.
+/// The backend for `kind`, with the reason for the choice. `auto` runs the
+/// KVM probe: the in-tree VMM where guest code runs at hardware speed,
+/// else QEMU (KVM when usable at speed, TCG otherwise).
 pub fn select(
     kind: HypervisorKind,
     paths: &Paths,
 ) -> Result<(Box<dyn Hypervisor>, String), HypervisorError> {
-    match kind {
-        HypervisorKind::Vmm => Err(HypervisorError::Unavailable(
-            "hypervisor \"vmm\" (the in-tree VMM) is not available in this build; use \"qemu\" or \"auto\"".into(),
-        )),
-        HypervisorKind::Qemu | HypervisorKind::Auto => {
-            let (accel, verdict) = qemu::Accel::detect();
-            let why = format!("{kind:?} -> qemu with {}: {verdict}", accel.name());
-            Ok((Box::new(qemu::Qemu::new(paths.clone(), accel)), why))
+    let verdict = podvisor_vmm::probe::probe();
+    let fast = verdict.is_fast();
+    let qemu = |accel: qemu::Accel| -> Box<dyn Hypervisor> {
+        Box::new(qemu::Qemu::new(paths.clone(), accel))
+    };
+    let accel = if fast {
+        qemu::Accel::Kvm
+    } else {
+        qemu::Accel::Tcg
+    };
+    Ok(match (kind, fast) {
+        (HypervisorKind::Vmm, true) | (HypervisorKind::Auto, true) => (
+            Box::new(vmm::Vmm::new(paths.clone())),
+            format!("{kind:?} -> vmm: {verdict}"),
+        ),
+        (HypervisorKind::Vmm, false) => {
+            if matches!(verdict, podvisor_vmm::probe::Verdict::Unavailable(_)) {
+                return Err(HypervisorError::Unavailable(format!(
+                    "hypervisor \"vmm\" needs /dev/kvm: {verdict}"
+                )));
+            }
+            (
+                Box::new(vmm::Vmm::new(paths.clone())),
+                format!("Vmm -> vmm as configured, although {verdict}"),
+            )
         }
+        (HypervisorKind::Qemu, _) | (HypervisorKind::Auto, false) => (
+            qemu(accel),
+            format!("{kind:?} -> qemu with {}: {verdict}", accel.name()),
+        ),
+    })
+}
+
+/// How long a helper may take to create its socket.
+pub(crate) const HELPER_READY: Duration = Duration::from_secs(10);
+
+/// Starts virtiofsd on the VM's shared directory; returns it once its
+/// vhost-user socket exists, with the socket's path.
+pub(crate) async fn start_virtiofsd(
+    paths: &Paths,
+    spec: &VmSpec,
+) -> Result<(Supervised, PathBuf), HypervisorError> {
+    let sock = spec.dir.join("virtiofs.sock");
+    let log = spec.dir.join("virtiofsd.log");
+    let mut fs = Supervised::spawn(
+        "virtiofsd",
+        Command::new(&paths.virtiofsd)
+            .arg(format!("--socket-path={}", sock.display()))
+            .arg("-o")
+            .arg(format!("source={}", spec.shared_dir.display()))
+            .args(["-o", "cache=none", "-o", "announce_submounts"]),
+        &log,
+    )?;
+    if let Err(e) = wait_for_socket(&sock, &fs, &log, HELPER_READY).await {
+        fs.kill().await;
+        return Err(e);
     }
+    Ok((fs, sock))
 }
 
 /// A child process the shim supervises: its exit is observable, and it is

@@ -4,16 +4,14 @@
 //! the in-tree VMM), and the shared directory through `vhost-user-fs-pci`
 //! served by virtiofsd. KVM where the probe finds it fast, TCG elsewhere.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use tokio::process::Command;
 
-use super::{wait_for_socket, Hypervisor, HypervisorError, RunningVm, Supervised, VmSpec};
+use super::{
+    start_virtiofsd, wait_for_socket, Hypervisor, HypervisorError, RunningVm, Supervised, VmSpec,
+    HELPER_READY,
+};
 use crate::config::Paths;
-
-/// How long a helper may take to create its socket.
-const HELPER_READY: Duration = Duration::from_secs(10);
 
 /// TCG translation cache per VM, MiB.
 const TCG_TB_MIB: u32 = 64;
@@ -69,7 +67,6 @@ impl Hypervisor for Qemu {
         let d = &spec.dir;
         let vhost_sock = d.join("vhost-vsock.sock");
         let vsock = spec.vsock.clone();
-        let fs_sock = d.join("virtiofs.sock");
 
         let vsock_log = d.join("vhost-device-vsock.log");
         let mut vsock_helper = Supervised::spawn(
@@ -83,27 +80,15 @@ impl Hypervisor for Qemu {
                 )),
             &vsock_log,
         )?;
-        let fs_log = d.join("virtiofsd.log");
-        let mut fs_helper = match Supervised::spawn(
-            "virtiofsd",
-            Command::new(&self.paths.virtiofsd)
-                .arg(format!("--socket-path={}", fs_sock.display()))
-                .arg("-o")
-                .arg(format!("source={}", spec.shared_dir.display()))
-                .args(["-o", "cache=none", "-o", "announce_submounts"]),
-            &fs_log,
-        ) {
-            Ok(s) => s,
+        let (mut fs_helper, fs_sock) = match start_virtiofsd(&self.paths, spec).await {
+            Ok(fs) => fs,
             Err(e) => {
                 vsock_helper.kill().await;
                 return Err(e);
             }
         };
-        let ready = async {
-            wait_for_socket(&vhost_sock, &vsock_helper, &vsock_log, HELPER_READY).await?;
-            wait_for_socket(&fs_sock, &fs_helper, &fs_log, HELPER_READY).await
-        };
-        if let Err(e) = ready.await {
+        if let Err(e) = wait_for_socket(&vhost_sock, &vsock_helper, &vsock_log, HELPER_READY).await
+        {
             vsock_helper.kill().await;
             fs_helper.kill().await;
             return Err(e);

@@ -1,0 +1,153 @@
+//! The in-tree VMM backend: one `podvisor-vmm` process per VM, described
+//! by a JSON config written next to the VM's other files (`vmm.json`),
+//! with virtio-vsock served in the VMM itself (hybrid-vsock UDS) and
+//! virtio-fs through virtiofsd.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use podvisor_vmm::config::{FsConfig, VsockConfig};
+use podvisor_vmm::VmConfig;
+use tokio::process::Command;
+
+use super::{
+    start_virtiofsd, wait_for_socket, Hypervisor, HypervisorError, RunningVm, Supervised, VmSpec,
+};
+use crate::config::Paths;
+
+/// The guest CID; each VM has its own vsock device, so one value serves all.
+const GUEST_CID: u32 = 3;
+
+/// How long the VMM may take to build the VM (it binds the vsock socket
+/// when the VM is built, before any vCPU runs).
+const VMM_READY: Duration = Duration::from_secs(10);
+
+/// Kernel parameters for a podvisor guest on this VMM: serial console,
+/// reboot through the i8042 (which ends the VMM), no PS/2 probing beyond
+/// what the VMM emulates.
+const BASE_PARAMS: &str =
+    "console=ttyS0 reboot=k panic=-1 quiet i8042.noaux i8042.nomux i8042.dumbkbd";
+
+pub struct Vmm {
+    paths: Paths,
+}
+
+impl Vmm {
+    pub fn new(paths: Paths) -> Vmm {
+        Vmm { paths }
+    }
+
+    /// The VMM's config for `spec`, with virtiofsd at `fs_socket`.
+    pub fn config(spec: &VmSpec, fs_socket: &std::path::Path) -> Result<VmConfig, HypervisorError> {
+        let unavailable = |what: &str| HypervisorError::Unavailable(what.to_string());
+        Ok(VmConfig {
+            vcpus: u8::try_from(spec.vcpus)
+                .map_err(|_| unavailable("more vCPUs than the VMM supports"))?,
+            memory_mib: u64::from(spec.memory_mib),
+            kernel: spec.kernel.clone(),
+            initramfs: Some(spec.initramfs.clone()),
+            cmdline: format!("{BASE_PARAMS} {}", spec.kernel_params)
+                .trim_end()
+                .to_string(),
+            console: Some(spec.dir.join("console.log")),
+            control_socket: Some(spec.dir.join("vmm.sock")),
+            vsock: Some(VsockConfig {
+                cid: GUEST_CID,
+                uds: spec.vsock.clone(),
+            }),
+            fs: vec![FsConfig {
+                socket: fs_socket.to_owned(),
+                tag: podvisor_protocol::SHARED_FS_TAG.to_string(),
+            }],
+            block: vec![],
+            net: vec![],
+            rng: true,
+        })
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Vmm {
+    fn describe(&self) -> String {
+        "vmm/kvm".into()
+    }
+
+    async fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError> {
+        let (mut fs_helper, fs_sock) = start_virtiofsd(&self.paths, spec).await?;
+        let io = |what: String| move |source| HypervisorError::Io { what, source };
+        let written = Self::config(spec, &fs_sock).and_then(|c| {
+            c.validate()
+                .map_err(|e| HypervisorError::Unavailable(e.to_string()))?;
+            let json = serde_json::to_vec_pretty(&c)
+                .map_err(|e| HypervisorError::Unavailable(e.to_string()))?;
+            let path = spec.dir.join("vmm.json");
+            std::fs::write(&path, json).map_err(io(format!("writing {}", path.display())))?;
+            Ok(path)
+        });
+        let config = match written {
+            Ok(p) => p,
+            Err(e) => {
+                fs_helper.kill().await;
+                return Err(e);
+            }
+        };
+        let log = spec.dir.join("vmm.log");
+        let vm = match Supervised::spawn(
+            "podvisor-vmm",
+            Command::new(&self.paths.vmm).arg("--config").arg(&config),
+            &log,
+        ) {
+            Ok(vm) => vm,
+            Err(e) => {
+                fs_helper.kill().await;
+                return Err(e);
+            }
+        };
+        let mut vm = vm;
+        if let Err(e) = wait_for_socket(&spec.vsock, &vm, &log, VMM_READY).await {
+            vm.kill().await;
+            fs_helper.kill().await;
+            return Err(e);
+        }
+        Ok(RunningVm {
+            vm,
+            helpers: vec![fs_helper],
+            vsock: spec.vsock.clone(),
+            describe: self.describe(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_carries_the_spec() {
+        let spec = VmSpec {
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            kernel_params: "foo=1".into(),
+            dir: "/run/podvisor/x".into(),
+            vsock: "/run/podvisor/x/vm.vsock".into(),
+            shared_dir: "/run/podvisor/x/shared".into(),
+        };
+        let c = Vmm::config(&spec, std::path::Path::new("/run/podvisor/x/virtiofs.sock")).unwrap();
+        c.validate().unwrap();
+        assert_eq!((c.vcpus, c.memory_mib), (2, 512));
+        assert!(c.cmdline.starts_with("console=ttyS0 reboot=k") && c.cmdline.ends_with(" foo=1"));
+        assert_eq!(c.vsock.as_ref().unwrap().uds, spec.vsock);
+        assert_eq!(c.fs[0].tag, "podvisor");
+        assert_eq!(
+            c.console.as_deref(),
+            Some(std::path::Path::new("/run/podvisor/x/console.log"))
+        );
+        let too_many = VmSpec {
+            vcpus: 1000,
+            ..spec
+        };
+        assert!(Vmm::config(&too_many, std::path::Path::new("/s")).is_err());
+    }
+}

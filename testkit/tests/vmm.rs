@@ -1,0 +1,146 @@
+//! The podvisor guest image on the in-tree VMM: the Debian kernel boots
+//! through the VMM's own boot path, finds its virtio-mmio devices in the
+//! DSDT, the agent answers over the VMM's hybrid vsock, containers run on
+//! virtio-fs, and DestroySandbox powers the VM off through ACPI.
+//!
+//! This needs KVM that runs guest code at hardware speed. Where the probe
+//! finds none (a nested /dev/kvm that emulates, as on podvisor's CI), every
+//! test is reported as ignored and the probe's verdict is printed. Run
+//! with `make test-vmm`.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use libtest_mimic::{Arguments, Failed, Trial};
+use podvisor_protocol::api;
+use podvisor_testkit::spec::container;
+use podvisor_testkit::{ctx, vm::manifest, vm::vmm_binary, Accel, TestVm, VmConfig};
+
+fn cfg() -> VmConfig {
+    let mut c = VmConfig::new(Accel::Kvm);
+    c.vmm = true;
+    c.vcpus = 2;
+    c.memory_mib = 512;
+    c.boot_timeout = Duration::from_secs(30);
+    c
+}
+
+fn host(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+async fn boots_and_runs_a_container() -> Result<()> {
+    let vm = TestVm::boot(&cfg()).await?;
+    eprintln!("vmm: VMM start to agent ready in {:?}", vm.boot_time);
+    let release = vm.run("uname", &container(&["uname", "-r"])).await?;
+    let want = manifest("kernel_release")?;
+    ensure!(
+        release.stdout.trim() == want,
+        "uname -r {:?}, image has {want}",
+        release.stdout
+    );
+    ensure!(
+        release.stdout.trim() != host("/proc/sys/kernel/osrelease"),
+        "uname is the host's"
+    );
+    let d = vm
+        .agent
+        .get_guest_details(ctx(), &api::GuestDetailsRequest::new())
+        .await?;
+    ensure!(
+        !d.boot_id.is_empty() && d.boot_id != host("/proc/sys/kernel/random/boot_id"),
+        "guest boot id {:?}",
+        d.boot_id
+    );
+    let cpus = vm.run("nproc", &container(&["nproc"])).await?;
+    ensure!(
+        cpus.stdout.trim() == "2",
+        "nproc {:?}: both vCPUs must come up",
+        cpus.stdout
+    );
+    let mem = vm
+        .run("mem", &container(&["grep", "MemTotal", "/proc/meminfo"]))
+        .await?;
+    let kib: u64 = mem
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
+    ensure!(
+        (400 << 10..=512 << 10).contains(&kib),
+        "MemTotal {kib} kB for a 512 MiB guest"
+    );
+    vm.shutdown().await;
+    Ok(())
+}
+
+async fn destroy_sandbox_powers_off() -> Result<()> {
+    let vm = TestVm::boot(&cfg()).await?;
+    let dir = vm.dir().to_owned();
+    let pids = vm.pids();
+    vm.agent
+        .destroy_sandbox(ctx(), &api::DestroySandboxRequest::new())
+        .await?;
+    let status = vm.wait_qemu_exit(Duration::from_secs(30)).await?;
+    ensure!(
+        status.code() == Some(0),
+        "podvisor-vmm exited {status} after an ACPI power-off:\n{}",
+        vm.diagnostics()
+    );
+    vm.shutdown().await;
+    ensure!(!dir.exists(), "{} left behind", dir.display());
+    for pid in pids {
+        ensure!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} still running"
+        );
+    }
+    Ok(())
+}
+
+type TestFn = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
+
+fn main() {
+    let args = Arguments::from_args();
+    let verdict = podvisor_vmm::probe::probe();
+    let skip = !verdict.is_fast();
+    if skip {
+        eprintln!("SKIPPING the Linux boot tests on the in-tree VMM: {verdict}");
+    } else if !vmm_binary().exists() {
+        eprintln!(
+            "{} missing: build it with `cargo build -p podvisor-vmm`",
+            vmm_binary().display()
+        );
+    }
+    let rt = std::sync::Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime"),
+    );
+    let tests: Vec<(&str, TestFn)> = vec![
+        ("linux_boots_on_the_vmm_and_runs_a_container", || {
+            Box::pin(boots_and_runs_a_container())
+        }),
+        ("destroy_sandbox_powers_the_vmm_off", || {
+            Box::pin(destroy_sandbox_powers_off())
+        }),
+    ];
+    let trials = tests
+        .into_iter()
+        .map(|(name, f)| {
+            let rt = rt.clone();
+            Trial::test(name, move || {
+                rt.block_on(f()).map_err(|e| Failed::from(format!("{e:#}")))
+            })
+            .with_ignored_flag(skip)
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}

@@ -1,0 +1,257 @@
+//! The JSON description of a VM, as `podvisor-vmm --config <file>` reads
+//! it, and its validation: every mistake a user can make in it is reported
+//! before anything is built.
+//!
+//! ```json
+//! { "vcpus": 2, "memory_mib": 512,
+//!   "kernel": "/opt/podvisor/share/guest/kernel",
+//!   "initramfs": "/opt/podvisor/share/guest/initramfs",
+//!   "cmdline": "console=ttyS0",
+//!   "console": "/run/podvisor/x/console.log",
+//!   "control_socket": "/run/podvisor/x/vmm.sock",
+//!   "vsock": { "cid": 3, "uds": "/run/podvisor/x/vsock" },
+//!   "fs": [ { "socket": "/run/podvisor/x/virtiofs.sock", "tag": "podvisor" } ],
+//!   "block": [ { "path": "disk.img", "read_only": true } ],
+//!   "net": [ { "tap": "tap0", "mac": "02:00:00:00:00:01" } ],
+//!   "rng": true }
+//! ```
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::layout::{CMDLINE_MAX, MAX_VIRTIO_DEVICES};
+use crate::arch::mptable::MAX_CPUS;
+use crate::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initramfs: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    /// Where the serial console goes; none: discarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_socket: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fs: Vec<FsConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub block: Vec<BlockConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetConfig>,
+    #[serde(default)]
+    pub rng: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    pub cid: u32,
+    /// The hybrid-vsock socket; `<uds>_<port>` for guest-initiated ones.
+    pub uds: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// virtiofsd's vhost-user socket.
+    pub socket: PathBuf,
+    pub tag: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// An existing tap device, by name.
+    pub tap: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("VM config is not valid JSON for this VMM: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Longest virtio-fs tag the config space holds.
+pub const FS_TAG_MAX: usize = 36;
+
+impl VmConfig {
+    pub fn from_json(s: &str) -> Result<VmConfig, ConfigError> {
+        let c: VmConfig = serde_json::from_str(s)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Virtio devices in the order they get MMIO slots.
+    pub fn virtio_device_count(&self) -> usize {
+        usize::from(self.vsock.is_some())
+            + self.fs.len()
+            + self.block.len()
+            + self.net.len()
+            + usize::from(self.rng)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.vcpus == 0 || self.vcpus > MAX_CPUS {
+            return bad(format!("vcpus must be 1..={MAX_CPUS}, not {}", self.vcpus));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return bad(format!(
+                "memory_mib must be {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB}, not {}",
+                self.memory_mib
+            ));
+        }
+        if self.cmdline.len() >= CMDLINE_MAX {
+            return bad(format!(
+                "cmdline is {} bytes; at most {}",
+                self.cmdline.len(),
+                CMDLINE_MAX - 1
+            ));
+        }
+        if let Some(v) = &self.vsock {
+            if v.cid < 3 || v.cid == u32::MAX {
+                return bad(format!("vsock cid {} is reserved; use 3 or more", v.cid));
+            }
+        }
+        for f in &self.fs {
+            if f.tag.is_empty() || f.tag.len() > FS_TAG_MAX {
+                return bad(format!("fs tag {:?} must be 1..={FS_TAG_MAX} bytes", f.tag));
+            }
+        }
+        for n in &self.net {
+            if n.tap.is_empty() || n.tap.len() >= libc::IFNAMSIZ {
+                return bad(format!(
+                    "tap name {:?} must be 1..{} bytes",
+                    n.tap,
+                    libc::IFNAMSIZ
+                ));
+            }
+            if let Some(m) = &n.mac {
+                parse_mac(m).map_err(ConfigError::Invalid)?;
+            }
+        }
+        let n = self.virtio_device_count();
+        if n > MAX_VIRTIO_DEVICES {
+            return bad(format!("{n} virtio devices; at most {MAX_VIRTIO_DEVICES}"));
+        }
+        Ok(())
+    }
+}
+
+/// `02:00:00:00:00:01` to bytes.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("MAC {s:?} is not six hex octets"));
+    }
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| format!("MAC {s:?} is not six hex octets"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("MAC {s:?} is a multicast address"));
+    }
+    Ok(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({"vcpus": 1, "memory_mib": 128, "kernel": "/k"})
+    }
+
+    fn parse(v: serde_json::Value) -> Result<VmConfig, ConfigError> {
+        VmConfig::from_json(&v.to_string())
+    }
+
+    #[test]
+    fn minimal_and_full_configs_parse() {
+        let c = parse(base()).unwrap();
+        assert_eq!((c.vcpus, c.memory_mib, c.rng), (1, 128, false));
+        let mut v = base();
+        v["vsock"] = serde_json::json!({"cid": 3, "uds": "/v"});
+        v["fs"] = serde_json::json!([{"socket": "/s", "tag": "podvisor"}]);
+        v["net"] = serde_json::json!([{"tap": "tap0", "mac": "02:00:00:00:00:01"}]);
+        v["rng"] = serde_json::json!(true);
+        let c = parse(v).unwrap();
+        assert_eq!(c.virtio_device_count(), 4);
+        let round = VmConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(round, c);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (
+                serde_json::json!({"vcpus": 0, "memory_mib": 128, "kernel": "/k"}),
+                "vcpus",
+            ),
+            (
+                serde_json::json!({"vcpus": 64, "memory_mib": 128, "kernel": "/k"}),
+                "vcpus",
+            ),
+            (
+                serde_json::json!({"vcpus": 1, "memory_mib": 1, "kernel": "/k"}),
+                "memory_mib",
+            ),
+            (serde_json::json!({"vcpus": 1, "memory_mib": 128}), "kernel"),
+            (
+                serde_json::json!({"vcpus": 1, "memory_mib": 128, "kernel": "/k", "cpus": 2}),
+                "cpus",
+            ),
+            (
+                serde_json::json!({"vcpus": 1, "memory_mib": 128, "kernel": "/k", "vsock": {"cid": 2, "uds": "/v"}}),
+                "cid",
+            ),
+            (
+                serde_json::json!({"vcpus": 1, "memory_mib": 128, "kernel": "/k", "fs": [{"socket": "/s", "tag": ""}]}),
+                "tag",
+            ),
+            (
+                serde_json::json!({"vcpus": 1, "memory_mib": 128, "kernel": "/k", "net": [{"tap": "t", "mac": "zz"}]}),
+                "MAC",
+            ),
+            (
+                serde_json::json!({"vcpus": 1, "memory_mib": 128, "kernel": "/k", "net": [{"tap": "t", "mac": "01:00:00:00:00:01"}]}),
+                "multicast",
+            ),
+            (
+                serde_json::json!({"vcpus": -1, "memory_mib": 128, "kernel": "/k"}),
+                "-1",
+            ),
+        ];
+        for (v, word) in cases {
+            let e = parse(v.clone()).unwrap_err().to_string();
+            assert!(e.contains(word), "{v}: {e}");
+        }
+        let mut v = base();
+        v["block"] = serde_json::json!((0..20)
+            .map(|_| serde_json::json!({"path": "/d"}))
+            .collect::<Vec<_>>());
+        assert!(parse(v).unwrap_err().to_string().contains("virtio devices"));
+        assert!(VmConfig::from_json("{not json").is_err());
+    }
+}

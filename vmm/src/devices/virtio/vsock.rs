@@ -1,0 +1,962 @@
+//! virtio-vsock with Firecracker's hybrid-vsock host side: one Unix socket
+//! stands for the host (CID 2).
+//!
+//! - Host to guest: a client connects to `<uds>` and writes
+//!   `CONNECT <port>\n`; once the guest accepts, it reads `OK <host-port>\n`
+//!   and the stream carries the connection's bytes.
+//! - Guest to host: a guest connection to host port P is a connection to
+//!   `<uds>_P`; if nothing listens there, the guest gets a reset.
+//!
+//! Flow control follows the virtio-vsock credit scheme: the guest never has
+//! more in flight than our buffer allowance, and we send to the guest only
+//! as much as it has room for. All sockets are non-blocking and watched by
+//! the device's own epoll descriptor, which the VMM's event loop polls.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use virtio_queue::QueueOwnedT;
+
+use super::{complete, pop_chain, Active, DeviceError, VirtioDevice, F_VERSION_1, TYPE_VSOCK};
+
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+
+pub const HOST_CID: u64 = 2;
+const HDR_LEN: usize = 44;
+const TYPE_STREAM: u16 = 1;
+
+const OP_REQUEST: u16 = 1;
+const OP_RESPONSE: u16 = 2;
+const OP_RST: u16 = 3;
+const OP_SHUTDOWN: u16 = 4;
+const OP_RW: u16 = 5;
+const OP_CREDIT_UPDATE: u16 = 6;
+const OP_CREDIT_REQUEST: u16 = 7;
+
+const SHUT_RCV: u32 = 1;
+const SHUT_SEND: u32 = 2;
+
+/// What we let the guest have in flight per connection.
+const BUF_ALLOC: u32 = 256 * 1024;
+/// Largest payload per packet to the guest.
+const MAX_PKT: usize = 64 * 1024;
+/// Host ports we assign to host-initiated connections start here.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// A connecting client has this many bytes to say `CONNECT <port>\n`.
+const MAX_CONNECT_LINE: usize = 32;
+
+/// Tokens in the device's epoll: the listener, then connections by id.
+const LISTENER: u64 = 0;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Header {
+    pub src_cid: u64,
+    pub dst_cid: u64,
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub len: u32,
+    pub type_: u16,
+    pub op: u16,
+    pub flags: u32,
+    pub buf_alloc: u32,
+    pub fwd_cnt: u32,
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; HDR_LEN] {
+        let mut b = [0u8; HDR_LEN];
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; HDR_LEN]) -> Header {
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| u64::from(u32_at(i)) | (u64::from(u32_at(i + 4)) << 32);
+        Header {
+            src_cid: u64_at(0),
+            dst_cid: u64_at(8),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            type_: u16::from_le_bytes([b[28], b[29]]),
+            op: u16::from_le_bytes([b[30], b[31]]),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Host-initiated; waiting for the guest's RESPONSE.
+    Connecting,
+    Established,
+}
+
+struct Conn {
+    stream: UnixStream,
+    state: State,
+    /// Host side port (ours) and guest side port.
+    local_port: u32,
+    peer_port: u32,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    /// Bytes sent to the guest.
+    tx_cnt: u32,
+    /// Bytes from the guest written to the host socket.
+    fwd_cnt: u32,
+    last_fwd_cnt_sent: u32,
+    /// Guest bytes the host socket did not take yet.
+    pending: Vec<u8>,
+    /// The guest will send no more: shut the socket's write side once
+    /// `pending` is flushed.
+    peer_done_sending: bool,
+    /// The host socket reached EOF.
+    host_eof: bool,
+}
+
+impl Conn {
+    fn peer_credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+}
+
+/// A packet header from the host side of `c`.
+fn header(cid: u64, c: &Conn, op: u16) -> Header {
+    Header {
+        src_cid: HOST_CID,
+        dst_cid: cid,
+        src_port: c.local_port,
+        dst_port: c.peer_port,
+        type_: TYPE_STREAM,
+        op,
+        buf_alloc: BUF_ALLOC,
+        fwd_cnt: c.fwd_cnt,
+        ..Default::default()
+    }
+}
+
+/// A client on `<uds>` that has not finished its CONNECT line.
+struct Pending {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+pub struct Vsock {
+    cid: u64,
+    uds: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    /// Connections by epoll token; `ports` finds them by (local, peer).
+    conns: HashMap<u64, Conn>,
+    ports: HashMap<(u32, u32), u64>,
+    pending: HashMap<u64, Pending>,
+    /// Control packets waiting for an RX buffer.
+    control: VecDeque<Header>,
+    next_token: u64,
+    next_local_port: u32,
+    active: Option<Active>,
+}
+
+impl Vsock {
+    /// Listens on `uds` (which must not exist) for host-initiated connections.
+    pub fn new(cid: u64, uds: &Path) -> Result<Vsock, std::io::Error> {
+        let listener = UnixListener::bind(uds)?;
+        listener.set_nonblocking(true)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTENER),
+        )?;
+        Ok(Vsock {
+            cid,
+            uds: uds.to_owned(),
+            listener,
+            epoll,
+            conns: HashMap::new(),
+            ports: HashMap::new(),
+            pending: HashMap::new(),
+            control: VecDeque::new(),
+            next_token: LISTENER + 1,
+            next_local_port: FIRST_LOCAL_PORT,
+            active: None,
+        })
+    }
+
+    fn token(&mut self) -> u64 {
+        let t = self.next_token;
+        self.next_token += 1;
+        t
+    }
+
+    fn watch(&self, fd: RawFd, token: u64, events: EventSet) {
+        let op = ControlOperation::Add;
+        if let Err(e) = self.epoll.ctl(op, fd, EpollEvent::new(events, token)) {
+            tracing::warn!("vsock: watching a socket: {e}");
+        }
+    }
+
+    fn rewatch(&self, c: &Conn, token: u64) {
+        let mut ev = EventSet::IN | EventSet::EDGE_TRIGGERED;
+        if !c.pending.is_empty() {
+            ev |= EventSet::OUT;
+        }
+        if c.host_eof {
+            ev = if c.pending.is_empty() {
+                EventSet::empty()
+            } else {
+                EventSet::OUT | EventSet::EDGE_TRIGGERED
+            };
+        }
+        let _ = self.epoll.ctl(
+            ControlOperation::Modify,
+            c.stream.as_raw_fd(),
+            EpollEvent::new(ev, token),
+        );
+    }
+
+    fn remove(&mut self, token: u64) {
+        if let Some(c) = self.conns.remove(&token) {
+            self.ports.remove(&(c.local_port, c.peer_port));
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                c.stream.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+    }
+
+    /// Sends RST for (local, peer) and forgets the connection.
+    fn reset(&mut self, local_port: u32, peer_port: u32) {
+        if let Some(t) = self.ports.get(&(local_port, peer_port)).copied() {
+            self.remove(t);
+        }
+        self.control.push_back(Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cid,
+            src_port: local_port,
+            dst_port: peer_port,
+            type_: TYPE_STREAM,
+            op: OP_RST,
+            buf_alloc: BUF_ALLOC,
+            ..Default::default()
+        });
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    if s.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let t = self.token();
+                    self.watch(s.as_raw_fd(), t, EventSet::IN);
+                    self.pending.insert(
+                        t,
+                        Pending {
+                            stream: s,
+                            line: Vec::new(),
+                        },
+                    );
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!("vsock: accept on {}: {e}", self.uds.display());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads a client's CONNECT line; on a full line asks the guest.
+    fn pending_readable(&mut self, token: u64) {
+        let Some(p) = self.pending.get_mut(&token) else {
+            return;
+        };
+        let mut b = [0u8; MAX_CONNECT_LINE];
+        let n = match p.stream.read(&mut b[..MAX_CONNECT_LINE - p.line.len()]) {
+            Ok(0) => 0,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(_) => 0,
+        };
+        let drop_it = |me: &mut Vsock, why: &str| {
+            if let Some(p) = me.pending.remove(&token) {
+                tracing::debug!("vsock: dropping host client: {why}");
+                let _ = me.epoll.ctl(
+                    ControlOperation::Delete,
+                    p.stream.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+            }
+        };
+        if n == 0 {
+            return drop_it(self, "closed before CONNECT");
+        }
+        p.line.extend_from_slice(&b[..n]);
+        let Some(end) = p.line.iter().position(|&c| c == b'\n') else {
+            if p.line.len() >= MAX_CONNECT_LINE {
+                drop_it(self, "CONNECT line too long");
+            }
+            return;
+        };
+        let line = String::from_utf8_lossy(&p.line[..end]).trim().to_string();
+        let extra = p.line[end + 1..].to_vec();
+        let port = line
+            .strip_prefix("CONNECT ")
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        let Some(peer_port) = port else {
+            return drop_it(self, &format!("bad request {line:?}"));
+        };
+        let Some(p) = self.pending.remove(&token) else {
+            return;
+        };
+        let local_port = self.next_local_port;
+        self.next_local_port = self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
+        let c = Conn {
+            stream: p.stream,
+            state: State::Connecting,
+            local_port,
+            peer_port,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            tx_cnt: 0,
+            fwd_cnt: 0,
+            last_fwd_cnt_sent: 0,
+            pending: Vec::new(),
+            peer_done_sending: false,
+            host_eof: false,
+        };
+        if !extra.is_empty() {
+            tracing::debug!("vsock: {} bytes after CONNECT dropped", extra.len());
+        }
+        // Not readable until the guest answers.
+        let _ = self.epoll.ctl(
+            ControlOperation::Modify,
+            c.stream.as_raw_fd(),
+            EpollEvent::new(EventSet::empty(), token),
+        );
+        self.control.push_back(header(self.cid, &c, OP_REQUEST));
+        self.ports.insert((local_port, peer_port), token);
+        self.conns.insert(token, c);
+    }
+
+    /// A guest connection to host port `port`: dial `<uds>_<port>`.
+    fn guest_connect(&mut self, h: &Header) {
+        let path = PathBuf::from(format!("{}_{}", self.uds.display(), h.dst_port));
+        let stream = match UnixStream::connect(&path) {
+            Ok(s) if s.set_nonblocking(true).is_ok() => s,
+            _ => {
+                tracing::debug!(
+                    "vsock: guest port {} -> {}: nothing listening",
+                    h.src_port,
+                    path.display()
+                );
+                return self.reset(h.dst_port, h.src_port);
+            }
+        };
+        let t = self.token();
+        let c = Conn {
+            stream,
+            state: State::Established,
+            local_port: h.dst_port,
+            peer_port: h.src_port,
+            peer_buf_alloc: h.buf_alloc,
+            peer_fwd_cnt: h.fwd_cnt,
+            tx_cnt: 0,
+            fwd_cnt: 0,
+            last_fwd_cnt_sent: 0,
+            pending: Vec::new(),
+            peer_done_sending: false,
+            host_eof: false,
+        };
+        self.watch(
+            c.stream.as_raw_fd(),
+            t,
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        );
+        self.control.push_back(header(self.cid, &c, OP_RESPONSE));
+        self.ports.insert((c.local_port, c.peer_port), t);
+        self.conns.insert(t, c);
+    }
+
+    /// Writes what the host socket takes of `c.pending`.
+    fn flush(c: &mut Conn) -> std::io::Result<()> {
+        while !c.pending.is_empty() {
+            match c.stream.write(&c.pending) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    c.pending.drain(..n);
+                    c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if c.pending.is_empty() && c.peer_done_sending {
+            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        }
+        Ok(())
+    }
+
+    /// Tells the guest how much room it has, when it has used half of it.
+    fn maybe_credit_update(&mut self, token: u64) {
+        let Some(c) = self.conns.get_mut(&token) else {
+            return;
+        };
+        if c.fwd_cnt.wrapping_sub(c.last_fwd_cnt_sent) >= BUF_ALLOC / 2 {
+            c.last_fwd_cnt_sent = c.fwd_cnt;
+            let h = header(self.cid, &self.conns[&token], OP_CREDIT_UPDATE);
+            self.control.push_back(h);
+        }
+    }
+
+    /// One packet from the guest.
+    fn guest_packet(&mut self, h: Header, payload: &[u8]) {
+        if h.dst_cid != HOST_CID || h.src_cid != self.cid {
+            tracing::debug!(
+                "vsock: packet {}->{} not for the host; dropped",
+                h.src_cid,
+                h.dst_cid
+            );
+            return;
+        }
+        if h.type_ != TYPE_STREAM {
+            return self.reset(h.dst_port, h.src_port);
+        }
+        let key = (h.dst_port, h.src_port);
+        let Some(token) = self.ports.get(&key).copied() else {
+            match h.op {
+                OP_REQUEST => self.guest_connect(&h),
+                OP_RST => {}
+                _ => self.reset(h.dst_port, h.src_port),
+            }
+            return;
+        };
+        let Some(c) = self.conns.get_mut(&token) else {
+            return;
+        };
+        c.peer_buf_alloc = h.buf_alloc;
+        c.peer_fwd_cnt = h.fwd_cnt;
+        match (h.op, c.state) {
+            (OP_RESPONSE, State::Connecting) => {
+                c.state = State::Established;
+                let ok = format!("OK {}\n", c.local_port);
+                // A fresh socket takes a few bytes; if not, the client is gone.
+                if c.stream.write_all(ok.as_bytes()).is_err() {
+                    return self.reset(h.dst_port, h.src_port);
+                }
+                let c = &self.conns[&token];
+                self.rewatch(c, token);
+            }
+            (OP_RW, State::Established) => {
+                if c.pending.len() + payload.len() > BUF_ALLOC as usize {
+                    tracing::warn!("vsock: guest port {} overran its credit; reset", h.src_port);
+                    return self.reset(h.dst_port, h.src_port);
+                }
+                c.pending.extend_from_slice(payload);
+                if Self::flush(c).is_err() {
+                    return self.reset(h.dst_port, h.src_port);
+                }
+                let c = &self.conns[&token];
+                self.rewatch(c, token);
+                self.maybe_credit_update(token);
+            }
+            (OP_CREDIT_UPDATE, _) => {
+                // More room in the guest: the socket may be read again.
+                let c = &self.conns[&token];
+                self.rewatch(c, token);
+            }
+            (OP_CREDIT_REQUEST, _) => {
+                let h = header(self.cid, c, OP_CREDIT_UPDATE);
+                self.control.push_back(h);
+            }
+            (OP_SHUTDOWN, _) => {
+                if h.flags & SHUT_SEND != 0 {
+                    c.peer_done_sending = true;
+                    let _ = Self::flush(c);
+                }
+                if h.flags & (SHUT_SEND | SHUT_RCV) == SHUT_SEND | SHUT_RCV {
+                    self.reset(h.dst_port, h.src_port);
+                }
+            }
+            (OP_RST, _) => self.remove(token),
+            (op, state) => {
+                tracing::debug!("vsock: op {op} in state {state:?}; reset");
+                self.reset(h.dst_port, h.src_port);
+            }
+        }
+    }
+
+    /// Drains the TX queue (guest to host).
+    fn process_tx(&mut self) -> Result<(), DeviceError> {
+        let Some(mut a) = self.active.take() else {
+            return Ok(());
+        };
+        let r = (|| {
+            while let Some(chain) = pop_chain(&mut a.queues[TX], &a.mem)? {
+                let head = chain.head_index();
+                let mut r = chain
+                    .reader(&a.mem)
+                    .map_err(|e| DeviceError::Chain(format!("vsock tx: {e}")))?;
+                let mut hb = [0u8; HDR_LEN];
+                r.read_exact(&mut hb).map_err(|_| {
+                    DeviceError::Chain("vsock tx: packet shorter than its header".into())
+                })?;
+                let h = Header::decode(&hb);
+                let len = (h.len as usize).min(r.available_bytes());
+                if len != h.len as usize {
+                    return Err(DeviceError::Chain(format!(
+                        "vsock tx: header claims {} bytes, buffer holds {}",
+                        h.len,
+                        r.available_bytes()
+                    )));
+                }
+                let mut payload = vec![0u8; len];
+                r.read_exact(&mut payload)?;
+                complete(&mut a.queues[TX], &a.mem, &a.irq, head, 0)?;
+                self.guest_packet(h, &payload);
+            }
+            Ok(())
+        })();
+        self.active = Some(a);
+        r?;
+        self.process_rx()
+    }
+
+    /// Fills RX buffers: control packets first, then data from host sockets.
+    fn process_rx(&mut self) -> Result<(), DeviceError> {
+        let Some(mut a) = self.active.take() else {
+            return Ok(());
+        };
+        let r = self.fill_rx(&mut a);
+        self.active = Some(a);
+        r
+    }
+
+    fn fill_rx(&mut self, a: &mut Active) -> Result<(), DeviceError> {
+        let mut ready: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == State::Established && !c.host_eof && c.peer_credit() > 0)
+            .map(|(t, _)| *t)
+            .collect();
+        ready.sort_unstable();
+        let mut buf = vec![0u8; MAX_PKT];
+        loop {
+            if self.control.is_empty() && ready.is_empty() {
+                return Ok(());
+            }
+            let Some(chain) = pop_chain(&mut a.queues[RX], &a.mem)? else {
+                // Out of buffers: the guest kicks RX when it adds some.
+                return Ok(());
+            };
+            let head = chain.head_index();
+            let mut w = chain
+                .writer(&a.mem)
+                .map_err(|e| DeviceError::Chain(format!("vsock rx: {e}")))?;
+            let room = w.available_bytes().checked_sub(HDR_LEN).ok_or_else(|| {
+                DeviceError::Chain(format!(
+                    "vsock rx: buffer of {} bytes cannot hold a header",
+                    w.available_bytes()
+                ))
+            })?;
+            let (hdr, data_len) = if let Some(h) = self.control.pop_front() {
+                (h, 0)
+            } else {
+                let Some(&token) = ready.last() else {
+                    return Ok(());
+                };
+                let Some(c) = self.conns.get_mut(&token) else {
+                    ready.pop();
+                    a.queues[RX].go_to_previous_position();
+                    continue;
+                };
+                let want = (c.peer_credit() as usize).min(MAX_PKT).min(room);
+                match c.stream.read(&mut buf[..want]) {
+                    Ok(n) if n > 0 => {
+                        let mut h = header(self.cid, c, OP_RW);
+                        h.len = n as u32;
+                        c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+                        c.last_fwd_cnt_sent = c.fwd_cnt;
+                        if c.peer_credit() == 0 {
+                            ready.pop();
+                        }
+                        (h, n)
+                    }
+                    Ok(_) => {
+                        // EOF from the host: tell the guest it is over.
+                        c.host_eof = true;
+                        ready.pop();
+                        let mut h = header(self.cid, c, OP_SHUTDOWN);
+                        h.flags = SHUT_RCV | SHUT_SEND;
+                        let c = &self.conns[&token];
+                        self.rewatch(c, token);
+                        (h, 0)
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {
+                        a.queues[RX].go_to_previous_position();
+                        continue;
+                    }
+                    Err(e) => {
+                        ready.pop();
+                        a.queues[RX].go_to_previous_position();
+                        if e.kind() != ErrorKind::WouldBlock {
+                            let (l, p) = (c.local_port, c.peer_port);
+                            self.reset(l, p);
+                        }
+                        continue;
+                    }
+                }
+            };
+            w.write_all(&hdr.encode())?;
+            w.write_all(&buf[..data_len])?;
+            complete(
+                &mut a.queues[RX],
+                &a.mem,
+                &a.irq,
+                head,
+                (HDR_LEN + data_len) as u32,
+            )?;
+        }
+    }
+
+    /// Host sockets became ready.
+    fn sockets_ready(&mut self) -> Result<(), DeviceError> {
+        let mut events = vec![EpollEvent::default(); 64];
+        let n = self.epoll.wait(0, &mut events)?;
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token == LISTENER {
+                self.accept();
+            } else if self.pending.contains_key(&token) {
+                self.pending_readable(token);
+            } else if let Some(c) = self.conns.get_mut(&token) {
+                if ev.event_set().contains(EventSet::OUT) {
+                    if Self::flush(c).is_err() {
+                        let (l, p) = (c.local_port, c.peer_port);
+                        self.reset(l, p);
+                        continue;
+                    }
+                    let c = &self.conns[&token];
+                    self.rewatch(c, token);
+                    self.maybe_credit_update(token);
+                }
+            }
+        }
+        self.process_rx()
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; 3]
+    }
+    fn features(&self) -> u64 {
+        F_VERSION_1
+    }
+    fn config(&self) -> Vec<u8> {
+        self.cid.to_le_bytes().to_vec()
+    }
+    fn activate(&mut self, active: Active) -> Result<(), DeviceError> {
+        self.active = Some(active);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.active = None;
+        let tokens: Vec<u64> = self.conns.keys().copied().collect();
+        for t in tokens {
+            self.remove(t);
+        }
+        self.control.clear();
+    }
+    fn queue_event(&mut self, index: usize) -> Result<(), DeviceError> {
+        match index {
+            TX => self.process_tx(),
+            RX => self.process_rx(),
+            _ => Ok(()),
+        }
+    }
+    fn fds(&self) -> Vec<RawFd> {
+        vec![self.epoll.as_raw_fd()]
+    }
+    fn fd_event(&mut self, _index: usize) -> Result<(), DeviceError> {
+        self.sockets_ready()
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::testing::*;
+    use crate::memory::GuestMemoryMmap;
+    use std::time::Duration;
+
+    const GUEST_CID: u64 = 3;
+    const RX_BUF: u64 = 0x100000;
+    const TX_BUF: u64 = 0x200000;
+
+    struct Rig {
+        mem: GuestMemoryMmap,
+        dev: Vsock,
+        uds: PathBuf,
+        _dir: tempfile::TempDir,
+        rx_used: u16,
+        next_desc: u16,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let uds = dir.path().join("v.sock");
+            let mem = mem();
+            let mut dev = Vsock::new(GUEST_CID, &uds).unwrap();
+            let queues = (0..3)
+                .map(|i| mock(&mem, i).create_queue().unwrap())
+                .collect();
+            dev.activate(active(&mem, queues, F_VERSION_1).0).unwrap();
+            Rig {
+                mem,
+                dev,
+                uds,
+                _dir: dir,
+                rx_used: 0,
+                next_desc: 0,
+            }
+        }
+
+        fn q(&self, i: u64) -> Mock<'_> {
+            mock(&self.mem, i)
+        }
+
+        fn desc_index(&mut self) -> u16 {
+            let d = self.next_desc;
+            self.next_desc = (self.next_desc + 1) % QSIZE;
+            d
+        }
+
+        /// Offers one RX buffer and returns the packet the device put there.
+        fn rx(&mut self) -> Option<(Header, Vec<u8>)> {
+            let d = self.desc_index();
+            let addr = RX_BUF + u64::from(d) * 0x20000;
+            let q = self.q(0);
+            add_chain(&q, &[(d, desc(addr, 0x11000, F_WRITE, 0))], d);
+            self.dev.queue_event(RX).unwrap();
+            let q = self.q(0);
+            if used_count(&q) == self.rx_used {
+                return None;
+            }
+            let len = used_len(&q, self.rx_used) as usize;
+            self.rx_used += 1;
+            let b = read(&self.mem, addr, len);
+            let h = Header::decode(b[..HDR_LEN].try_into().unwrap());
+            Some((h, b[HDR_LEN..].to_vec()))
+        }
+
+        fn tx(&mut self, h: Header, payload: &[u8]) -> Result<(), DeviceError> {
+            let d = self.desc_index();
+            let addr = TX_BUF + u64::from(d) * 0x20000;
+            let mut b = h.encode().to_vec();
+            b.extend_from_slice(payload);
+            write(&self.mem, addr, &b);
+            let q = self.q(1);
+            add_chain(&q, &[(d, desc(addr, b.len() as u32, 0, 0))], d);
+            self.dev.queue_event(TX)
+        }
+
+        fn sockets(&mut self) {
+            std::thread::sleep(Duration::from_millis(20));
+            self.dev.fd_event(0).unwrap();
+        }
+    }
+
+    fn guest(op: u16, src_port: u32, dst_port: u32, len: u32) -> Header {
+        Header {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc: 64 * 1024,
+            fwd_cnt: 0,
+            flags: 0,
+        }
+    }
+
+    fn read_line(s: &mut UnixStream) -> String {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = Vec::new();
+        let mut b = [0u8];
+        while s.read(&mut b).unwrap() == 1 {
+            if b[0] == b'\n' {
+                break;
+            }
+            out.push(b[0]);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn header_round_trips() {
+        let h = guest(OP_RW, 5, 6, 7);
+        assert_eq!(Header::decode(&h.encode()), h);
+    }
+
+    #[test]
+    fn host_connects_to_a_guest_port_and_bytes_flow_both_ways() {
+        let mut r = Rig::new();
+        let mut client = UnixStream::connect(&r.uds).unwrap();
+        client.write_all(b"CONNECT 1024\n").unwrap();
+        r.sockets();
+        r.sockets();
+        let (req, _) = r.rx().expect("REQUEST for the guest");
+        assert_eq!(
+            (req.op, req.dst_port, req.dst_cid),
+            (OP_REQUEST, 1024, GUEST_CID)
+        );
+        let host_port = req.src_port;
+        assert!(host_port >= FIRST_LOCAL_PORT);
+
+        r.tx(guest(OP_RESPONSE, 1024, host_port, 0), &[]).unwrap();
+        assert_eq!(read_line(&mut client), format!("OK {host_port}"));
+
+        client.write_all(b"ping").unwrap();
+        r.sockets();
+        let (rw, data) = r.rx().expect("data for the guest");
+        assert_eq!((rw.op, rw.len, data.as_slice()), (OP_RW, 4, &b"ping"[..]));
+
+        r.tx(guest(OP_RW, 1024, host_port, 4), b"pong").unwrap();
+        let mut b = [0u8; 4];
+        client.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"pong");
+
+        drop(client);
+        r.sockets();
+        let (sd, _) = r.rx().expect("SHUTDOWN for the guest");
+        assert_eq!((sd.op, sd.flags), (OP_SHUTDOWN, SHUT_RCV | SHUT_SEND));
+        r.tx(guest(OP_RST, 1024, host_port, 0), &[]).unwrap();
+        assert!(r.dev.conns.is_empty());
+    }
+
+    #[test]
+    fn guest_connects_to_a_host_listener_or_gets_a_reset() {
+        let mut r = Rig::new();
+        let listener = UnixListener::bind(format!("{}_1025", r.uds.display())).unwrap();
+        r.tx(guest(OP_REQUEST, 50000, 1025, 0), &[]).unwrap();
+        let (resp, _) = r.rx().unwrap();
+        assert_eq!(
+            (resp.op, resp.src_port, resp.dst_port),
+            (OP_RESPONSE, 1025, 50000)
+        );
+        let (mut s, _) = listener.accept().unwrap();
+        r.tx(guest(OP_RW, 50000, 1025, 5), b"ready").unwrap();
+        let mut b = [0u8; 5];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ready");
+
+        r.tx(guest(OP_REQUEST, 50001, 999, 0), &[]).unwrap();
+        let (rst, _) = r.rx().unwrap();
+        assert_eq!((rst.op, rst.dst_port), (OP_RST, 50001));
+    }
+
+    #[test]
+    fn bad_connect_lines_are_dropped() {
+        let mut r = Rig::new();
+        let mut c = UnixStream::connect(&r.uds).unwrap();
+        c.write_all(b"HELLO 5\n").unwrap();
+        let mut c2 = UnixStream::connect(&r.uds).unwrap();
+        c2.write_all(&[b'x'; 40]).unwrap();
+        r.sockets();
+        r.sockets();
+        assert!(r.rx().is_none(), "nothing for the guest");
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        assert_eq!(c.read(&mut [0u8; 4]).unwrap(), 0, "closed");
+        assert!(r.dev.pending.is_empty());
+    }
+
+    #[test]
+    fn hostile_packets_never_panic() {
+        let mut r = Rig::new();
+        // Not from the guest's CID: dropped.
+        let mut h = guest(OP_REQUEST, 1, 2, 0);
+        h.src_cid = 77;
+        r.tx(h, &[]).unwrap();
+        // Datagram type: reset.
+        let mut h = guest(OP_REQUEST, 1, 2, 0);
+        h.type_ = 2;
+        r.tx(h, &[]).unwrap();
+        let (rst, _) = r.rx().unwrap();
+        assert_eq!(rst.op, OP_RST);
+        // Data for a connection that does not exist: reset.
+        r.tx(guest(OP_RW, 1, 2, 3), b"abc").unwrap();
+        assert_eq!(r.rx().unwrap().0.op, OP_RST);
+        // A header claiming more than the buffer holds fails the device.
+        assert!(r.tx(guest(OP_RW, 1, 2, 1_000_000), b"abc").is_err());
+    }
+
+    #[test]
+    fn short_packet_fails_the_device() {
+        let mut r = Rig::new();
+        write(&r.mem, TX_BUF, &[0u8; 10]);
+        let q = r.q(1);
+        add_chain(&q, &[(0, desc(TX_BUF, 10, 0, 0))], 0);
+        assert!(r.dev.queue_event(TX).is_err());
+    }
+
+    #[test]
+    fn guest_overrunning_its_credit_is_reset() {
+        let mut r = Rig::new();
+        let listener = UnixListener::bind(format!("{}_7", r.uds.display())).unwrap();
+        r.tx(guest(OP_REQUEST, 40000, 7, 0), &[]).unwrap();
+        assert_eq!(r.rx().unwrap().0.op, OP_RESPONSE);
+        let (_s, _) = listener.accept().unwrap(); // never reads
+        let chunk = vec![0u8; 0x10000];
+        let mut reset = false;
+        for _ in 0..64 {
+            r.tx(guest(OP_RW, 40000, 7, chunk.len() as u32), &chunk)
+                .unwrap();
+            if r.dev.conns.is_empty() {
+                reset = true;
+                break;
+            }
+        }
+        assert!(reset, "connection over its credit must be reset");
+        let mut saw_rst = false;
+        while let Some((h, _)) = r.rx() {
+            saw_rst |= h.op == OP_RST;
+        }
+        assert!(saw_rst);
+    }
+}

@@ -1,0 +1,120 @@
+//! `podvisor-vmm`: runs one microVM described by a JSON config, until the
+//! guest powers off (exit 0), reboots (3) or fails (2); 1 is an error
+//! before the VM ran. SIGTERM or SIGINT stop it (exit 0).
+//!
+//! ```text
+//! podvisor-vmm --config vm.json
+//! podvisor-vmm --config-json '{"vcpus":1,"memory_mib":128,"kernel":"vmlinux"}'
+//! podvisor-vmm --probe        # does /dev/kvm run guests at hardware speed?
+//! ```
+
+use anyhow::{bail, Context, Result};
+use podvisor_vmm::{ExitReason, Vm, VmConfig};
+
+fn usage() -> &'static str {
+    "usage: podvisor-vmm --config <file> | --config-json <json> | --probe"
+}
+
+fn config_from_args() -> Result<Option<VmConfig>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let text = match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["--config", path] => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?
+        }
+        ["--config-json", json] => json.to_string(),
+        ["--probe"] => {
+            let v = podvisor_vmm::probe::probe();
+            println!("{v}");
+            return Ok(None);
+        }
+        ["--help"] | ["-h"] => {
+            println!("{}", usage());
+            return Ok(None);
+        }
+        _ => bail!("{}", usage()),
+    };
+    Ok(Some(VmConfig::from_json(&text)?))
+}
+
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: plain signal-set calls on a zeroed set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in this thread and every thread started
+/// after it, so that only the waiter of [`handle_signals`] takes them.
+fn block_signals() -> Result<()> {
+    let set = stop_signals();
+    // SAFETY: changes this thread's mask only.
+    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
+        bail!("blocking SIGTERM/SIGINT");
+    }
+    Ok(())
+}
+
+/// One thread takes SIGTERM/SIGINT and stops the VM in order.
+fn handle_signals(vm: &Vm) -> Result<()> {
+    let set = stop_signals();
+    // SAFETY: sigwait on a valid set from a thread that blocks it.
+    unsafe {
+        let exit = vm.exit_signal();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut sig = 0;
+                if libc::sigwait(&set, &mut sig) == 0 {
+                    tracing::info!("signal {sig}: stopping the VM");
+                    exit.trigger(ExitReason::Stopped);
+                }
+            })?;
+    }
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PODVISOR_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let config = match config_from_args() {
+        Ok(Some(c)) => c,
+        Ok(None) => return,
+        Err(e) => {
+            eprintln!("podvisor-vmm: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = block_signals() {
+        eprintln!("podvisor-vmm: {e:#}");
+        std::process::exit(1);
+    }
+    let vm = match Vm::build(&config) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("podvisor-vmm: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = handle_signals(&vm) {
+        eprintln!("podvisor-vmm: {e:#}");
+        std::process::exit(1);
+    }
+    let reason = vm.run();
+    tracing::info!("VM ended: {reason}");
+    std::process::exit(reason.exit_code());
+}

@@ -1,0 +1,401 @@
+//! Building a VM from its config and running it.
+//!
+//! [`Vm::build`] does everything that can fail on bad input before any
+//! vCPU runs: KVM setup (irqchip, PIT), guest memory, devices, ACPI and MP
+//! tables, kernel and initramfs, vCPU registers. [`Vm::run`] starts one
+//! thread per vCPU and runs the device event loop on the calling thread
+//! until the guest powers off, reboots or fails, or the control socket
+//! stops it.
+
+use std::fs::File;
+use std::io::{LineWriter, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::acpi::{self, MmioDevice};
+use crate::arch::boot::{self, BootSpec};
+use crate::arch::layout::{self, ACPI_PM, COM1, I8042, KVM_IDENTITY_MAP, KVM_TSS};
+use crate::arch::{cpuid, mptable, regs};
+use crate::config::{parse_mac, VmConfig};
+use crate::control::{ControlSocket, Facts};
+use crate::devices::acpi_pm::AcpiPm;
+use crate::devices::i8042::I8042;
+use crate::devices::serial::Serial;
+use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::{
+    block::Block, fs::Fs, net::Net, rng::Rng, vsock::Vsock, VirtioDevice,
+};
+use crate::devices::Bus;
+use crate::exit::{ExitReason, ExitSignal};
+use crate::memory::{self, GuestMemoryMmap};
+use crate::vcpu::{self, Vcpu};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM on this host allows {max} vCPUs; the VM asks for {wanted}")]
+    TooManyVcpus { max: usize, wanted: u8 },
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    #[error("{what}: {source}")]
+    Device {
+        what: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
+    move |source| BuildError::Kvm { what, source }
+}
+
+fn dev_err<E: std::error::Error + Send + Sync + 'static>(
+    what: String,
+) -> impl FnOnce(E) -> BuildError {
+    move |e| BuildError::Device {
+        what,
+        source: Box::new(e),
+    }
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    _kvm: Kvm,
+    _vm: VmFd,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<Vcpu>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    exit: Arc<ExitSignal>,
+    control: Option<ControlSocket>,
+    mmio_devices: Vec<MmioDevice>,
+}
+
+impl Vm {
+    pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
+        config.validate()?;
+        let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+        let max = kvm.get_max_vcpus();
+        if usize::from(config.vcpus) > max {
+            return Err(BuildError::TooManyVcpus {
+                max,
+                wanted: config.vcpus,
+            });
+        }
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mem = memory::create(config.memory_mib)?;
+        for (slot, r) in mem.iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: r.start_addr().0,
+                memory_size: r.len(),
+                userspace_addr: r.as_ptr() as u64,
+            };
+            // SAFETY: the mapping lives in `mem`, which the Vm keeps until
+            // after the VM fd is closed.
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let exit = Arc::new(ExitSignal::new().map_err(dev_err("exit eventfd".into()))?);
+        let mut pio = Bus::default();
+        let mut mmio = Bus::default();
+
+        let console: Box<dyn Write + Send> = match &config.console {
+            Some(p) => Box::new(LineWriter::new(
+                File::create(p).map_err(dev_err(format!("console {}", p.display())))?,
+            )),
+            None => Box::new(std::io::sink()),
+        };
+        let serial_irq = irqfd(&vm, layout::COM1_GSI)?;
+        let bus_err = |e| BuildError::Device {
+            what: "bus".into(),
+            source: Box::new(e),
+        };
+        pio.insert(
+            u64::from(COM1),
+            8,
+            Arc::new(Mutex::new(Serial::new(serial_irq, console))),
+        )
+        .map_err(bus_err)?;
+        pio.insert(
+            u64::from(I8042),
+            5,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        )
+        .map_err(bus_err)?;
+        pio.insert(
+            u64::from(ACPI_PM),
+            2,
+            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        )
+        .map_err(bus_err)?;
+
+        let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+        if let Some(v) = &config.vsock {
+            let d = Vsock::new(u64::from(v.cid), &v.uds)
+                .map_err(dev_err(format!("vsock socket {}", v.uds.display())))?;
+            devices.push(("vsock".into(), Box::new(d)));
+        }
+        for (i, f) in config.fs.iter().enumerate() {
+            let d = Fs::connect(&f.socket, &f.tag)
+                .map_err(dev_err(format!("virtio-fs backend {}", f.socket.display())))?;
+            devices.push((format!("fs{i}"), Box::new(d)));
+        }
+        for (i, b) in config.block.iter().enumerate() {
+            let d = Block::open(&b.path, b.read_only, &format!("podvisor-vd{i}"))
+                .map_err(dev_err(format!("disk {}", b.path.display())))?;
+            devices.push((format!("block{i}"), Box::new(d)));
+        }
+        for (i, n) in config.net.iter().enumerate() {
+            let mac =
+                n.mac
+                    .as_deref()
+                    .map(parse_mac)
+                    .transpose()
+                    .map_err(|e| BuildError::Device {
+                        what: format!("net{i}"),
+                        source: e.into(),
+                    })?;
+            let d = Net::open_tap(&n.tap, mac).map_err(dev_err(format!("tap {}", n.tap)))?;
+            devices.push((format!("net{i}"), Box::new(d)));
+        }
+        if config.rng {
+            devices.push(("rng".into(), Box::new(Rng::new())));
+        }
+
+        let mut transports = Vec::new();
+        let mut mmio_devices = Vec::new();
+        for (i, (name, dev)) in devices.into_iter().enumerate() {
+            let (addr, gsi) = layout::virtio_slot(i);
+            let irq = irqfd(&vm, gsi)?;
+            let t = MmioTransport::new(dev, mem.clone(), irq, name.clone())
+                .map_err(dev_err(name.clone()))?;
+            for (q, kick) in t.kick_eventfds().iter().enumerate() {
+                vm.register_ioevent(
+                    kick,
+                    &IoEventAddress::Mmio(addr + REG_QUEUE_NOTIFY),
+                    q as u32,
+                )
+                .map_err(kvm_err("KVM_IOEVENTFD"))?;
+            }
+            let t = Arc::new(Mutex::new(t));
+            mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, t.clone())
+                .map_err(bus_err)?;
+            transports.push(t);
+            mmio_devices.push(MmioDevice { addr, gsi });
+        }
+
+        let rsdp = acpi::write(&mem, config.vcpus, &mmio_devices)?;
+        mptable::write(&mem, config.vcpus)?;
+        regs::write_boot_tables(&mem)?;
+        let entry = boot::load(
+            &mem,
+            &BootSpec {
+                kernel: &config.kernel,
+                initramfs: config.initramfs.as_deref(),
+                cmdline: &config.cmdline,
+                rsdp,
+            },
+        )?;
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::new();
+        for index in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            fd.set_cpuid2(&cpuid::for_vcpu(&supported, index, config.vcpus))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            regs::setup_msrs(&fd)?;
+            regs::setup_fpu(&fd)?;
+            regs::setup_lint(&fd)?;
+            if index == 0 {
+                // Application processors wait for INIT/SIPI from the guest.
+                regs::setup_sregs(&fd)?;
+                regs::setup_regs(&fd, entry.rip)?;
+            }
+            vcpus.push(Vcpu {
+                index,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                exit: exit.clone(),
+            });
+        }
+
+        let control = match &config.control_socket {
+            Some(p) => Some(
+                ControlSocket::bind(
+                    p,
+                    Facts {
+                        vcpus: config.vcpus,
+                        memory_mib: config.memory_mib,
+                    },
+                    exit.clone(),
+                )
+                .map_err(dev_err(format!("control socket {}", p.display())))?,
+            ),
+            None => None,
+        };
+
+        Ok(Vm {
+            _kvm: kvm,
+            _vm: vm,
+            mem,
+            vcpus,
+            transports,
+            exit,
+            control,
+            mmio_devices,
+        })
+    }
+
+    /// Guest memory, as built (for inspection before `run`).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The virtio-mmio windows, in slot order.
+    pub fn mmio_devices(&self) -> &[MmioDevice] {
+        &self.mmio_devices
+    }
+
+    /// Lets another thread (a signal handler thread) end the VM.
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.exit.clone()
+    }
+
+    /// Runs the VM to its end.
+    pub fn run(mut self) -> ExitReason {
+        let reason = self.run_inner();
+        drop(self.control.take());
+        reason
+    }
+
+    fn run_inner(&mut self) -> ExitReason {
+        let epoll = match Epoll::new() {
+            Ok(e) => e,
+            Err(e) => return ExitReason::Failed(format!("epoll: {e}")),
+        };
+        // Token: 0 exit; then (transport << 16) | (1 << 15 for a device fd) | index.
+        const EXIT: u64 = u64::MAX;
+        let watch = |fd: RawFd, token: u64| {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(|e| ExitReason::Failed(format!("epoll_ctl: {e}")))
+        };
+        if let Err(r) = watch(self.exit.eventfd().as_raw_fd(), EXIT) {
+            return r;
+        }
+        for (ti, t) in self.transports.iter().enumerate() {
+            let Ok(t) = t.lock() else { continue };
+            let base = (ti as u64) << 16;
+            if t.handles_kicks() {
+                for (q, k) in t.kick_eventfds().iter().enumerate() {
+                    if let Err(r) = watch(k.as_raw_fd(), base | q as u64) {
+                        return r;
+                    }
+                }
+            }
+            for (i, fd) in t.device_fds().into_iter().enumerate() {
+                if let Err(r) = watch(fd, base | 1 << 15 | i as u64) {
+                    return r;
+                }
+            }
+        }
+
+        let mut threads = Vec::new();
+        for v in self.vcpus.drain(..) {
+            let index = v.index;
+            match v.spawn() {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    self.exit
+                        .trigger(ExitReason::Failed(format!("starting vCPU {index}: {e}")));
+                    break;
+                }
+            }
+        }
+
+        let mut events = vec![EpollEvent::default(); 32];
+        'outer: while !self.exit.is_set() {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    self.exit
+                        .trigger(ExitReason::Failed(format!("epoll_wait: {e}")));
+                    break;
+                }
+            };
+            for ev in &events[..n] {
+                let token = ev.data();
+                if token == EXIT {
+                    break 'outer;
+                }
+                let Some(t) = self.transports.get((token >> 16) as usize) else {
+                    continue;
+                };
+                let Ok(mut t) = t.lock() else { continue };
+                let index = (token & 0x7fff) as usize;
+                if token & (1 << 15) != 0 {
+                    t.fd_ready(index);
+                } else {
+                    t.kick(index);
+                }
+            }
+        }
+        vcpu::stop_all(threads, Duration::from_secs(5));
+        self.exit
+            .reason()
+            .unwrap_or_else(|| ExitReason::Failed("the VM stopped without a reason".into()))
+    }
+}
+
+/// An eventfd KVM injects as an edge on IOAPIC pin `gsi`.
+fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, BuildError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err(format!("irqfd for GSI {gsi}")))?;
+    vm.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
+    Ok(evt)
+}

@@ -1,0 +1,544 @@
+//! The VMM under /dev/kvm with small purpose-built guests (assembled from
+//! `tests/guests/*.S` with binutils). They run wherever /dev/kvm exists,
+//! even a nested one that emulates guest code: each is a few thousand
+//! instructions. Without /dev/kvm every test is reported as ignored, with
+//! the reason.
+//!
+//! What they prove: the VMM's own boot path reaches 64-bit mode with the
+//! zero page, E820 map and command line it wrote; the serial port prints;
+//! every virtio-mmio window the DSDT names answers with the right magic,
+//! version and device id; an i8042 reset, an ACPI power-off, a triple
+//! fault and the control socket each end the VM with their own status; a
+//! second vCPU starts through INIT/SIPI; a hostile guest leaves the VMM
+//! running and its device marked DEVICE_NEEDS_RESET.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use podvisor_vmm::config::{BlockConfig, FsConfig, NetConfig, VsockConfig};
+use podvisor_vmm::{ExitReason, Vm, VmConfig};
+use vm_memory::{Bytes, GuestAddress};
+
+type Result = std::result::Result<(), Failed>;
+type TestFn = fn() -> Result;
+
+fn check(cond: bool, msg: impl Into<String>) -> Result {
+    if cond {
+        Ok(())
+    } else {
+        Err(msg.into().into())
+    }
+}
+
+/// A scratch directory for this run (assembled guests, consoles, sockets).
+fn scratch() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("tempdir"))
+        .path()
+}
+
+/// Assembles and links `tests/guests/<name>.S` into a vmlinux-style ELF
+/// entered at 1 MiB.
+fn guest(name: &str) -> std::result::Result<PathBuf, Failed> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests");
+    let obj = scratch().join(format!("{name}.o"));
+    let elf = scratch().join(format!("{name}.elf"));
+    let run = |cmd: &mut Command| -> Result {
+        let out = cmd
+            .output()
+            .map_err(|e| format!("running {cmd:?}: {e} (install binutils)"))?;
+        check(
+            out.status.success(),
+            format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    run(Command::new("as")
+        .args(["--64", "-I"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&obj)
+        .arg(src.join(format!("{name}.S"))))?;
+    run(Command::new("ld")
+        .args(["-static", "-nostdlib", "-Ttext=0x100000", "-e", "_start"])
+        .args(["--no-warn-rwx-segments", "-z", "max-page-size=0x1000", "-o"])
+        .arg(&elf)
+        .arg(&obj))?;
+    Ok(elf)
+}
+
+fn config(kernel: PathBuf, name: &str) -> VmConfig {
+    VmConfig {
+        vcpus: 1,
+        memory_mib: 32,
+        kernel,
+        initramfs: None,
+        cmdline: "hello podvisor".into(),
+        console: Some(scratch().join(format!("{name}.console"))),
+        control_socket: None,
+        vsock: None,
+        fs: vec![],
+        block: vec![],
+        net: vec![],
+        rng: false,
+    }
+}
+
+fn console(c: &VmConfig) -> String {
+    c.console
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default()
+}
+
+fn hex(line: &str, word: usize) -> std::result::Result<u64, Failed> {
+    let w = line
+        .split_whitespace()
+        .nth(word)
+        .ok_or_else(|| format!("no word {word} in {line:?}"))?;
+    u64::from_str_radix(w, 16).map_err(|e| format!("{w:?}: {e}").into())
+}
+
+/// Runs a VM on a thread, failing if it has not ended within `within`.
+fn run(vm: Vm, within: Duration) -> std::result::Result<ExitReason, Failed> {
+    let exit = vm.exit_signal();
+    let t = std::thread::spawn(move || vm.run());
+    let deadline = Instant::now() + within;
+    while !t.is_finished() {
+        if Instant::now() > deadline {
+            exit.trigger(ExitReason::Stopped);
+            let _ = t.join();
+            return Err(format!("the VM did not end within {within:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    t.join().map_err(|_| "the VM thread panicked".into())
+}
+
+fn boot_path() -> Result {
+    let c = config(guest("boot")?, "boot");
+    let vm = Vm::build(&c).map_err(|e| e.to_string())?;
+    let reason = run(vm, Duration::from_secs(60))?;
+    let out = console(&c);
+    check(
+        reason == ExitReason::PowerOff,
+        format!("{reason}; console:\n{out}"),
+    )?;
+    let lines: Vec<&str> = out.lines().collect();
+    check(lines.len() >= 6, format!("console:\n{out}"))?;
+    let efer = hex(lines[0], 3)?;
+    check(
+        efer & 0x500 == 0x500,
+        format!("EFER {efer:#x}: LME and LMA expected"),
+    )?;
+    check(hex(lines[1], 2)? == 2, format!("two E820 entries: {out}"))?;
+    check(
+        (hex(lines[2], 0)?, hex(lines[2], 1)?, hex(lines[2], 2)?) == (0, 0x9fc00, 1),
+        format!("low RAM entry: {}", lines[2]),
+    )?;
+    check(
+        (hex(lines[3], 0)?, hex(lines[3], 1)?, hex(lines[3], 2)?)
+            == (0x100000, (32 << 20) - 0x100000, 1),
+        format!("high RAM entry: {}", lines[3]),
+    )?;
+    check(
+        lines[4] == "cmdline hello podvisor",
+        format!("cmdline: {:?}", lines[4]),
+    )?;
+    check(hex(lines[5], 1)? == 0xe0000, format!("RSDP: {}", lines[5]))
+}
+
+/// The virtio-mmio windows the DSDT declares (Memory32Fixed descriptors
+/// of `LNRO0005` devices), found from the RSDP as a kernel would.
+fn dsdt_windows(vm: &Vm) -> std::result::Result<Vec<u64>, Failed> {
+    let mem = vm.memory();
+    let rd = |a: u64, n: usize| -> std::result::Result<Vec<u8>, Failed> {
+        let mut v = vec![0u8; n];
+        mem.read_slice(&mut v, GuestAddress(a))
+            .map_err(|e| e.to_string())?;
+        Ok(v)
+    };
+    let u64_at =
+        |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
+    let table = |a: u64| -> std::result::Result<Vec<u8>, Failed> {
+        let len = u32::from_le_bytes(rd(a + 4, 4)?.try_into().unwrap_or_default());
+        rd(a, len as usize)
+    };
+    let rsdp = rd(0xe0000, 36)?;
+    check(&rsdp[..8] == b"RSD PTR ", "no RSDP at 0xe0000")?;
+    let xsdt = table(u64_at(&rsdp, 24))?;
+    let fadt = table(u64_at(&xsdt, 36))?;
+    check(&fadt[..4] == b"FACP", "first XSDT entry is not the FADT")?;
+    let dsdt = table(u64_at(&fadt, 140))?;
+    let mut out = Vec::new();
+    for (i, w) in dsdt.windows(12).enumerate() {
+        // Memory32Fixed: tag 0x86, length 9, then rw, base, size 0x1000.
+        if w[0] == 0x86
+            && w[1] == 9
+            && w[2] == 0
+            && u32::from_le_bytes([w[8], w[9], w[10], w[11]]) == 0x1000
+        {
+            let hid_before = dsdt[..i].windows(8).rev().any(|h| h == b"LNRO0005");
+            if hid_before {
+                out.push(u64::from(u32::from_le_bytes([w[4], w[5], w[6], w[7]])));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// virtiofsd on a scratch directory, killed on drop.
+struct Virtiofsd(std::process::Child, PathBuf);
+
+impl Virtiofsd {
+    fn start(name: &str) -> std::result::Result<Virtiofsd, Failed> {
+        let dir = scratch().join(format!("{name}-shared"));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let sock = scratch().join(format!("{name}-fs.sock"));
+        let child = Command::new("/usr/lib/qemu/virtiofsd")
+            .arg(format!("--socket-path={}", sock.display()))
+            .arg("-o")
+            .arg(format!("source={}", dir.display()))
+            .args(["-o", "cache=none"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting /usr/lib/qemu/virtiofsd (make deps): {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            check(
+                Instant::now() < deadline,
+                "virtiofsd did not create its socket",
+            )?;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Virtiofsd(child, sock))
+    }
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn mmio_windows_and_i8042_reset() -> Result {
+    let fsd = Virtiofsd::start("mmio")?;
+    let disk = scratch().join("mmio-disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).map_err(|e| e.to_string())?;
+    let mut c = config(guest("mmio")?, "mmio");
+    c.vsock = Some(VsockConfig {
+        cid: 3,
+        uds: scratch().join("mmio-vsock"),
+    });
+    c.fs = vec![FsConfig {
+        socket: fsd.1.clone(),
+        tag: "podvisor".into(),
+    }];
+    c.block = vec![BlockConfig {
+        path: disk,
+        read_only: true,
+    }];
+    // A tap named here is created by TUNSETIFF and gone when the VM closes it.
+    c.net = vec![NetConfig {
+        tap: format!("pvt{}", std::process::id()),
+        mac: Some("02:00:00:00:00:01".into()),
+    }];
+    c.rng = true;
+    let vm = Vm::build(&c).map_err(|e| e.to_string())?;
+    let windows = dsdt_windows(&vm)?;
+    let built: Vec<u64> = vm.mmio_devices().iter().map(|d| d.addr).collect();
+    check(
+        windows == built,
+        format!("DSDT names {windows:x?}, the VM built {built:x?}"),
+    )?;
+    let mut list = (windows.len() as u64).to_le_bytes().to_vec();
+    for w in &windows {
+        list.extend_from_slice(&w.to_le_bytes());
+    }
+    vm.memory()
+        .write_slice(&list, GuestAddress(0x180000))
+        .map_err(|e| e.to_string())?;
+    let reason = run(vm, Duration::from_secs(60))?;
+    let out = console(&c);
+    check(
+        reason == ExitReason::Reboot,
+        format!("{reason}; console:\n{out}"),
+    )?;
+    let lines: Vec<&str> = out.lines().collect();
+    // vsock, fs, block, net, rng: in slot order.
+    let ids = [19u64, 26, 2, 1, 4];
+    check(lines.len() == ids.len() + 1, format!("console:\n{out}"))?;
+    for (i, id) in ids.iter().enumerate() {
+        let l = lines[i];
+        check(hex(l, 0)? == windows[i], format!("{l}: address"))?;
+        check(hex(l, 1)? == 0x7472_6976, format!("{l}: magic \"virt\""))?;
+        check(hex(l, 2)? == 2, format!("{l}: version 2"))?;
+        check(hex(l, 3)? == *id, format!("{l}: device id {id}"))?;
+    }
+    check(lines[ids.len()] == "resetting", format!("console:\n{out}"))?;
+    check(
+        !c.vsock.as_ref().is_some_and(|v| v.uds.exists()),
+        "vsock socket left behind",
+    )
+}
+
+fn two_vcpus() -> Result {
+    let mut c = config(guest("smp")?, "smp");
+    c.vcpus = 2;
+    let vm = Vm::build(&c).map_err(|e| e.to_string())?;
+    let reason = run(vm, Duration::from_secs(60))?;
+    let out = console(&c);
+    check(
+        reason == ExitReason::PowerOff,
+        format!("{reason}; console:\n{out}"),
+    )?;
+    check(
+        out.lines().any(|l| l == "1"),
+        format!("CPU 1 did not print: {out}"),
+    )?;
+    check(out.contains("CPU 0 saw CPU 1"), format!("console:\n{out}"))
+}
+
+fn hostile_guest() -> Result {
+    let mut c = config(guest("hostile")?, "hostile");
+    c.rng = true;
+    let vm = Vm::build(&c).map_err(|e| e.to_string())?;
+    let addr = vm.mmio_devices()[0].addr;
+    let list: Vec<u8> = [1u64, addr].iter().flat_map(|v| v.to_le_bytes()).collect();
+    vm.memory()
+        .write_slice(&list, GuestAddress(0x180000))
+        .map_err(|e| e.to_string())?;
+    let reason = run(vm, Duration::from_secs(60))?;
+    let out = console(&c);
+    check(
+        reason == ExitReason::PowerOff,
+        format!("{reason}; console:\n{out}"),
+    )?;
+    let line = |w: &str| {
+        out.lines()
+            .find(|l| l.starts_with(w))
+            .unwrap_or("")
+            .to_string()
+    };
+    let status = hex(&line("status"), 1)?;
+    check(
+        status & 0x40 != 0,
+        format!("device status {status:#x}: DEVICE_NEEDS_RESET expected"),
+    )?;
+    check(
+        hex(&line("port"), 1)? & 0xffff_ffff == 0xffff_ffff,
+        format!("unclaimed port: {out}"),
+    )?;
+    check(
+        hex(&line("mmio"), 1)? & 0xffff_ffff == 0xffff_ffff,
+        format!("unclaimed MMIO: {out}"),
+    )
+}
+
+fn control_socket_stops_a_halted_guest() -> Result {
+    let mut c = config(guest("spin")?, "spin");
+    let sock = scratch().join("spin-control.sock");
+    c.control_socket = Some(sock.clone());
+    let vm = Vm::build(&c).map_err(|e| e.to_string())?;
+    let t = std::thread::spawn(move || vm.run());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !console(&c).contains("spinning") {
+        check(Instant::now() < deadline, "guest never printed")?;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = podvisor_vmm::control::request(&sock, "status").map_err(|e| e.to_string())?;
+    check(
+        st["state"] == "running" && st["vcpus"] == 1,
+        format!("status: {st}"),
+    )?;
+    let ok = podvisor_vmm::control::request(&sock, "shutdown").map_err(|e| e.to_string())?;
+    check(ok["ok"] == true, format!("shutdown: {ok}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !t.is_finished() {
+        check(Instant::now() < deadline, "VM did not stop after shutdown")?;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let reason = t.join().map_err(|_| "VM thread panicked")?;
+    check(reason == ExitReason::Stopped, format!("{reason}"))?;
+    check(!sock.exists(), "control socket left behind")
+}
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_podvisor-vmm"))
+}
+
+/// The binary's exit status tells power-off (0), reboot (3), guest failure
+/// (2) and bad input (1) apart, and SIGTERM stops it (0).
+fn binary_exit_statuses() -> Result {
+    let cases = [
+        ("boot", 0, "powered off"),
+        ("mmio", 3, "rebooted"),
+        ("triple", 2, "failed"),
+    ];
+    for (g, code, word) in cases {
+        let c = config(guest(g)?, &format!("bin-{g}"));
+        let json = serde_json::to_string(&c).map_err(|e| e.to_string())?;
+        let out = Command::new(binary())
+            .args(["--config-json", &json])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        check(
+            out.status.code() == Some(code),
+            format!("{g}: {:?}\n{err}", out.status),
+        )?;
+        check(
+            err.contains(word),
+            format!("{g}: stderr lacks {word:?}:\n{err}"),
+        )?;
+    }
+    // SIGTERM ends a guest that would never end by itself.
+    let c = config(guest("spin")?, "bin-spin");
+    let json = serde_json::to_string(&c).map_err(|e| e.to_string())?;
+    let mut child = Command::new(binary())
+        .args(["--config-json", &json])
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !console(&c).contains("spinning") {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err("spin guest never printed".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    check(
+        out.status.code() == Some(0),
+        format!("SIGTERM: {:?}", out.status),
+    )?;
+    check(
+        String::from_utf8_lossy(&out.stderr).contains("stopped"),
+        "SIGTERM: not logged as stopped",
+    )
+}
+
+fn bad_input_is_refused_before_the_vm_runs() -> Result {
+    let boot = guest("boot")?;
+    let garbage = scratch().join("garbage.bin");
+    std::fs::write(&garbage, vec![0x42u8; 4096]).map_err(|e| e.to_string())?;
+    let big = scratch().join("big-initramfs");
+    std::fs::write(&big, vec![0u8; 40 << 20]).map_err(|e| e.to_string())?;
+    let cases: Vec<(String, &str)> = vec![
+        (
+            r#"{"vcpus":1,"memory_mib":32,"kernel":"/nonexistent/vmlinux"}"#.into(),
+            "/nonexistent/vmlinux",
+        ),
+        (
+            format!(
+                r#"{{"vcpus":1,"memory_mib":32,"kernel":"{}"}}"#,
+                garbage.display()
+            ),
+            "neither a vmlinux ELF nor a bzImage",
+        ),
+        (
+            format!(
+                r#"{{"vcpus":1,"memory_mib":32,"kernel":"{}","initramfs":"{}"}}"#,
+                boot.display(),
+                big.display()
+            ),
+            "does not fit",
+        ),
+        (
+            format!(
+                r#"{{"vcpus":1,"memory_mib":4,"kernel":"{}"}}"#,
+                boot.display()
+            ),
+            "memory_mib",
+        ),
+        (
+            format!(
+                r#"{{"vcpus":200,"memory_mib":32,"kernel":"{}"}}"#,
+                boot.display()
+            ),
+            "vcpus",
+        ),
+        (
+            format!(
+                r#"{{"vcpus":1,"memory_mib":32,"kernel":"{}","block":[{{"path":"/nonexistent.img"}}]}}"#,
+                boot.display()
+            ),
+            "/nonexistent.img",
+        ),
+        (
+            format!(
+                r#"{{"vcpus":1,"memory_mib":32,"kernel":"{}","fs":[{{"socket":"/nonexistent.sock","tag":"x"}}]}}"#,
+                boot.display()
+            ),
+            "/nonexistent.sock",
+        ),
+        ("{\"vcpus\":1".into(), "not valid JSON"),
+    ];
+    for (json, word) in cases {
+        let out = Command::new(binary())
+            .args(["--config-json", &json])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        check(
+            out.status.code() == Some(1),
+            format!("{json}: {:?} {err}", out.status),
+        )?;
+        check(
+            err.contains(word),
+            format!("{json}: stderr lacks {word:?}: {err}"),
+        )?;
+    }
+    Ok(())
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let no_kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .err()
+        .map(|e| format!("/dev/kvm: {e}"));
+    if let Some(why) = &no_kvm {
+        eprintln!("SKIPPING every KVM guest test: {why}");
+    }
+    let tests: Vec<(&str, TestFn)> = vec![
+        (
+            "boot_path_reaches_long_mode_with_zero_page_e820_cmdline",
+            boot_path,
+        ),
+        (
+            "mmio_windows_named_by_dsdt_answer_and_i8042_resets",
+            mmio_windows_and_i8042_reset,
+        ),
+        ("two_vcpus_second_started_by_init_sipi", two_vcpus),
+        (
+            "hostile_guest_leaves_vmm_running_device_needs_reset",
+            hostile_guest,
+        ),
+        (
+            "control_socket_stops_a_halted_guest",
+            control_socket_stops_a_halted_guest,
+        ),
+        ("binary_exit_statuses_and_sigterm", binary_exit_statuses),
+        (
+            "bad_input_refused_before_the_vm_runs",
+            bad_input_is_refused_before_the_vm_runs,
+        ),
+    ];
+    let trials = tests
+        .into_iter()
+        .map(|(name, f)| Trial::test(name, f).with_ignored_flag(no_kvm.is_some()))
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    let _ = std::fs::remove_dir_all(scratch());
+    conclusion.exit();
+}
