@@ -18,6 +18,9 @@ pub struct Vcpu {
     pub pio: Bus,
     pub mmio: Bus,
     pub exit: Arc<ExitSignal>,
+    /// When the VMM began building the VM; the boot vCPU logs how long
+    /// it took to reach its first `KVM_RUN`.
+    pub build_started: Option<Instant>,
 }
 
 /// The signal that knocks a vCPU thread out of `KVM_RUN`.
@@ -45,7 +48,14 @@ impl Vcpu {
             pio,
             mmio,
             exit,
+            build_started,
         } = self;
+        if let Some(t) = build_started {
+            tracing::info!(
+                "vCPU {index}: first KVM_RUN {:.2} ms after the VM build began",
+                t.elapsed().as_secs_f64() * 1000.0
+            );
+        }
         while !exit.is_set() {
             let fail =
                 |why: String| exit.trigger(ExitReason::Failed(format!("vCPU {index}: {why}")));

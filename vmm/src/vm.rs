@@ -94,6 +94,7 @@ pub struct Vm {
 
 impl Vm {
     pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
+        let build_started = std::time::Instant::now();
         config.validate()?;
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let max = kvm.get_max_vcpus();
@@ -104,18 +105,8 @@ impl Vm {
             });
         }
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm.set_tss_address(KVM_TSS as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.set_identity_map_address(KVM_IDENTITY_MAP)
-            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
+        // Guest RAM first: on a nested host, a memory slot added after the
+        // in-kernel irqchip costs milliseconds more.
         let mem = memory::create(config.memory_mib)?;
         for (slot, r) in mem.iter().enumerate() {
             let region = kvm_userspace_memory_region {
@@ -130,6 +121,18 @@ impl Vm {
             unsafe { vm.set_user_memory_region(region) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
+
+        vm.set_tss_address(KVM_TSS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let exit = Arc::new(ExitSignal::new().map_err(dev_err("exit eventfd".into()))?);
         let mut pio = Bus::default();
@@ -257,6 +260,7 @@ impl Vm {
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 exit: exit.clone(),
+                build_started: (index == 0).then_some(build_started),
             });
         }
 
@@ -316,16 +320,15 @@ impl Vm {
         };
         // Token: 0 exit; then (transport << 16) | (1 << 15 for a device fd) | index.
         const EXIT: u64 = u64::MAX;
-        let watch = |fd: RawFd, token: u64| {
+        // Kick eventfds are level-triggered (kick() reads them); device fds
+        // are edge-triggered and each device drains what it can, so a
+        // device waiting for guest buffers does not spin the loop.
+        let watch = |fd: RawFd, token: u64, events: EventSet| {
             epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
                 .map_err(|e| ExitReason::Failed(format!("epoll_ctl: {e}")))
         };
-        if let Err(r) = watch(self.exit.eventfd().as_raw_fd(), EXIT) {
+        if let Err(r) = watch(self.exit.eventfd().as_raw_fd(), EXIT, EventSet::IN) {
             return r;
         }
         for (ti, t) in self.transports.iter().enumerate() {
@@ -333,13 +336,17 @@ impl Vm {
             let base = (ti as u64) << 16;
             if t.handles_kicks() {
                 for (q, k) in t.kick_eventfds().iter().enumerate() {
-                    if let Err(r) = watch(k.as_raw_fd(), base | q as u64) {
+                    if let Err(r) = watch(k.as_raw_fd(), base | q as u64, EventSet::IN) {
                         return r;
                     }
                 }
             }
             for (i, fd) in t.device_fds().into_iter().enumerate() {
-                if let Err(r) = watch(fd, base | 1 << 15 | i as u64) {
+                if let Err(r) = watch(
+                    fd,
+                    base | 1 << 15 | i as u64,
+                    EventSet::IN | EventSet::EDGE_TRIGGERED,
+                ) {
                     return r;
                 }
             }

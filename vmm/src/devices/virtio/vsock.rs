@@ -645,8 +645,19 @@ impl Vsock {
     /// Host sockets became ready.
     fn sockets_ready(&mut self) -> Result<(), DeviceError> {
         let mut events = vec![EpollEvent::default(); 64];
-        let n = self.epoll.wait(0, &mut events)?;
-        for ev in &events[..n] {
+        loop {
+            let n = self.epoll.wait(0, &mut events)?;
+            self.socket_events(&events[..n]);
+            // The VMM polls this epoll edge-triggered: drain it.
+            if n < events.len() {
+                break;
+            }
+        }
+        self.process_rx()
+    }
+
+    fn socket_events(&mut self, events: &[EpollEvent]) {
+        for ev in events {
             let token = ev.data();
             if token == LISTENER {
                 self.accept();
@@ -665,7 +676,6 @@ impl Vsock {
                 }
             }
         }
-        self.process_rx()
     }
 }
 
