@@ -148,6 +148,7 @@ fn leftover_processes() -> Vec<String> {
         let cmd = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         let ours = [
             "containerd-shim-podvisor-v2",
+            "podvisor-vmm",
             "qemu-system-x86_64",
             "virtiofsd",
             "vhost-device-vsock",

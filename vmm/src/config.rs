@@ -13,7 +13,7 @@
 //!   "fs": [ { "socket": "/run/podvisor/x/virtiofs.sock", "tag": "podvisor" } ],
 //!   "block": [ { "path": "disk.img", "read_only": true } ],
 //!   "net": [ { "tap": "tap0", "mac": "02:00:00:00:00:01" } ],
-//!   "rng": true }
+//!   "rng": true, "mmio_on_cmdline": false }
 //! ```
 
 use std::path::PathBuf;
@@ -49,6 +49,12 @@ pub struct VmConfig {
     pub net: Vec<NetConfig>,
     #[serde(default)]
     pub rng: bool,
+    /// Also name each virtio-mmio device on the command line
+    /// (`virtio_mmio.device=4K@<addr>:<irq>`), for kernels built without
+    /// ACPI but with VIRTIO_MMIO_CMDLINE_DEVICES. ACPI kernels (Debian's)
+    /// find the devices in the DSDT and must not get both.
+    #[serde(default)]
+    pub mmio_on_cmdline: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

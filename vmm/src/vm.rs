@@ -224,6 +224,7 @@ impl Vm {
         }
 
         let rsdp = acpi::write(&mem, config.vcpus, &mmio_devices)?;
+        let cmdline = kernel_cmdline(config, &mmio_devices);
         mptable::write(&mem, config.vcpus)?;
         regs::write_boot_tables(&mem)?;
         let entry = boot::load(
@@ -231,7 +232,7 @@ impl Vm {
             &BootSpec {
                 kernel: &config.kernel,
                 initramfs: config.initramfs.as_deref(),
-                cmdline: &config.cmdline,
+                cmdline: &cmdline,
                 rsdp,
             },
         )?;
@@ -400,9 +401,50 @@ impl Vm {
     }
 }
 
+/// The configured command line, plus the virtio-mmio devices when the
+/// config asks for them there.
+fn kernel_cmdline(config: &VmConfig, devices: &[MmioDevice]) -> String {
+    let mut c = config.cmdline.clone();
+    if config.mmio_on_cmdline {
+        for d in devices {
+            c.push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", d.addr, d.gsi));
+        }
+    }
+    c.trim().to_string()
+}
+
 /// An eventfd KVM injects as an edge on IOAPIC pin `gsi`.
 fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, BuildError> {
     let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(dev_err(format!("irqfd for GSI {gsi}")))?;
     vm.register_irqfd(&evt, gsi).map_err(kvm_err("KVM_IRQFD"))?;
     Ok(evt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mmio_devices_go_on_the_cmdline_only_when_asked() {
+        let mut c = VmConfig::from_json(
+            r#"{"vcpus":1,"memory_mib":64,"kernel":"/k","cmdline":"console=ttyS0"}"#,
+        )
+        .unwrap();
+        let devs = [
+            MmioDevice {
+                addr: 0xd000_0000,
+                gsi: 5,
+            },
+            MmioDevice {
+                addr: 0xd000_1000,
+                gsi: 6,
+            },
+        ];
+        assert_eq!(kernel_cmdline(&c, &devs), "console=ttyS0");
+        c.mmio_on_cmdline = true;
+        assert_eq!(
+            kernel_cmdline(&c, &devs),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+    }
 }

@@ -83,6 +83,7 @@ fn config(kernel: PathBuf, name: &str) -> VmConfig {
         block: vec![],
         net: vec![],
         rng: false,
+        mmio_on_cmdline: false,
     }
 }
 
@@ -118,7 +119,9 @@ fn run(vm: Vm, within: Duration) -> std::result::Result<ExitReason, Failed> {
 }
 
 fn boot_path() -> Result {
-    let c = config(guest("boot")?, "boot");
+    let mut c = config(guest("boot")?, "boot");
+    c.rng = true;
+    c.mmio_on_cmdline = true;
     let vm = Vm::build(&c).map_err(|e| e.to_string())?;
     let reason = run(vm, Duration::from_secs(60))?;
     let out = console(&c);
@@ -144,7 +147,7 @@ fn boot_path() -> Result {
         format!("high RAM entry: {}", lines[3]),
     )?;
     check(
-        lines[4] == "cmdline hello podvisor",
+        lines[4] == "cmdline hello podvisor virtio_mmio.device=4K@0xd0000000:5",
         format!("cmdline: {:?}", lines[4]),
     )?;
     check(hex(lines[5], 1)? == 0xe0000, format!("RSDP: {}", lines[5]))

@@ -62,6 +62,7 @@ impl Vmm {
             block: vec![],
             net: vec![],
             rng: true,
+            mmio_on_cmdline: false,
         })
     }
 }

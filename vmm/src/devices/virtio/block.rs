@@ -12,6 +12,7 @@ use super::{complete, pop_chain, Active, DeviceError, VirtioDevice, F_VERSION_1,
 
 const QUEUE_SIZE: u16 = 256;
 const SECTOR: u64 = 512;
+const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_FLUSH: u64 = 1 << 9;
 
@@ -169,10 +170,15 @@ impl VirtioDevice for Block {
         vec![QUEUE_SIZE]
     }
     fn features(&self) -> u64 {
-        F_VERSION_1 | F_FLUSH | if self.read_only { F_RO } else { 0 }
+        F_VERSION_1 | F_FLUSH | F_SEG_MAX | if self.read_only { F_RO } else { 0 }
     }
+    /// capacity (sectors), size_max (unused), seg_max: data segments per
+    /// request, leaving room in a chain for the header and status.
     fn config(&self) -> Vec<u8> {
-        self.sectors.to_le_bytes().to_vec()
+        let mut c = self.sectors.to_le_bytes().to_vec();
+        c.extend_from_slice(&0u32.to_le_bytes());
+        c.extend_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        c
     }
     fn activate(&mut self, active: Active) -> Result<(), DeviceError> {
         self.active = Some(active);
@@ -238,7 +244,8 @@ mod tests {
     fn reads_writes_flushes_and_ids() {
         let mem = mem();
         let (mut b, f) = disk(false);
-        assert_eq!(b.config(), 8u64.to_le_bytes());
+        assert_eq!(b.config()[..8], 8u64.to_le_bytes());
+        assert_eq!(b.config()[12..16], 254u32.to_le_bytes());
         start(&mut b, &mem);
         let m = mock(&mem, 0);
         request(&m, &mem, T_IN, 3, 1024, true);

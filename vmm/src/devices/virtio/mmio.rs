@@ -229,6 +229,9 @@ impl MmioTransport {
             0x34 => self.selected().map_or(0, |q| u32::from(q.max_size())),
             0x44 => self.selected().map_or(0, |q| u32::from(q.ready())),
             0x60 => self.irq.status(),
+            // No shared memory regions: SHMLen and SHMBase read as all ones
+            // (virtio-fs then runs without a DAX window).
+            0xb0 | 0xb4 | 0xb8 | 0xbc => u32::MAX,
             0x70 => self.status,
             0xfc => self.config_generation,
             _ => 0,
@@ -466,6 +469,12 @@ pub(crate) mod tests {
         assert_eq!(b, [4, 5]);
         t.read(0x105, &mut b);
         assert_eq!(b, [0, 0], "past the config space reads zero");
+        wr(&mut t, 0xac, 0);
+        assert_eq!(
+            (rd(&mut t, 0xb0), rd(&mut t, 0xb4)),
+            (u32::MAX, u32::MAX),
+            "no shared memory region"
+        );
         t.read(u64::MAX - 1, &mut b);
     }
 
