@@ -10,7 +10,9 @@
 //! version and device id; an i8042 reset, an ACPI power-off, a triple
 //! fault and the control socket each end the VM with their own status; a
 //! second vCPU starts through INIT/SIPI; a hostile guest leaves the VMM
-//! running and its device marked DEVICE_NEEDS_RESET.
+//! running and its device marked DEVICE_NEEDS_RESET; a guest vsock driver
+//! (in assembly) answers a host connection over the hybrid-vsock socket
+//! and echoes its data.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -370,6 +372,88 @@ fn control_socket_stops_a_halted_guest() -> Result {
     check(!sock.exists(), "control socket left behind")
 }
 
+/// A guest-side vsock driver answers a host CONNECT and echoes data: the
+/// whole path through KVM ioeventfds, the event loop, the device, the
+/// hybrid-vsock socket, and the device's interrupt status.
+fn vsock_echo_through_a_guest_driver() -> Result {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut c = config(guest("vsock")?, "vsock");
+    let uds = scratch().join("echo-vsock");
+    c.vsock = Some(VsockConfig {
+        cid: 3,
+        uds: uds.clone(),
+    });
+    let vm = Vm::build(&c).map_err(|e| e.to_string())?;
+    let d = vm.mmio_devices()[0];
+    vm.memory()
+        .write_slice(&d.addr.to_le_bytes(), GuestAddress(0x180000))
+        .map_err(|e| e.to_string())?;
+    let exit = vm.exit_signal();
+    let t = std::thread::spawn(move || vm.run());
+    let talk = || -> std::result::Result<String, Failed> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !console(&c).contains("ready") {
+            check(
+                Instant::now() < deadline,
+                format!("guest driver not ready: {}", console(&c)),
+            )?;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut s = std::os::unix::net::UnixStream::connect(&uds).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"CONNECT 1024\n").map_err(|e| e.to_string())?;
+        let mut ok = String::new();
+        BufReader::new(&s)
+            .read_line(&mut ok)
+            .map_err(|e| format!("reading OK: {e}"))?;
+        check(
+            ok.starts_with("OK "),
+            format!("answer to CONNECT: {ok:?}; console: {}", console(&c)),
+        )?;
+        s.write_all(b"ping").map_err(|e| e.to_string())?;
+        let mut echo = [0u8; 4];
+        s.read_exact(&mut echo)
+            .map_err(|e| format!("reading the echo: {e}; console: {}", console(&c)))?;
+        Ok(String::from_utf8_lossy(&echo).into_owned())
+    };
+    let echoed = talk();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !t.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !t.is_finished() {
+        exit.trigger(ExitReason::Stopped);
+    }
+    let reason = t.join().map_err(|_| "VM thread panicked")?;
+    let out = console(&c);
+    let echoed = echoed.map_err(|e| format!("{:?}; VM ended: {reason}", e.message()))?;
+    check(
+        echoed == "ping",
+        format!("echo {echoed:?}; console:\n{out}"),
+    )?;
+    check(
+        reason == ExitReason::PowerOff,
+        format!("{reason}; console:\n{out}"),
+    )?;
+    check(
+        out.contains("request for port 0000000000000400"),
+        format!("console:\n{out}"),
+    )?;
+    check(out.contains("got ping"), format!("console:\n{out}"))?;
+    let seen = out
+        .lines()
+        .find(|l| l.starts_with("interrupt status seen "))
+        .map(|l| hex(l, 3))
+        .transpose()?
+        .unwrap_or(0);
+    check(
+        seen & 1 == 1,
+        format!("no used-buffer interrupt seen; console:\n{out}"),
+    )?;
+    check(!uds.exists(), "vsock socket left behind")
+}
+
 fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_podvisor-vmm"))
 }
@@ -523,6 +607,10 @@ fn main() {
             mmio_windows_and_i8042_reset,
         ),
         ("two_vcpus_second_started_by_init_sipi", two_vcpus),
+        (
+            "vsock_echo_through_a_guest_driver",
+            vsock_echo_through_a_guest_driver,
+        ),
         (
             "hostile_guest_leaves_vmm_running_device_needs_reset",
             hostile_guest,

@@ -49,6 +49,8 @@ const BUF_ALLOC: u32 = 256 * 1024;
 const MAX_PKT: usize = 64 * 1024;
 /// Host ports we assign to host-initiated connections start here.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Open connections a guest may hold; more are refused with a reset.
+const MAX_CONNS: usize = 1024;
 /// A connecting client has this many bytes to say `CONNECT <port>\n`.
 const MAX_CONNECT_LINE: usize = 32;
 
@@ -363,6 +365,10 @@ impl Vsock {
 
     /// A guest connection to host port `port`: dial `<uds>_<port>`.
     fn guest_connect(&mut self, h: &Header) {
+        if self.conns.len() >= MAX_CONNS {
+            tracing::warn!("vsock: guest holds {MAX_CONNS} connections; refusing more");
+            return self.reset(h.dst_port, h.src_port);
+        }
         let path = PathBuf::from(format!("{}_{}", self.uds.display(), h.dst_port));
         let stream = match UnixStream::connect(&path) {
             Ok(s) if s.set_nonblocking(true).is_ok() => s,
@@ -525,8 +531,13 @@ impl Vsock {
                     DeviceError::Chain("vsock tx: packet shorter than its header".into())
                 })?;
                 let h = Header::decode(&hb);
-                let len = (h.len as usize).min(r.available_bytes());
-                if len != h.len as usize {
+                let len = h.len as usize;
+                if len > MAX_PKT {
+                    return Err(DeviceError::Chain(format!(
+                        "vsock tx: packet of {len} bytes; at most {MAX_PKT}"
+                    )));
+                }
+                if len > r.available_bytes() {
                     return Err(DeviceError::Chain(format!(
                         "vsock tx: header claims {} bytes, buffer holds {}",
                         h.len,
@@ -933,7 +944,26 @@ mod tests {
         r.tx(guest(OP_RW, 1, 2, 3), b"abc").unwrap();
         assert_eq!(r.rx().unwrap().0.op, OP_RST);
         // A header claiming more than the buffer holds fails the device.
-        assert!(r.tx(guest(OP_RW, 1, 2, 1_000_000), b"abc").is_err());
+        assert!(r.tx(guest(OP_RW, 1, 2, 1_000), b"abc").is_err());
+    }
+
+    #[test]
+    fn oversized_packet_fails_the_device_without_allocating_it() {
+        let mut r = Rig::new();
+        // 4 GiB claimed, backed by a long chain of real buffers.
+        let h = guest(OP_RW, 1, 2, u32::MAX);
+        write(&r.mem, TX_BUF, &h.encode());
+        let q = r.q(1);
+        add_chain(
+            &q,
+            &[
+                (0, desc(TX_BUF, 0x10_0000, F_NEXT, 1)),
+                (1, desc(0x40_0000, 0x80_0000, 0, 0)),
+            ],
+            0,
+        );
+        let e = r.dev.queue_event(TX).unwrap_err();
+        assert!(e.to_string().contains("at most"), "{e}");
     }
 
     #[test]
