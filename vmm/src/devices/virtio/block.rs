@@ -28,11 +28,23 @@ const S_UNSUPP: u8 = 2;
 const ID_LEN: usize = 20;
 const CHUNK: usize = 128 * 1024;
 
+/// A request's header and the sizes of its data: to the device (`in`)
+/// and to the guest (`out`).
+#[derive(Debug, Clone, Copy)]
+struct Request {
+    kind: u32,
+    sector: u64,
+    in_len: usize,
+    out_len: usize,
+}
+
 pub struct Block {
     file: File,
     sectors: u64,
     read_only: bool,
     id: [u8; ID_LEN],
+    /// Reused for every request's data.
+    buf: Vec<u8>,
     active: Option<Active>,
 }
 
@@ -48,6 +60,7 @@ impl Block {
             sectors: len / SECTOR,
             read_only,
             id: idb,
+            buf: Vec::new(),
             active: None,
         })
     }
@@ -55,20 +68,23 @@ impl Block {
     /// Serves one request; returns (status, bytes of data written to the guest).
     fn serve(
         &mut self,
-        kind: u32,
-        sector: u64,
+        buf: &mut [u8],
+        req: Request,
         data_in: &mut dyn Read,
-        in_len: usize,
         data_out: &mut dyn Write,
-        out_len: usize,
     ) -> (u8, usize) {
+        let Request {
+            kind,
+            sector,
+            in_len,
+            out_len,
+        } = req;
         let in_range = |len: usize| {
             sector
                 .checked_mul(SECTOR)
                 .and_then(|o| o.checked_add(len as u64))
                 .is_some_and(|end| end <= self.sectors * SECTOR)
         };
-        let mut buf = vec![0u8; CHUNK.min(in_len.max(out_len))];
         match kind {
             T_IN => {
                 if !in_range(out_len) {
@@ -154,7 +170,20 @@ impl Block {
                 .ok_or_else(|| bad("no status byte"))?;
             let mut status_w = w.split_at(out_len).map_err(|e| bad(&e.to_string()))?;
             let in_len = r.available_bytes();
-            let (status, written) = self.serve(kind, sector, &mut r, in_len, &mut w, out_len);
+            let mut buf = std::mem::take(&mut self.buf);
+            buf.resize(CHUNK, 0);
+            let (status, written) = self.serve(
+                &mut buf,
+                Request {
+                    kind,
+                    sector,
+                    in_len,
+                    out_len,
+                },
+                &mut r,
+                &mut w,
+            );
+            self.buf = buf;
             status_w.write_all(&[status])?;
             complete(&mut a.queues[0], &a.mem, &a.irq, head, written as u32 + 1)?;
         }

@@ -31,6 +31,8 @@ pub struct Net {
     mac: Option<[u8; 6]>,
     /// A frame read from the tap that found no guest buffer yet.
     held: Option<Vec<u8>>,
+    /// Reused for every packet.
+    buf: Vec<u8>,
     active: Option<Active>,
 }
 
@@ -78,12 +80,12 @@ impl Net {
             tap,
             mac,
             held: None,
+            buf: Vec::new(),
             active: None,
         }
     }
 
-    fn process_tx(&mut self, a: &mut Active) -> Result<(), DeviceError> {
-        let mut buf = vec![0u8; MAX_PACKET];
+    fn process_tx(&mut self, a: &mut Active, buf: &mut [u8]) -> Result<(), DeviceError> {
         while let Some(chain) = pop_chain(&mut a.queues[TX], &a.mem)? {
             let head = chain.head_index();
             let mut r = chain
@@ -105,12 +107,11 @@ impl Net {
         Ok(())
     }
 
-    fn process_rx(&mut self, a: &mut Active) -> Result<(), DeviceError> {
-        let mut buf = vec![0u8; MAX_PACKET];
+    fn process_rx(&mut self, a: &mut Active, buf: &mut [u8]) -> Result<(), DeviceError> {
         loop {
             let frame = match self.held.take() {
                 Some(f) => f,
-                None => match self.tap.read(&mut buf) {
+                None => match self.tap.read(buf) {
                     Ok(n) if n >= HDR_LEN => buf[..n].to_vec(),
                     Ok(_) => continue,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
@@ -143,14 +144,19 @@ impl Net {
         }
     }
 
+    /// Runs `f` with the active queues and the packet buffer, both taken
+    /// out of `self` for the call.
     fn with_active(
         &mut self,
-        f: fn(&mut Net, &mut Active) -> Result<(), DeviceError>,
+        f: fn(&mut Net, &mut Active, &mut [u8]) -> Result<(), DeviceError>,
     ) -> Result<(), DeviceError> {
         let Some(mut a) = self.active.take() else {
             return Ok(());
         };
-        let r = f(self, &mut a);
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(MAX_PACKET, 0);
+        let r = f(self, &mut a, &mut buf);
+        self.buf = buf;
         self.active = Some(a);
         r
     }

@@ -175,6 +175,8 @@ pub struct Vsock {
     control: VecDeque<Header>,
     next_token: u64,
     next_local_port: u32,
+    /// Reused for every packet to the guest.
+    rx_buf: Vec<u8>,
     active: Option<Active>,
 }
 
@@ -200,6 +202,7 @@ impl Vsock {
             control: VecDeque::new(),
             next_token: LISTENER + 1,
             next_local_port: FIRST_LOCAL_PORT,
+            rx_buf: Vec::new(),
             active: None,
         })
     }
@@ -567,6 +570,14 @@ impl Vsock {
     }
 
     fn fill_rx(&mut self, a: &mut Active) -> Result<(), DeviceError> {
+        let mut buf = std::mem::take(&mut self.rx_buf);
+        buf.resize(MAX_PKT, 0);
+        let r = self.fill_rx_with(a, &mut buf);
+        self.rx_buf = buf;
+        r
+    }
+
+    fn fill_rx_with(&mut self, a: &mut Active, buf: &mut [u8]) -> Result<(), DeviceError> {
         let mut ready: Vec<u64> = self
             .conns
             .iter()
@@ -574,7 +585,6 @@ impl Vsock {
             .map(|(t, _)| *t)
             .collect();
         ready.sort_unstable();
-        let mut buf = vec![0u8; MAX_PKT];
         loop {
             if self.control.is_empty() && ready.is_empty() {
                 return Ok(());
