@@ -13,6 +13,7 @@ mod container;
 mod error;
 mod init;
 mod modules;
+mod network;
 mod reaper;
 mod sandbox;
 mod server;

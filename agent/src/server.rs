@@ -100,6 +100,18 @@ impl api::Agent for Service {
         Ok(api::Empty::new())
     }
 
+    async fn configure_network(
+        &self,
+        _: &TtrpcContext,
+        req: api::ConfigureNetworkRequest,
+    ) -> Rpc<api::ConfigureNetworkResponse> {
+        log_err("ConfigureNetwork", crate::network::configure(&req)).map(|names| {
+            let mut r = api::ConfigureNetworkResponse::new();
+            r.interfaces = names;
+            r
+        })
+    }
+
     async fn create_container(
         &self,
         _: &TtrpcContext,

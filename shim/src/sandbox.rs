@@ -89,6 +89,7 @@ impl Pod {
             dir: dir.root().to_owned(),
             vsock: dir.root().join("vm.vsock"),
             shared_dir: dir.shared(),
+            net: Vec::new(),
         };
         let ready = match ReadyListener::bind(&spec.vsock) {
             Ok(r) => r,

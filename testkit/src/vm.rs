@@ -13,7 +13,7 @@ use podvisor_protocol::hybrid_vsock;
 use podvisor_shim::config::Paths;
 use podvisor_shim::hypervisor::qemu::{Accel, Qemu};
 use podvisor_shim::hypervisor::vmm::Vmm;
-use podvisor_shim::hypervisor::{Hypervisor, RunningVm, VmSpec};
+use podvisor_shim::hypervisor::{Hypervisor, NetDevice, RunningVm, VmSpec};
 
 /// Where `make guest-image` puts the image, unless PODVISOR_GUEST_DIR says.
 pub fn image_dir() -> PathBuf {
@@ -114,6 +114,8 @@ pub struct VmConfig {
     pub accel: Accel,
     pub kernel_params: String,
     pub boot_timeout: Duration,
+    /// NICs on existing host taps.
+    pub net: Vec<NetDevice>,
 }
 
 impl VmConfig {
@@ -125,6 +127,7 @@ impl VmConfig {
             accel,
             kernel_params: String::new(),
             boot_timeout: Duration::from_secs(120),
+            net: Vec::new(),
         }
     }
 }
@@ -156,6 +159,7 @@ impl TestVm {
             dir: dir.path().to_owned(),
             vsock: dir.path().join("vm.vsock"),
             shared_dir: dir.path().join("shared"),
+            net: cfg.net.clone(),
         };
         for f in [&spec.kernel, &spec.initramfs] {
             if !f.exists() {

@@ -165,6 +165,17 @@ fn main() {
         ));
     }
 
+    {
+        let s = shared.clone();
+        trials.push(Trial::test(
+            "network_configured_by_the_agent_reaches_the_host",
+            move || {
+                s.rt.block_on(network_reaches_the_host(&s.cfg))
+                    .map_err(failed)
+            },
+        ));
+    }
+
     let conclusion = libtest_mimic::run(&args, trials);
     let vm = shared.vm.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(Ok(vm)) = vm {
@@ -1119,5 +1130,161 @@ async fn destroy_sandbox_powers_off(cfg: &VmConfig) -> Result<()> {
             "helper process {pid} still running"
         );
     }
+    Ok(())
+}
+
+/// A host tap with an address, deleted on drop.
+struct HostTap(String);
+
+impl HostTap {
+    fn create(name: &str, cidr: &str) -> Result<HostTap> {
+        let ip = |args: &[&str]| -> Result<()> {
+            let out = std::process::Command::new("ip").args(args).output()?;
+            ensure!(
+                out.status.success(),
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
+        let tap = HostTap(name.to_string());
+        ip(&["addr", "add", cidr, "dev", name])?;
+        ip(&["link", "set", name, "up"])?;
+        Ok(tap)
+    }
+}
+
+impl Drop for HostTap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.0])
+            .output();
+    }
+}
+
+/// The agent configures a NIC the VM got on a host tap: the container sees
+/// the address and MAC, the host reaches the guest (ping) and the guest the
+/// host (TCP), and bad requests fail with a reason and change nothing.
+async fn network_reaches_the_host(cfg: &VmConfig) -> Result<()> {
+    let name = format!("pvt{}", std::process::id() % 100_000);
+    let tap = HostTap::create(&name, "10.99.7.1/24")?;
+    let mac = "02:00:0a:63:07:02";
+    let mut cfg = cfg.clone();
+    cfg.net = vec![podvisor_shim::hypervisor::NetDevice {
+        tap: tap.0.clone(),
+        mac: mac.into(),
+    }];
+    let vm = TestVm::boot(&cfg).await?;
+
+    let mut iface = api::NetInterface::new();
+    iface.mac = mac.into();
+    iface.name = "eth0".into();
+    iface.mtu = 1400;
+    let mut addr = api::IpAddress::new();
+    addr.address = "10.99.7.2".into();
+    addr.prefix = 24;
+    iface.addresses.push(addr);
+    let mut route = api::NetRoute::new();
+    route.gateway = "10.99.7.1".into();
+    route.device = "eth0".into();
+    let mut req = api::ConfigureNetworkRequest::new();
+    req.interfaces.push(iface.clone());
+    req.routes.push(route);
+
+    // Wrong first: an unknown MAC and a bad address change nothing.
+    let mut bad = req.clone();
+    bad.interfaces[0].mac = "02:00:00:00:00:99".into();
+    let e = rpc_error(
+        vm.agent
+            .configure_network(ctx(), &bad)
+            .await
+            .map_err(Into::into),
+    )?;
+    ensure!(
+        e.starts_with("NOT_FOUND") && e.contains("02:00:00:00:00:99"),
+        "{e}"
+    );
+    let mut bad = req.clone();
+    bad.interfaces[0].addresses[0].address = "10.99.7.300".into();
+    let e = rpc_error(
+        vm.agent
+            .configure_network(ctx(), &bad)
+            .await
+            .map_err(Into::into),
+    )?;
+    ensure!(
+        e.starts_with("INVALID_ARGUMENT") && e.contains("10.99.7.300"),
+        "{e}"
+    );
+
+    let done = vm.agent.configure_network(ctx(), &req).await?;
+    ensure!(
+        done.interfaces == ["eth0"],
+        "configured {:?}",
+        done.interfaces
+    );
+
+    let show = vm
+        .run(
+            "ipaddr",
+            &container(&["sh", "-c", "ip addr show eth0; ip route"]),
+        )
+        .await?;
+    ensure!(
+        show.stdout.contains("inet 10.99.7.2/24")
+            && show.stdout.contains(mac)
+            && show.stdout.contains("mtu 1400")
+            && show.stdout.contains("default via 10.99.7.1"),
+        "in the guest:\n{}",
+        show.stdout
+    );
+
+    let ping = tokio::process::Command::new(podvisor_testkit::vm::tool("BUSYBOX", "busybox"))
+        .args(["ping", "-c", "1", "-W", "20", "10.99.7.2"])
+        .output()
+        .await?;
+    ensure!(
+        ping.status.success(),
+        "host cannot ping the guest: {}{}",
+        String::from_utf8_lossy(&ping.stdout),
+        String::from_utf8_lossy(&ping.stderr)
+    );
+
+    let listener = tokio::net::TcpListener::bind("10.99.7.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let accept = tokio::spawn(async move {
+        let (mut s, peer) = listener.accept().await?;
+        let mut got = String::new();
+        s.read_to_string(&mut got).await?;
+        Ok::<_, std::io::Error>((peer, got))
+    });
+    let send = vm
+        .run(
+            "nc",
+            &container(&[
+                "sh",
+                "-c",
+                &format!("echo hello from the guest | nc 10.99.7.1 {port}"),
+            ]),
+        )
+        .await?;
+    ensure!(
+        send.status == 0,
+        "nc exited {}: {}",
+        send.status,
+        send.stderr
+    );
+    let (peer, got) = tokio::time::timeout(Duration::from_secs(30), accept).await???;
+    ensure!(got == "hello from the guest\n", "host got {got:?}");
+    ensure!(peer.ip().to_string() == "10.99.7.2", "from {peer}");
+
+    vm.shutdown().await;
+    drop(tap);
+    let left = std::process::Command::new("ip")
+        .args(["link", "show", &name])
+        .output()?;
+    ensure!(!left.status.success(), "tap {name} left behind");
     Ok(())
 }

@@ -70,6 +70,15 @@ pub struct VmSpec {
     pub vsock: PathBuf,
     /// Shared with the guest as virtio-fs tag `podvisor`.
     pub shared_dir: PathBuf,
+    /// virtio-net devices, each on an existing tap.
+    pub net: Vec<NetDevice>,
+}
+
+/// A guest NIC: the host tap it is attached to and the MAC the guest sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetDevice {
+    pub tap: String,
+    pub mac: String,
 }
 
 #[async_trait]

@@ -127,17 +127,27 @@ impl Hypervisor for Qemu {
                 "-chardev",
                 &format!("socket,id=fs,path={}", fs_sock.display()),
             ])
-            .args(["-device", "vhost-user-fs-pci,chardev=fs,tag=podvisor"])
-            .args([
-                "-serial",
-                &format!("file:{}", d.join("console.log").display()),
+            .args(["-device", "vhost-user-fs-pci,chardev=fs,tag=podvisor"]);
+        for (i, n) in spec.net.iter().enumerate() {
+            qemu.args([
+                "-netdev",
+                &format!("tap,id=net{i},ifname={},script=no,downscript=no", n.tap),
             ])
-            .arg("-kernel")
-            .arg(&spec.kernel)
-            .arg("-initrd")
-            .arg(&spec.initramfs)
-            .arg("-append")
-            .arg(format!("console=ttyS0 panic=-1 quiet {}", spec.kernel_params).trim_end());
+            .args([
+                "-device",
+                &format!("virtio-net-pci,netdev=net{i},mac={}", n.mac),
+            ]);
+        }
+        qemu.args([
+            "-serial",
+            &format!("file:{}", d.join("console.log").display()),
+        ])
+        .arg("-kernel")
+        .arg(&spec.kernel)
+        .arg("-initrd")
+        .arg(&spec.initramfs)
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 quiet {}", spec.kernel_params).trim_end());
         let vm = match Supervised::spawn("qemu", &mut qemu, &d.join("qemu.log")) {
             Ok(vm) => vm,
             Err(e) => {

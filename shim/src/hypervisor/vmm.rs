@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use podvisor_vmm::config::{FsConfig, VsockConfig};
+use podvisor_vmm::config::{FsConfig, NetConfig, VsockConfig};
 use podvisor_vmm::VmConfig;
 use tokio::process::Command;
 
@@ -60,7 +60,14 @@ impl Vmm {
                 tag: podvisor_protocol::SHARED_FS_TAG.to_string(),
             }],
             block: vec![],
-            net: vec![],
+            net: spec
+                .net
+                .iter()
+                .map(|n| NetConfig {
+                    tap: n.tap.clone(),
+                    mac: Some(n.mac.clone()),
+                })
+                .collect(),
             rng: true,
             mmio_on_cmdline: false,
         })
@@ -134,6 +141,10 @@ mod tests {
             dir: "/run/podvisor/x".into(),
             vsock: "/run/podvisor/x/vm.vsock".into(),
             shared_dir: "/run/podvisor/x/shared".into(),
+            net: vec![super::super::NetDevice {
+                tap: "tap0".into(),
+                mac: "02:00:00:00:00:07".into(),
+            }],
         };
         let c = Vmm::config(&spec, std::path::Path::new("/run/podvisor/x/virtiofs.sock")).unwrap();
         c.validate().unwrap();
@@ -141,6 +152,8 @@ mod tests {
         assert!(c.cmdline.starts_with("console=ttyS0 reboot=k") && c.cmdline.ends_with(" foo=1"));
         assert_eq!(c.vsock.as_ref().unwrap().uds, spec.vsock);
         assert_eq!(c.fs[0].tag, "podvisor");
+        assert_eq!(c.net[0].tap, "tap0");
+        assert_eq!(c.net[0].mac.as_deref(), Some("02:00:00:00:00:07"));
         assert_eq!(
             c.console.as_deref(),
             Some(std::path::Path::new("/run/podvisor/x/console.log"))
