@@ -13,6 +13,7 @@
 pub mod bundle;
 pub mod config;
 pub mod hypervisor;
+pub mod network;
 mod process;
 pub mod sandbox;
 pub mod shim;

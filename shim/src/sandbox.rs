@@ -11,6 +11,7 @@ use tokio::sync::{watch, Mutex};
 
 use crate::config::{Config, VmSizing};
 use crate::hypervisor::{self, RunningVm, VmSpec};
+use crate::network::{NetworkError, PodNetwork};
 use crate::state::{process_start_time, RecordedProcess, SandboxDir, State};
 
 /// From QEMU start to the agent answering (TCG boots take seconds).
@@ -37,6 +38,8 @@ pub enum PodError {
         source: podvisor_protocol::DialError,
         console: String,
     },
+    #[error(transparent)]
+    Network(#[from] NetworkError),
     #[error("agent {call}: {source}")]
     Call {
         call: &'static str,
@@ -55,6 +58,7 @@ pub struct Pod {
     pub describe: String,
     vm_exit: watch::Receiver<Option<ExitStatus>>,
     vm: Mutex<RunningVm>,
+    network: Option<PodNetwork>,
 }
 
 pub fn ctx() -> ttrpc::context::Context {
@@ -68,6 +72,7 @@ impl Pod {
         config: &Config,
         sizing: &VmSizing,
         hostname: &str,
+        netns: Option<&std::path::Path>,
     ) -> Result<Pod, PodError> {
         for (what, path) in [("kernel", &config.kernel), ("initramfs", &config.initramfs)] {
             if !path.exists() {
@@ -80,6 +85,16 @@ impl Pod {
         let (hv, why) = hypervisor::select(sizing.hypervisor, &config.paths)?;
         tracing::info!(sandbox = id, "hypervisor: {why}");
         let dir = SandboxDir::create(id)?;
+        let network = match netns {
+            Some(ns) => match PodNetwork::setup(ns).await {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    dir.destroy();
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
         let spec = VmSpec {
             kernel: config.kernel.clone(),
             initramfs: config.initramfs.clone(),
@@ -89,12 +104,22 @@ impl Pod {
             dir: dir.root().to_owned(),
             vsock: dir.root().join("vm.vsock"),
             shared_dir: dir.shared(),
-            net: Vec::new(),
+            net: network
+                .as_ref()
+                .map(PodNetwork::devices)
+                .unwrap_or_default(),
+            netns: netns.map(ToOwned::to_owned),
+        };
+        let undo = |dir: SandboxDir, network: Option<PodNetwork>| async move {
+            if let Some(n) = &network {
+                n.teardown().await;
+            }
+            dir.destroy();
         };
         let ready = match ReadyListener::bind(&spec.vsock) {
             Ok(r) => r,
             Err(e) => {
-                dir.destroy();
+                undo(dir, network).await;
                 return Err(PodError::Agent {
                     source: e,
                     console: String::new(),
@@ -104,11 +129,21 @@ impl Pod {
         let mut vm = match hv.launch(&spec).await {
             Ok(vm) => vm,
             Err(e) => {
-                dir.destroy();
+                undo(dir, network).await;
                 return Err(e.into());
             }
         };
-        match Self::connect(id, &dir, &vm, &ready, hv.describe(), hostname).await {
+        match Self::connect(
+            id,
+            &dir,
+            &vm,
+            &ready,
+            hv.describe(),
+            hostname,
+            network.as_ref(),
+        )
+        .await
+        {
             Ok(agent) => Ok(Pod {
                 id: id.to_string(),
                 agent,
@@ -118,10 +153,11 @@ impl Pod {
                 vm_exit: vm.vm.exit_watch(),
                 dir,
                 vm: Mutex::new(vm),
+                network,
             }),
             Err(e) => {
                 vm.stop(Duration::ZERO).await;
-                dir.destroy();
+                undo(dir, network).await;
                 Err(e)
             }
         }
@@ -134,8 +170,10 @@ impl Pod {
         ready: &ReadyListener,
         describe: String,
         hostname: &str,
+        network: Option<&PodNetwork>,
     ) -> Result<AgentClient, PodError> {
         dir.write_state(&State {
+            network: network.cloned(),
             sandbox_id: id.to_string(),
             hypervisor: describe,
             processes: vm
@@ -170,6 +208,15 @@ impl Pod {
                 call: "CreateSandbox",
                 source,
             })?;
+        if let Some(n) = network {
+            agent
+                .configure_network(ctx(), &n.request())
+                .await
+                .map_err(|source| PodError::Call {
+                    call: "ConfigureNetwork",
+                    source,
+                })?;
+        }
         Ok(agent)
     }
 
@@ -203,6 +250,9 @@ impl Pod {
             }
         }
         self.vm.lock().await.stop(POWEROFF_GRACE).await;
+        if let Some(n) = &self.network {
+            n.teardown().await;
+        }
         self.dir.destroy();
         tracing::info!(
             sandbox = self.id,

@@ -98,6 +98,9 @@ impl containerd_shim::asynchronous::Shim for Shim {
                             tracing::info!("killed leftover {} (pid {})", p.name, p.pid);
                         }
                     }
+                    if let Some(net) = &state.network {
+                        net.teardown().await;
+                    }
                 }
                 dir.destroy();
             }

@@ -54,6 +54,9 @@ pub struct State {
     pub sandbox_id: String,
     pub hypervisor: String,
     pub processes: Vec<RecordedProcess>,
+    /// Taps and tc filters in the pod's network namespace.
+    #[serde(default)]
+    pub network: Option<crate::network::PodNetwork>,
 }
 
 #[derive(Debug, Clone)]

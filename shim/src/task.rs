@@ -135,8 +135,9 @@ impl TaskService {
             .vm_sizing(&bundle.annotations())
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let hostname = bundle.spec.hostname().clone().unwrap_or_default();
+        let netns = crate::network::netns_of(&bundle.spec);
         let pod = Arc::new(
-            Pod::boot(id, &config, &sizing, &hostname)
+            Pod::boot(id, &config, &sizing, &hostname, netns.as_deref())
                 .await
                 .map_err(|e| status(Code::INTERNAL, format!("starting the VM: {e}")))?,
         );

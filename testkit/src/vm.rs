@@ -160,6 +160,7 @@ impl TestVm {
             vsock: dir.path().join("vm.vsock"),
             shared_dir: dir.path().join("shared"),
             net: cfg.net.clone(),
+            netns: None,
         };
         for f in [&spec.kernel, &spec.initramfs] {
             if !f.exists() {

@@ -48,6 +48,19 @@ fn main() {
             "twenty_create_delete_cycles_leave_nothing",
             twenty_create_delete_cycles_leave_nothing,
         ),
+        // `make test-network` runs these; `make test-containerd` the rest.
+        (
+            "network_pod_serves_http_reaches_host_and_peer",
+            network_pod_serves_http_reaches_host_and_peer,
+        ),
+        (
+            "network_ten_pod_cycles_leave_nothing",
+            network_ten_pod_cycles_leave_nothing,
+        ),
+        (
+            "network_non_veth_refused_two_veths_joined",
+            network_non_veth_refused_two_veths_joined,
+        ),
     ];
     let ctd = match Containerd::start() {
         Ok(c) => std::sync::Arc::new(c),
@@ -619,4 +632,264 @@ fn twenty_create_delete_cycles_leave_nothing(c: &Containerd) -> Result<()> {
     let cs = ok(&mut c.ctr(&["containers", "ls", "-q"]), 30)?;
     ensure!(cs.trim().is_empty(), "containers left: {cs}");
     Ok(())
+}
+
+fn pod_file(d: &Path, name: &str) -> Result<String> {
+    json_file(
+        d,
+        &format!("{name}-pod.json"),
+        &format!(
+            r#"{{"metadata":{{"name":"{name}","namespace":"default","uid":"{name}-uid","attempt":0}},"linux":{{}}}}"#
+        ),
+    )
+}
+
+/// A busybox httpd on port 8080 serving `body`.
+fn web_file(d: &Path, body: &str) -> Result<String> {
+    json_file(
+        d,
+        "web.json",
+        &format!(
+            r#"{{"metadata":{{"name":"web"}},"image":{{"image":"docker.io/podvisor/busybox:latest"}},"command":["sh","-c","mkdir -p /www && echo {body} > /www/index.html && exec httpd -f -p 8080 -h /www"],"linux":{{}}}}"#
+        ),
+    )
+}
+
+/// A podvisor pod running the web container: (sandbox id, container id, pod IP, netns path).
+fn web_pod(c: &Containerd, name: &str, body: &str) -> Result<(String, String, String, String)> {
+    let pod = pod_file(c.dir(), name)?;
+    let web = web_file(c.dir(), body)?;
+    let sandbox = ok(&mut c.crictl(&["runp", "--runtime", "podvisor", &pod]), 180)?
+        .trim()
+        .to_string();
+    let id = ok(&mut c.crictl(&["create", &sandbox, &web, &pod]), 120)?
+        .trim()
+        .to_string();
+    ok(&mut c.crictl(&["start", &id]), 120)?;
+    let info: serde_json::Value = serde_json::from_str(&ok(
+        &mut c.crictl(&["inspectp", "-o", "json", &sandbox]),
+        60,
+    )?)?;
+    let ip = info
+        .pointer("/status/network/ip")
+        .and_then(|v| v.as_str())
+        .context("no pod IP in inspectp")?
+        .to_string();
+    let netns = info
+        .pointer("/info/runtimeSpec/linux/namespaces")
+        .and_then(|v| v.as_array())
+        .and_then(|a| a.iter().find(|n| n["type"] == "network"))
+        .and_then(|n| n["path"].as_str())
+        .context("no network namespace in inspectp")?
+        .to_string();
+    Ok((sandbox, id, ip, netns))
+}
+
+/// GET / from `ip:8080` until it answers (the guest may still be starting httpd).
+fn http_get(ip: &str) -> Result<String> {
+    use std::io::Read;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let addr: std::net::SocketAddr = format!("{ip}:8080")
+                .parse()
+                .map_err(std::io::Error::other)?;
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })();
+        match attempt {
+            Ok(body) if body.starts_with("HTTP/1") => return Ok(body),
+            _ if Instant::now() > deadline => bail!("no HTTP answer from {ip}:8080: {attempt:?}"),
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+fn stop_pod(c: &Containerd, sandbox: &str) -> Result<()> {
+    ok(&mut c.crictl(&["stopp", sandbox]), 120)?;
+    ok(&mut c.crictl(&["rmp", sandbox]), 120)?;
+    Ok(())
+}
+
+fn network_pod_serves_http_reaches_host_and_peer(c: &Containerd) -> Result<()> {
+    let (a, web_a, ip_a, netns_a) = web_pod(c, "neta", "hello-from-pod-a")?;
+    let body = http_get(&ip_a)?;
+    ensure!(
+        body.contains("hello-from-pod-a"),
+        "host GET {ip_a}:8080 answered {body:?}"
+    );
+
+    // The guest NIC has CNI's address and the veth's MAC.
+    let veth: serde_json::Value = serde_json::from_str(&ok(
+        Command::new("nsenter")
+            .arg(format!("--net={netns_a}"))
+            .args(["ip", "-j", "link", "show", "eth0"]),
+        30,
+    )?)?;
+    let mac = veth[0]["address"].as_str().context("veth MAC")?.to_string();
+    let guest = ok(
+        &mut c.crictl(&["exec", "-s", &web_a, "ip", "addr", "show", "eth0"]),
+        60,
+    )?;
+    ensure!(
+        guest.contains(&format!("inet {ip_a}/24")) && guest.contains(&mac),
+        "guest eth0 lacks {ip_a} or {mac}:\n{guest}"
+    );
+
+    // The host's bridge answers the pod.
+    ok(
+        &mut c.crictl(&[
+            "exec",
+            "-s",
+            &web_a,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "20",
+            "10.88.77.1",
+        ]),
+        60,
+    )?;
+
+    // A second pod is reachable from the first by IP.
+    let (b, _, ip_b, netns_b) = web_pod(c, "netb", "hello-from-pod-b")?;
+    let from_a = ok(
+        &mut c.crictl(&[
+            "exec",
+            "-s",
+            &web_a,
+            "sh",
+            "-c",
+            &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 20 {ip_b} 8080"),
+        ]),
+        60,
+    )?;
+    ensure!(
+        from_a.contains("hello-from-pod-b"),
+        "pod A got {from_a:?} from pod B"
+    );
+
+    stop_pod(c, &a)?;
+    stop_pod(c, &b)?;
+    for ns in [&netns_a, &netns_b] {
+        ensure!(
+            !Path::new(ns).exists(),
+            "network namespace {ns} left behind"
+        );
+    }
+    Ok(())
+}
+
+fn netns_count() -> usize {
+    std::fs::read_dir("/var/run/netns")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn network_ten_pod_cycles_leave_nothing(c: &Containerd) -> Result<()> {
+    let before = netns_count();
+    let pod = pod_file(c.dir(), "cycle")?;
+    for i in 0..10 {
+        let sandbox = ok(&mut c.crictl(&["runp", "--runtime", "podvisor", &pod]), 180)
+            .with_context(|| format!("cycle {i}"))?
+            .trim()
+            .to_string();
+        stop_pod(c, &sandbox).with_context(|| format!("cycle {i}"))?;
+    }
+    wait_clean()?;
+    ensure!(
+        netns_count() == before,
+        "{} network namespaces before, {} after",
+        before,
+        netns_count()
+    );
+    Ok(())
+}
+
+/// PodNetwork against hand-made namespaces: a tap (not a veth) is refused
+/// by name; two veths each get a tap joined by tc, and teardown removes
+/// taps and qdiscs.
+fn network_non_veth_refused_two_veths_joined(_: &Containerd) -> Result<()> {
+    use podvisor_shim::network::{NetworkError, PodNetwork};
+    let ns = format!("pvt-net-{}", std::process::id());
+    let path = std::path::PathBuf::from(format!("/var/run/netns/{ns}"));
+    let ip = |args: &[&str]| ok(Command::new("ip").args(args), 30);
+    let tc = |args: &[&str]| ok(Command::new("tc").args(args), 30);
+    ip(&["netns", "add", &ns])?;
+    let result = (|| -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        ip(&["-n", &ns, "tuntap", "add", "dev", "t0", "mode", "tap"])?;
+        match rt.block_on(PodNetwork::setup(&path)) {
+            Err(NetworkError::NotVeth { name, kind, .. }) => {
+                ensure!(name == "t0" && kind == "tun", "refused {name} as {kind}")
+            }
+            other => bail!("a tap in the namespace must be refused, got {other:?}"),
+        }
+        ip(&["-n", &ns, "link", "del", "t0"])?;
+
+        for i in 0..2 {
+            ip(&[
+                "link",
+                "add",
+                &format!("pvh{i}"),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("pvg{i}"),
+                "netns",
+                &ns,
+            ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.99.{i}.2/24"),
+                "dev",
+                &format!("pvg{i}"),
+            ])?;
+            ip(&["-n", &ns, "link", "set", &format!("pvg{i}"), "up"])?;
+        }
+        let net = rt.block_on(PodNetwork::setup(&path))?;
+        ensure!(net.links.len() == 2, "{} links", net.links.len());
+        for (i, l) in net.links.iter().enumerate() {
+            ensure!(
+                l.veth == format!("pvg{i}") && l.tap == format!("pvtap{i}"),
+                "{l:?}"
+            );
+            ensure!(l.addresses == vec![(format!("10.99.{i}.2"), 24)], "{l:?}");
+            let filters = tc(&["-n", &ns, "filter", "show", "dev", &l.veth, "ingress"])?;
+            ensure!(
+                filters.contains("mirred") && filters.contains(&l.tap),
+                "filters on {}: {filters}",
+                l.veth
+            );
+            let back = tc(&["-n", &ns, "filter", "show", "dev", &l.tap, "ingress"])?;
+            ensure!(back.contains(&l.veth), "filters on {}: {back}", l.tap);
+        }
+        rt.block_on(net.teardown());
+        let links = ip(&["-n", &ns, "link", "show"])?;
+        ensure!(
+            !links.contains("pvtap"),
+            "taps left after teardown:\n{links}"
+        );
+        for i in 0..2 {
+            let q = tc(&["-n", &ns, "qdisc", "show", "dev", &format!("pvg{i}")])?;
+            ensure!(!q.contains("ingress"), "ingress qdisc left on pvg{i}: {q}");
+        }
+        Ok(())
+    })();
+    let _ = ip(&["netns", "del", &ns]);
+    for i in 0..2 {
+        let _ = ip(&["link", "del", &format!("pvh{i}")]);
+    }
+    result
 }

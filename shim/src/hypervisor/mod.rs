@@ -72,6 +72,29 @@ pub struct VmSpec {
     pub shared_dir: PathBuf,
     /// virtio-net devices, each on an existing tap.
     pub net: Vec<NetDevice>,
+    /// The network namespace the VM process runs in (where its taps are).
+    pub netns: Option<PathBuf>,
+}
+
+/// Makes `cmd` start in the network namespace `netns`.
+pub(crate) fn run_in_netns(cmd: &mut Command, netns: Option<&Path>) -> Result<(), HypervisorError> {
+    let Some(netns) = netns else { return Ok(()) };
+    let ns: std::os::fd::OwnedFd = std::fs::File::open(netns)
+        .map_err(|source| HypervisorError::Io {
+            what: format!("opening network namespace {}", netns.display()),
+            source,
+        })?
+        .into();
+    // SAFETY: setns(2) is async-signal-safe; the closure owns the fd.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// A guest NIC: the host tap it is attached to and the MAC the guest sees.

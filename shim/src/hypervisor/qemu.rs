@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use super::{
-    start_virtiofsd, wait_for_socket, Hypervisor, HypervisorError, RunningVm, Supervised, VmSpec,
-    HELPER_READY,
+    run_in_netns, start_virtiofsd, wait_for_socket, Hypervisor, HypervisorError, RunningVm,
+    Supervised, VmSpec, HELPER_READY,
 };
 use crate::config::Paths;
 
@@ -148,7 +148,9 @@ impl Hypervisor for Qemu {
         .arg(&spec.initramfs)
         .arg("-append")
         .arg(format!("console=ttyS0 panic=-1 quiet {}", spec.kernel_params).trim_end());
-        let vm = match Supervised::spawn("qemu", &mut qemu, &d.join("qemu.log")) {
+        let vm = match run_in_netns(&mut qemu, spec.netns.as_deref())
+            .and_then(|()| Supervised::spawn("qemu", &mut qemu, &d.join("qemu.log")))
+        {
             Ok(vm) => vm,
             Err(e) => {
                 vsock_helper.kill().await;

@@ -11,7 +11,8 @@ use podvisor_vmm::VmConfig;
 use tokio::process::Command;
 
 use super::{
-    start_virtiofsd, wait_for_socket, Hypervisor, HypervisorError, RunningVm, Supervised, VmSpec,
+    run_in_netns, start_virtiofsd, wait_for_socket, Hypervisor, HypervisorError, RunningVm,
+    Supervised, VmSpec,
 };
 use crate::config::Paths;
 
@@ -100,11 +101,11 @@ impl Hypervisor for Vmm {
             }
         };
         let log = spec.dir.join("vmm.log");
-        let vm = match Supervised::spawn(
-            "podvisor-vmm",
-            Command::new(&self.paths.vmm).arg("--config").arg(&config),
-            &log,
-        ) {
+        let mut cmd = Command::new(&self.paths.vmm);
+        cmd.arg("--config").arg(&config);
+        let vm = match run_in_netns(&mut cmd, spec.netns.as_deref())
+            .and_then(|()| Supervised::spawn("podvisor-vmm", &mut cmd, &log))
+        {
             Ok(vm) => vm,
             Err(e) => {
                 fs_helper.kill().await;
@@ -145,6 +146,7 @@ mod tests {
                 tap: "tap0".into(),
                 mac: "02:00:00:00:00:07".into(),
             }],
+            netns: None,
         };
         let c = Vmm::config(&spec, std::path::Path::new("/run/podvisor/x/virtiofs.sock")).unwrap();
         c.validate().unwrap();
