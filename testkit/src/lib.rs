@@ -5,7 +5,8 @@
 //! - [`io`]: running containers through the agent as the shim will;
 //! - [`rootfs`]: busybox root filesystems for test containers;
 //! - [`spec`]: containerd-like OCI specs;
-//! - [`vmm_bench`]: start time and memory of the in-tree VMM beside QEMU.
+//! - [`vmm_bench`]: start time and memory of the in-tree VMM beside QEMU;
+//! - [`net_bench`]: pod network throughput and latency beside runc.
 //!
 //! Tests: `tests/agent.rs` (the agent in a real guest), `tests/vmm.rs`
 //! (the guest on the in-tree VMM, where KVM is fast),
@@ -16,6 +17,7 @@
 pub mod containerd;
 pub mod image;
 pub mod io;
+pub mod net_bench;
 pub mod rootfs;
 pub mod spec;
 pub mod vm;

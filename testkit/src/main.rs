@@ -346,6 +346,29 @@ fn containerd_figures(note: &str) -> Result<()> {
         );
         let _ = ctd.crictl(&["stopp", &id]).output();
         let _ = ctd.crictl(&["rmp", &id]).output();
+
+        let ours = podvisor_testkit::net_bench::measure(&ctd, "podvisor")?;
+        let (base, what) = podvisor_testkit::net_bench::baseline(&ctd)?;
+        let mbs = |v: f64| format!("{v:.0} MB/s");
+        let label = format!("  baseline: {what}");
+        row(
+            &format!("TCP host -> pod ({note})"),
+            mbs(ours.host_to_pod),
+            "-",
+        );
+        row(&label, mbs(base.host_to_pod), "-");
+        row(
+            &format!("TCP pod -> host ({note})"),
+            mbs(ours.pod_to_host),
+            "-",
+        );
+        row(&label, mbs(base.pod_to_host), "-");
+        row(
+            &format!("ping round trip host -> pod, average ({note})"),
+            ms(ours.rtt),
+            "-",
+        );
+        row(&label, ms(base.rtt), "-");
         Ok(())
     })();
     ctd.stop();

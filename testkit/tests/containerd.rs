@@ -639,7 +639,7 @@ fn pod_file(d: &Path, name: &str) -> Result<String> {
         d,
         &format!("{name}-pod.json"),
         &format!(
-            r#"{{"metadata":{{"name":"{name}","namespace":"default","uid":"{name}-uid","attempt":0}},"linux":{{}}}}"#
+            r#"{{"metadata":{{"name":"{name}","namespace":"default","uid":"{name}-uid","attempt":0}},"hostname":"{name}","dns_config":{{"servers":["10.88.77.53"],"searches":["podvisor.test"]}},"linux":{{}}}}"#
         ),
     )
 }
@@ -738,6 +738,25 @@ fn network_pod_serves_http_reaches_host_and_peer(c: &Containerd) -> Result<()> {
     ensure!(
         guest.contains(&format!("inet {ip_a}/24")) && guest.contains(&mac),
         "guest eth0 lacks {ip_a} or {mac}:\n{guest}"
+    );
+
+    // DNS and hostname from the pod's CRI config reach the container.
+    let etc = ok(
+        &mut c.crictl(&[
+            "exec",
+            "-s",
+            &web_a,
+            "sh",
+            "-c",
+            "cat /etc/resolv.conf; hostname",
+        ]),
+        60,
+    )?;
+    ensure!(
+        etc.contains("nameserver 10.88.77.53")
+            && etc.contains("search podvisor.test")
+            && etc.lines().any(|l| l.trim() == "neta"),
+        "resolv.conf and hostname in the pod:\n{etc}"
     );
 
     // The host's bridge answers the pod.
