@@ -8,7 +8,9 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::{complete, pop_chain, Active, DeviceError, VirtioDevice, F_VERSION_1, TYPE_BLOCK};
+use super::{
+    complete, pop_chain, with_active, Active, DeviceError, VirtioDevice, F_VERSION_1, TYPE_BLOCK,
+};
 
 const QUEUE_SIZE: u16 = 256;
 const SECTOR: u64 = 512;
@@ -137,15 +139,6 @@ impl Block {
         }
     }
 
-    fn process(&mut self) -> Result<(), DeviceError> {
-        let Some(mut a) = self.active.take() else {
-            return Ok(());
-        };
-        let r = self.process_active(&mut a);
-        self.active = Some(a);
-        r
-    }
-
     fn process_active(&mut self, a: &mut Active) -> Result<(), DeviceError> {
         let bad = |what: &str| DeviceError::Chain(format!("block request: {what}"));
         while let Some(chain) = pop_chain(&mut a.queues[0], &a.mem)? {
@@ -217,7 +210,7 @@ impl VirtioDevice for Block {
         self.active = None;
     }
     fn queue_event(&mut self, _index: usize) -> Result<(), DeviceError> {
-        self.process()
+        with_active(self, |b| &mut b.active, Block::process_active)
     }
 }
 

@@ -137,6 +137,22 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// Runs `f` with the device's active state taken out of `slot` for the
+/// call, so that `f` may borrow the rest of the device mutably; nothing to
+/// do while the device is not active.
+pub fn with_active<D>(
+    dev: &mut D,
+    slot: fn(&mut D) -> &mut Option<Active>,
+    f: impl FnOnce(&mut D, &mut Active) -> Result<(), DeviceError>,
+) -> Result<(), DeviceError> {
+    let Some(mut a) = slot(dev).take() else {
+        return Ok(());
+    };
+    let r = f(dev, &mut a);
+    *slot(dev) = Some(a);
+    r
+}
+
 /// The next available chain. A corrupted avail ring is an error (the
 /// device fails), not an empty queue.
 pub fn pop_chain<'a>(

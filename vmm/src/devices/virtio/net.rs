@@ -8,7 +8,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use super::{complete, pop_chain, Active, DeviceError, VirtioDevice, F_VERSION_1, TYPE_NET};
+use super::{
+    complete, pop_chain, with_active, Active, DeviceError, VirtioDevice, F_VERSION_1, TYPE_NET,
+};
 
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
@@ -150,14 +152,10 @@ impl Net {
         &mut self,
         f: fn(&mut Net, &mut Active, &mut [u8]) -> Result<(), DeviceError>,
     ) -> Result<(), DeviceError> {
-        let Some(mut a) = self.active.take() else {
-            return Ok(());
-        };
         let mut buf = std::mem::take(&mut self.buf);
         buf.resize(MAX_PACKET, 0);
-        let r = f(self, &mut a, &mut buf);
+        let r = with_active(self, |n| &mut n.active, |n, a| f(n, a, &mut buf));
         self.buf = buf;
-        self.active = Some(a);
         r
     }
 }

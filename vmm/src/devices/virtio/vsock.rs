@@ -22,7 +22,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use virtio_queue::QueueOwnedT;
 
-use super::{complete, pop_chain, Active, DeviceError, VirtioDevice, F_VERSION_1, TYPE_VSOCK};
+use super::{
+    complete, pop_chain, with_active, Active, DeviceError, VirtioDevice, F_VERSION_1, TYPE_VSOCK,
+};
 
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
@@ -520,10 +522,12 @@ impl Vsock {
 
     /// Drains the TX queue (guest to host).
     fn process_tx(&mut self) -> Result<(), DeviceError> {
-        let Some(mut a) = self.active.take() else {
-            return Ok(());
-        };
-        let r = (|| {
+        with_active(self, |v| &mut v.active, Vsock::drain_tx)?;
+        self.process_rx()
+    }
+
+    fn drain_tx(&mut self, a: &mut Active) -> Result<(), DeviceError> {
+        {
             while let Some(chain) = pop_chain(&mut a.queues[TX], &a.mem)? {
                 let head = chain.head_index();
                 let mut r = chain
@@ -553,20 +557,12 @@ impl Vsock {
                 self.guest_packet(h, &payload);
             }
             Ok(())
-        })();
-        self.active = Some(a);
-        r?;
-        self.process_rx()
+        }
     }
 
     /// Fills RX buffers: control packets first, then data from host sockets.
     fn process_rx(&mut self) -> Result<(), DeviceError> {
-        let Some(mut a) = self.active.take() else {
-            return Ok(());
-        };
-        let r = self.fill_rx(&mut a);
-        self.active = Some(a);
-        r
+        with_active(self, |v| &mut v.active, Vsock::fill_rx)
     }
 
     fn fill_rx(&mut self, a: &mut Active) -> Result<(), DeviceError> {
