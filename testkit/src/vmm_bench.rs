@@ -145,32 +145,21 @@ fn figures(starts: Vec<Start>) -> Figures {
     }
 }
 
-/// The spin guest, assembled with binutils.
+/// The spin guest, assembled by the VMM tests' `guests/build.sh`.
 fn spin_guest(dir: &Path) -> Result<PathBuf> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmm/tests/guests");
-    let obj = dir.join("spin.o");
-    let elf = dir.join("spin.elf");
-    let ok = Command::new("as")
-        .args(["--64", "-I"])
-        .arg(&src)
-        .arg("-o")
-        .arg(&obj)
-        .arg(src.join("spin.S"))
-        .status()
-        .context("running as (binutils)")?
-        .success()
-        && Command::new("ld")
-            .args(["-static", "-nostdlib", "-Ttext=0x100000", "-e", "_start"])
-            .args(["--no-warn-rwx-segments", "-z", "max-page-size=0x1000", "-o"])
-            .arg(&elf)
-            .arg(&obj)
-            .status()
-            .context("running ld (binutils)")?
-            .success();
-    if !ok {
-        bail!("assembling {}", src.join("spin.S").display());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmm/tests/guests/build.sh");
+    let out = Command::new(&script)
+        .arg("spin")
+        .arg(dir)
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "assembling the spin guest (binutils): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    Ok(elf)
+    Ok(dir.join("spin.elf"))
 }
 
 /// 64 KiB of firmware: at the reset vector, `mov dx,0x3f8; mov al,'!';

@@ -42,33 +42,22 @@ fn scratch() -> &'static Path {
         .path()
 }
 
-/// Assembles and links `tests/guests/<name>.S` into a vmlinux-style ELF
-/// entered at 1 MiB.
+/// `tests/guests/<name>.S` assembled by `tests/guests/build.sh`.
 fn guest(name: &str) -> std::result::Result<PathBuf, Failed> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests");
-    let obj = scratch().join(format!("{name}.o"));
-    let elf = scratch().join(format!("{name}.elf"));
-    let run = |cmd: &mut Command| -> Result {
-        let out = cmd
-            .output()
-            .map_err(|e| format!("running {cmd:?}: {e} (install binutils)"))?;
-        check(
-            out.status.success(),
-            format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr)),
-        )
-    };
-    run(Command::new("as")
-        .args(["--64", "-I"])
-        .arg(&src)
-        .arg("-o")
-        .arg(&obj)
-        .arg(src.join(format!("{name}.S"))))?;
-    run(Command::new("ld")
-        .args(["-static", "-nostdlib", "-Ttext=0x100000", "-e", "_start"])
-        .args(["--no-warn-rwx-segments", "-z", "max-page-size=0x1000", "-o"])
-        .arg(&elf)
-        .arg(&obj))?;
-    Ok(elf)
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests/build.sh");
+    let out = Command::new(&script)
+        .arg(name)
+        .arg(scratch())
+        .output()
+        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    check(
+        out.status.success(),
+        format!(
+            "assembling {name} (binutils): {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )?;
+    Ok(scratch().join(format!("{name}.elf")))
 }
 
 fn config(kernel: PathBuf, name: &str) -> VmConfig {
