@@ -224,14 +224,39 @@ impl TestVm {
             .collect()
     }
 
-    /// Waits up to `within` for QEMU to exit by itself (the guest powered
-    /// off) and returns its status.
-    pub async fn wait_qemu_exit(&self, within: Duration) -> Result<ExitStatus> {
-        match tokio::time::timeout(within, self.vm.vm.wait()).await {
-            Ok(Some(st)) => Ok(st),
-            Ok(None) => bail!("lost track of QEMU"),
-            Err(_) => bail!("QEMU still running {within:?} after the guest was told to power off"),
+    /// DestroySandbox, then waits up to `within` for the VM process to exit
+    /// by itself (the guest powered off), stops everything and checks that
+    /// no process of the VM and not its directory is left. Returns the VM
+    /// process's exit status.
+    pub async fn power_off(self, within: Duration) -> Result<ExitStatus> {
+        let dir = self.dir().to_owned();
+        let pids = self.pids();
+        let name = self.vm.vm.name;
+        self.agent
+            .destroy_sandbox(ctx(), &api::DestroySandboxRequest::new())
+            .await?;
+        let status = match tokio::time::timeout(within, self.vm.vm.wait()).await {
+            Ok(Some(st)) => st,
+            Ok(None) => bail!("lost track of {name}"),
+            Err(_) => bail!(
+                "{name} still running {within:?} after the guest was told to power off:\n{}",
+                self.diagnostics()
+            ),
+        };
+        let diagnostics = self.diagnostics();
+        self.shutdown().await;
+        if dir.exists() {
+            bail!("{} left behind", dir.display());
         }
+        for pid in pids {
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                bail!("process {pid} of the VM still running");
+            }
+        }
+        if !status.success() {
+            bail!("{name} exited with {status} after power-off:\n{diagnostics}");
+        }
+        Ok(status)
     }
 
     /// Stops QEMU and the helpers and removes the VM's directory.

@@ -93,6 +93,33 @@ fn hex(line: &str, word: usize) -> std::result::Result<u64, Failed> {
     u64::from_str_radix(w, 16).map_err(|e| format!("{w:?}: {e}").into())
 }
 
+/// Where the test guests find what the test tells them (see their .S).
+const GUEST_PARAMS: u64 = 0x180000;
+
+/// Writes `words` at [`GUEST_PARAMS`] in the guest.
+fn hand_to_guest(vm: &Vm, words: &[u64]) -> Result {
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    vm.memory()
+        .write_slice(&bytes, GuestAddress(GUEST_PARAMS))
+        .map_err(|e| e.to_string().into())
+}
+
+/// Runs the VM to its end and checks it ended as `expected`; returns the
+/// guest's console.
+fn run_expecting(
+    vm: Vm,
+    c: &VmConfig,
+    expected: ExitReason,
+) -> std::result::Result<String, Failed> {
+    let reason = run(vm, Duration::from_secs(60))?;
+    let out = console(c);
+    check(
+        reason == expected,
+        format!("{reason}, not {expected}; console:\n{out}"),
+    )?;
+    Ok(out)
+}
+
 /// Runs a VM on a thread, failing if it has not ended within `within`.
 fn run(vm: Vm, within: Duration) -> std::result::Result<ExitReason, Failed> {
     let exit = vm.exit_signal();
@@ -114,12 +141,7 @@ fn boot_path() -> Result {
     c.rng = true;
     c.mmio_on_cmdline = true;
     let vm = Vm::build(&c).map_err(|e| e.to_string())?;
-    let reason = run(vm, Duration::from_secs(60))?;
-    let out = console(&c);
-    check(
-        reason == ExitReason::PowerOff,
-        format!("{reason}; console:\n{out}"),
-    )?;
+    let out = run_expecting(vm, &c, ExitReason::PowerOff)?;
     let lines: Vec<&str> = out.lines().collect();
     check(lines.len() >= 6, format!("console:\n{out}"))?;
     let efer = hex(lines[0], 3)?;
@@ -249,19 +271,10 @@ fn mmio_windows_and_i8042_reset() -> Result {
         windows == built,
         format!("DSDT names {windows:x?}, the VM built {built:x?}"),
     )?;
-    let mut list = (windows.len() as u64).to_le_bytes().to_vec();
-    for w in &windows {
-        list.extend_from_slice(&w.to_le_bytes());
-    }
-    vm.memory()
-        .write_slice(&list, GuestAddress(0x180000))
-        .map_err(|e| e.to_string())?;
-    let reason = run(vm, Duration::from_secs(60))?;
-    let out = console(&c);
-    check(
-        reason == ExitReason::Reboot,
-        format!("{reason}; console:\n{out}"),
-    )?;
+    let mut list = vec![windows.len() as u64];
+    list.extend(&windows);
+    hand_to_guest(&vm, &list)?;
+    let out = run_expecting(vm, &c, ExitReason::Reboot)?;
     let lines: Vec<&str> = out.lines().collect();
     // vsock, fs, block, net, rng: in slot order.
     let ids = [19u64, 26, 2, 1, 4];
@@ -284,12 +297,7 @@ fn two_vcpus() -> Result {
     let mut c = config(guest("smp")?, "smp");
     c.vcpus = 2;
     let vm = Vm::build(&c).map_err(|e| e.to_string())?;
-    let reason = run(vm, Duration::from_secs(60))?;
-    let out = console(&c);
-    check(
-        reason == ExitReason::PowerOff,
-        format!("{reason}; console:\n{out}"),
-    )?;
+    let out = run_expecting(vm, &c, ExitReason::PowerOff)?;
     check(
         out.lines().any(|l| l == "1"),
         format!("CPU 1 did not print: {out}"),
@@ -301,17 +309,8 @@ fn hostile_guest() -> Result {
     let mut c = config(guest("hostile")?, "hostile");
     c.rng = true;
     let vm = Vm::build(&c).map_err(|e| e.to_string())?;
-    let addr = vm.mmio_devices()[0].addr;
-    let list: Vec<u8> = [1u64, addr].iter().flat_map(|v| v.to_le_bytes()).collect();
-    vm.memory()
-        .write_slice(&list, GuestAddress(0x180000))
-        .map_err(|e| e.to_string())?;
-    let reason = run(vm, Duration::from_secs(60))?;
-    let out = console(&c);
-    check(
-        reason == ExitReason::PowerOff,
-        format!("{reason}; console:\n{out}"),
-    )?;
+    hand_to_guest(&vm, &[1, vm.mmio_devices()[0].addr])?;
+    let out = run_expecting(vm, &c, ExitReason::PowerOff)?;
     let line = |w: &str| {
         out.lines()
             .find(|l| l.starts_with(w))
@@ -373,10 +372,7 @@ fn vsock_echo_through_a_guest_driver() -> Result {
         uds: uds.clone(),
     });
     let vm = Vm::build(&c).map_err(|e| e.to_string())?;
-    let d = vm.mmio_devices()[0];
-    vm.memory()
-        .write_slice(&d.addr.to_le_bytes(), GuestAddress(0x180000))
-        .map_err(|e| e.to_string())?;
+    hand_to_guest(&vm, &[vm.mmio_devices()[0].addr])?;
     let exit = vm.exit_signal();
     let t = std::thread::spawn(move || vm.run());
     let talk = || -> std::result::Result<String, Failed> {
