@@ -16,12 +16,15 @@ DEB_PACKAGES := qemu-system-x86 qemu-system-common seabios busybox-static \
                 cpio kmod zstd file ca-certificates binutils
 VHOST_DEVICE_VSOCK_VERSION := 0.3.0
 CRICTL_VERSION := v1.34.0
+CLUSTER_BIN  := build/cluster/bin
+SHELL        := /bin/bash
 
 # Tests and tools find crictl and vhost-device-vsock here.
 export PATH := $(CURDIR)/$(TOOLS):$(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: help deps build agent guest-image shim install uninstall demo bench \
-        test lint test-unit test-vmm test-guest test-containerd test-network clean
+        test lint test-unit test-vmm test-guest test-containerd test-network \
+        cluster-bins cluster-up cluster-down test-e2e e2e-kind clean
 
 help:
 	@echo "make deps             install what the build and tests need (as root)"
@@ -29,7 +32,10 @@ help:
 	@echo "make guest-image      build the guest kernel + initramfs into $(GUEST_DIR)/"
 	@echo "make install          install the shim, guest image and config under $(PREFIX), $(CONFIG_DIR)"
 	@echo "make demo             start a private containerd and run a container in a VM"
-	@echo "make test             lint, unit tests, VMM tests, guest tests, containerd and network tests"
+	@echo "make test             lint, unit tests, VMM, guest, containerd, network and e2e tests"
+	@echo "make cluster-up       a local single-node Kubernetes cluster with podvisor (cluster-down stops it)"
+	@echo "make test-e2e         cluster-up, the e2e suite, cluster-down"
+	@echo "make e2e-kind         the e2e suite on a kind cluster (needs Docker and kind)"
 	@echo "make bench            print the figures of DESIGN.md that can be measured here"
 
 deps:
@@ -74,10 +80,17 @@ uninstall:
 demo: deps shim guest-image
 	$(CARGO) run --release -q -p podvisor-testkit -- demo
 
-bench: shim guest-image
+# The figures measurable without Kubernetes, then pods through the local
+# cluster (create to Running, delete to gone; podvisor beside runc).
+bench: shim guest-image install cluster-bins
 	$(CARGO) run --release -q -p podvisor-testkit -- bench
+	$(CARGO) build --release -p podvisor-e2e --bins
+	cluster/down.sh >/dev/null
+	cluster/up.sh >/dev/null || { cluster/down.sh; exit 1; }; \
+	. cluster/env.sh; PATH=$(CURDIR)/$(CLUSTER_BIN):$$PATH target/release/podvisor-pod-bench; \
+	rc=$$?; cluster/down.sh >/dev/null; exit $$rc
 
-test: lint test-unit test-vmm test-guest test-containerd test-network
+test: lint test-unit test-vmm test-guest test-containerd test-network test-e2e
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -105,6 +118,35 @@ test-containerd: guest-image
 test-network: guest-image
 	$(CARGO) build -p podvisor-shim --bins
 	$(CARGO) test -p podvisor-testkit --test containerd -- network_
+
+# Kubernetes components for the local cluster, built from the Go module
+# proxy at the release cluster/k8s/go.mod pins (skipped when up to date).
+cluster-bins:
+	cluster/build.sh $(CLUSTER_BIN)
+
+# A single-node cluster on this machine (no Docker): podvisor installed as
+# on a node, then etcd, the control plane, containerd and kubelet.
+cluster-up: install cluster-bins
+	$(CARGO) build --release -p podvisor-testkit
+	cluster/up.sh
+
+cluster-down:
+	cluster/down.sh
+
+# The e2e suite on the local cluster; the cluster goes down whatever happens.
+test-e2e: install cluster-bins
+	$(CARGO) build --release -p podvisor-testkit
+	$(CARGO) build -p podvisor-e2e --tests
+	cluster/down.sh >/dev/null
+	cluster/up.sh || { cluster/down.sh; exit 1; }; \
+	. cluster/env.sh; \
+	KUBECTL=$(CURDIR)/$(CLUSTER_BIN)/kubectl $(CARGO) test -p podvisor-e2e --test e2e; \
+	rc=$$?; cluster/down.sh; exit $$rc
+
+# The same suite on kind (Docker hosts): a node image with podvisor
+# installed by `make install`'s steps (e2e/kind/), then the suite.
+e2e-kind:
+	e2e/kind/run.sh
 
 clean:
 	$(CARGO) clean

@@ -1,10 +1,12 @@
-//! `podvisor-testkit demo|bench`.
+//! `podvisor-testkit demo|bench|image`.
 //!
 //! - `demo`: starts a private containerd with the podvisor runtime, runs a
 //!   container with `ctr run`, and shows that it ran in a VM (guest kernel
 //!   release and boot id next to the host's).
 //! - `bench`: prints the figures of DESIGN.md's target table that this
 //!   machine can measure, each with the backend and accelerator used.
+//! - `image ARCHIVE NAME CMD...`: writes the busybox test image as an OCI
+//!   archive (the local cluster imports it; no registry is reached).
 
 use std::io::Read;
 use std::process::Stdio;
@@ -29,8 +31,22 @@ fn main() -> Result<()> {
     match std::env::args().nth(1).as_deref() {
         Some("demo") => demo(),
         Some("bench") => rt.block_on(bench()),
-        _ => bail!("usage: podvisor-testkit demo|bench"),
+        Some("image") => image(&std::env::args().skip(2).collect::<Vec<_>>()),
+        _ => bail!("usage: podvisor-testkit demo|bench|image ARCHIVE NAME CMD..."),
     }
+}
+
+/// `image ARCHIVE NAME CMD...`: writes the busybox test image as an OCI
+/// archive for `ctr images import` (the local cluster's images).
+fn image(args: &[String]) -> Result<()> {
+    let [archive, name, cmd @ ..] = args else {
+        bail!("usage: podvisor-testkit image ARCHIVE NAME CMD...");
+    };
+    if cmd.is_empty() {
+        bail!("image {name}: no default command given");
+    }
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    podvisor_testkit::image::busybox_archive(std::path::Path::new(archive), name, &cmd)
 }
 
 fn first_line(path: &str) -> String {
