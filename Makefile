@@ -11,9 +11,10 @@ CONFIG_DIR   ?= /etc/podvisor
 # Debian 12 packages: QEMU (+ virtiofsd in qemu-system-common, SeaBIOS),
 # containerd and the CNI plugins, busybox-static for test images, the
 # image build's tools, and binutils for the VMM tests' small guests.
+# openssl and curl for the local Kubernetes cluster (cluster/up.sh).
 DEB_PACKAGES := qemu-system-x86 qemu-system-common seabios busybox-static \
                 containerd containernetworking-plugins iproute2 bsdutils \
-                cpio kmod zstd file ca-certificates binutils
+                cpio kmod zstd file ca-certificates binutils openssl curl
 VHOST_DEVICE_VSOCK_VERSION := 0.3.0
 CRICTL_VERSION := v1.34.0
 CLUSTER_BIN  := build/cluster/bin

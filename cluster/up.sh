@@ -9,7 +9,7 @@
 # /opt/podvisor, /etc/podvisor/config.toml); the Makefile's cluster-up does
 # that first. Everything else lives under $PODVISOR_CLUSTER_DIR (default
 # build/cluster): run/ (PKI, kubeconfigs, data), logs/ (one log per
-# component). cluster/down.sh stops it and removes run/.
+# component, and pods/ with the containers' logs). cluster/down.sh stops it and removes run/.
 #
 # Usage: cluster/up.sh   (as root; prints the kubeconfig path at the end)
 set -euo pipefail
@@ -35,7 +35,7 @@ node_ip="$(ip -4 -o addr show ${dev:+dev "$dev"} scope global | awk '{sub("/.*",
 [ -n "$node_ip" ] || { echo "cluster/up.sh: no global IPv4 address for the node" >&2; exit 1; }
 
 mkdir -p "$RUN"/{pki,pids,etcd,kubelet,cni,containerd} "$LOGS"
-rm -f "$LOGS"/*.log
+rm -rf "$LOGS"/*.log "$LOGS/pods"
 trap 'echo "cluster/up.sh failed; logs in $LOGS" >&2' ERR
 
 # --- PKI: one CA; serving and client certificates signed by it. ---
@@ -196,6 +196,7 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%}
 serializeImagePulls: false
+podLogsDirectory: $LOGS/pods
 EOF
 start kubelet "$BIN/kubelet" --config "$RUN/kubelet/config.yaml" \
   --kubeconfig "$RUN/kubelet.kubeconfig" --root-dir "$RUN/kubelet/root" \

@@ -47,6 +47,19 @@ pub fn shim_dir() -> Result<PathBuf> {
     )
 }
 
+/// Whether this process may lower OOM scores (CAP_SYS_RESOURCE). Where it
+/// may not (some sandboxed CI machines), runc fails a CRI pause container's
+/// oomScoreAdj -998 ("can't get final child's PID from pipe"), so
+/// containerd is told to clamp scores instead (as cluster/up.sh does).
+fn can_lower_oom_score() -> bool {
+    Command::new("sh")
+        .args(["-c", "echo -998 > /proc/self/oom_score_adj"])
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
 impl Containerd {
     pub fn start() -> Result<Containerd> {
         let dir = tempfile::Builder::new()
@@ -90,6 +103,7 @@ state = "{state}"
   address = "{address}"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE}"
+  restrict_oom_score_adj = {restrict_oom}
   [plugins."io.containerd.grpc.v1.cri".containerd]
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
@@ -107,6 +121,7 @@ state = "{state}"
                 address = address.display(),
                 podvisor_config = podvisor_config.display(),
                 cni = cni.display(),
+                restrict_oom = !can_lower_oom_score(),
             ),
         )?;
 
