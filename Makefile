@@ -86,10 +86,7 @@ demo: deps shim guest-image
 bench: shim guest-image install cluster-bins
 	$(CARGO) run --release -q -p podvisor-testkit -- bench
 	$(CARGO) build --release -p podvisor-e2e --bins
-	cluster/down.sh >/dev/null
-	cluster/up.sh >/dev/null || { cluster/down.sh; exit 1; }; \
-	. cluster/env.sh; PATH=$(CURDIR)/$(CLUSTER_BIN):$$PATH target/release/podvisor-pod-bench; \
-	rc=$$?; cluster/down.sh >/dev/null; exit $$rc
+	cluster/with.sh target/release/podvisor-pod-bench
 
 test: lint test-unit test-vmm test-guest test-containerd test-network test-e2e
 
@@ -138,11 +135,7 @@ cluster-down:
 test-e2e: install cluster-bins
 	$(CARGO) build --release -p podvisor-testkit
 	$(CARGO) build -p podvisor-e2e --tests
-	cluster/down.sh >/dev/null
-	cluster/up.sh || { cluster/down.sh; exit 1; }; \
-	. cluster/env.sh; \
-	KUBECTL=$(CURDIR)/$(CLUSTER_BIN)/kubectl $(CARGO) test -p podvisor-e2e --test e2e; \
-	rc=$$?; cluster/down.sh; exit $$rc
+	cluster/with.sh $(CARGO) test -p podvisor-e2e --test e2e
 
 # The same suite on kind (Docker hosts): a node image with podvisor
 # installed by `make install`'s steps (e2e/kind/), then the suite.

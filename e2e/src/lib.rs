@@ -208,6 +208,28 @@ impl Cluster {
         success(&mut c, None, 60).with_context(|| format!("on the node: {script}"))
     }
 
+    /// The node's processes whose command line names `id`: (pid, command
+    /// line with spaces between arguments).
+    pub fn processes_naming(&self, id: &str) -> Result<Vec<(u32, String)>> {
+        // The id goes into the script in two quoted halves and reaches grep
+        // on its stdin, so that neither the shell nor grep match themselves.
+        let (a, b) = id.split_at(id.len() / 2);
+        let out = self.node_sh(&format!(
+            "echo '{a}''{b}' | grep -l -F -f - /proc/[0-9]*/cmdline 2>/dev/null | \
+             while read -r f; do p=${{f#/proc/}}; \
+               echo \"${{p%/cmdline}} $(tr '\\0' ' ' < $f)\"; done; true"
+        ))?;
+        Ok(out
+            .lines()
+            .filter_map(|l| {
+                let (pid, cmd) = l.split_once(' ')?;
+                let cmd = cmd.trim();
+                // A process that ended while being read has no command line.
+                (!cmd.is_empty()).then(|| Some((pid.parse().ok()?, cmd.to_string())))?
+            })
+            .collect())
+    }
+
     /// The sandbox id containerd gave `pod` (crictl on the node).
     pub fn sandbox_id(&self, pod: &str) -> Result<String> {
         let id = self.node_sh(&format!(

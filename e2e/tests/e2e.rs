@@ -302,18 +302,14 @@ fn limits_size_the_vm(c: &Cluster) -> Result<()> {
 /// What the node still holds of sandbox `id`: its state directory,
 /// processes naming it (shim, VMM/QEMU, virtiofsd, vsock helper), mounts.
 fn node_leftovers(c: &Cluster, id: &str) -> Result<String> {
-    // The id goes into the script in two quoted halves and reaches grep on
-    // its stdin, so that neither the shell nor grep match themselves.
-    let (a, b) = id.split_at(id.len() / 2);
-    c.node_sh(&format!(
-        "id='{a}''{b}'; \
-         test -e /run/podvisor/$id && echo \"dir /run/podvisor/$id\"; \
-         for f in $(echo \"$id\" | grep -l -F -f - /proc/[0-9]*/cmdline 2>/dev/null); do \
-           p=${{f#/proc/}}; \
-           echo \"process ${{p%/cmdline}}: $(tr '\\0' ' ' < $f | cut -c1-120)\"; \
-         done; \
-         grep -F -- \"$id\" /proc/self/mounts | sed 's/^/mount /'; true"
-    ))
+    let mut left = c.node_sh(&format!(
+        "test -e /run/podvisor/{id} && echo \"dir /run/podvisor/{id}\"; \
+         grep -F -- '{id}' /proc/self/mounts | sed 's/^/mount /'; true"
+    ))?;
+    for (pid, cmd) in c.processes_naming(id)? {
+        left.push_str(&format!("process {pid}: {cmd:.120}\n"));
+    }
+    Ok(left)
 }
 
 fn delete_removes_vm(c: &Cluster) -> Result<()> {

@@ -26,11 +26,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// accelerator, read off the VM process's command line.
 fn backend(c: &Cluster, name: &str) -> Result<String> {
     let id = c.sandbox_id(name)?;
-    let cmdlines = c.node_sh(&format!(
-        "for f in $(echo '{id}' | grep -l -F -f - /proc/[0-9]*/cmdline 2>/dev/null); do \
-           tr '\\0' ' ' < $f; echo; done"
-    ))?;
-    for line in cmdlines.lines() {
+    for (_, line) in c.processes_naming(&id)? {
         let argv: Vec<&str> = line.split_whitespace().collect();
         let Some(prog) = argv.first() else { continue };
         if prog.ends_with("podvisor-vmm") {
