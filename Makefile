@@ -11,13 +11,21 @@ CONFIG_DIR   ?= /etc/podvisor
 # Debian 12 packages: QEMU (+ virtiofsd in qemu-system-common, SeaBIOS),
 # containerd and the CNI plugins, busybox-static for test images, the
 # image build's tools, and binutils for the VMM tests' small guests.
-# openssl and curl for the local Kubernetes cluster (cluster/up.sh).
+# openssl, curl and iptables for the local Kubernetes cluster (cluster/up.sh),
+# musl-tools for the static controller and installer binaries.
 DEB_PACKAGES := qemu-system-x86 qemu-system-common seabios busybox-static \
                 containerd containernetworking-plugins iproute2 bsdutils \
-                cpio kmod zstd file ca-certificates binutils openssl curl
+                cpio kmod zstd file ca-certificates binutils openssl curl \
+                iptables musl-tools
 VHOST_DEVICE_VSOCK_VERSION := 0.3.0
 CRICTL_VERSION := v1.34.0
 CLUSTER_BIN  := build/cluster/bin
+MUSL_RELEASE := target/$(AGENT_TARGET)/release
+# The controller image the local cluster imports (cluster/up.sh loads
+# build/cluster/images/*.tar).
+CONTROLLER_IMAGE := docker.io/podvisor/controller:test
+# ring's C code for the musl target.
+export CC_x86_64_unknown_linux_musl := musl-gcc
 SHELL        := /bin/bash
 
 # Tests and tools find crictl and vhost-device-vsock here.
@@ -25,7 +33,8 @@ export PATH := $(CURDIR)/$(TOOLS):$(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: help deps build agent guest-image shim install uninstall demo bench \
         test lint test-unit test-vmm test-guest test-containerd test-network \
-        cluster-bins cluster-up cluster-down test-e2e e2e-kind clean
+        cluster-bins cluster-up cluster-down test-e2e e2e-kind clean \
+        static crds controller-image test-controller
 
 help:
 	@echo "make deps             install what the build and tests need (as root)"
@@ -37,6 +46,8 @@ help:
 	@echo "make cluster-up       a local single-node Kubernetes cluster with podvisor (cluster-down stops it)"
 	@echo "make test-e2e         cluster-up, the e2e suite, cluster-down"
 	@echo "make e2e-kind         the e2e suite on a kind cluster (needs Docker and kind)"
+	@echo "make test-controller  installer, Helm chart, VirtualMachine controller on the local cluster"
+	@echo "make crds             regenerate crds/ and the chart's CRDs from controller/src/crd.rs"
 	@echo "make bench            print the figures of DESIGN.md that can be measured here"
 
 deps:
@@ -88,7 +99,8 @@ bench: shim guest-image install cluster-bins
 	$(CARGO) build --release -p podvisor-e2e --bins
 	cluster/with.sh target/release/podvisor-pod-bench
 
-test: lint test-unit test-vmm test-guest test-containerd test-network test-e2e
+# test-controller last: it ends with the node installer's uninstall.
+test: lint test-unit test-vmm test-guest test-containerd test-network test-e2e test-controller
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -136,6 +148,36 @@ test-e2e: install cluster-bins
 	$(CARGO) build --release -p podvisor-testkit
 	$(CARGO) build -p podvisor-e2e --tests
 	cluster/with.sh $(CARGO) test -p podvisor-e2e --test e2e
+
+# Static (musl) controller and installer, as the images ship them.
+static:
+	$(CARGO) build --release --target $(AGENT_TARGET) -p podvisor-controller -p podvisor-installer
+
+crds:
+	$(CARGO) run -q -p podvisor-controller -- crd > crds/virtualmachines.podvisor.io.yaml
+	cp crds/virtualmachines.podvisor.io.yaml charts/podvisor/crds/
+
+# The controller image for the local cluster (busybox + the static binary;
+# the Dockerfile builds the real one).
+controller-image: static
+	$(CARGO) build --release -p podvisor-testkit
+	mkdir -p build/cluster/images
+	target/release/podvisor-testkit image build/cluster/images/controller.tar $(CONTROLLER_IMAGE) \
+	  --add $(MUSL_RELEASE)/podvisor-controller:/usr/local/bin/podvisor-controller podvisor-controller
+
+# The control plane on the local cluster: the node installer run on the node,
+# `helm install` of charts/podvisor, VirtualMachines through the controller;
+# then the installer's file tests (containerd v2/v3) and the CRD staleness
+# test. The suite's last step uninstalls podvisor from the node as the
+# installer does; make install puts it back afterwards.
+test-controller: install cluster-bins controller-image
+	$(CARGO) test -p podvisor-installer -p podvisor-controller
+	$(CARGO) build -p podvisor-e2e --tests
+	rc=0; PODVISOR_INSTALL=$(CURDIR)/$(MUSL_RELEASE)/podvisor-install \
+	  PODVISOR_CONTAINERD_CONFIG=$(CURDIR)/build/cluster/run/containerd/config.toml \
+	  PODVISOR_CONTROLLER_IMAGE=$(CONTROLLER_IMAGE) \
+	  cluster/with.sh $(CARGO) test -p podvisor-e2e --test controller || rc=$$?; \
+	$(MAKE) --no-print-directory install >/dev/null; exit $$rc
 
 # The same suite on kind (Docker hosts): a node image with podvisor
 # installed by `make install`'s steps (e2e/kind/), then the suite.

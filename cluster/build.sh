@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the local test cluster's Kubernetes components (etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubelet, kubectl) from the Go
-# module proxy at the release cluster/k8s/go.mod pins, into $1 (default
-# build/cluster/bin). A stamp of go.mod + go.sum skips the build when
-# nothing changed; Go's own cache makes a changed pin cheaper.
+# kube-controller-manager, kube-scheduler, kube-proxy, kubelet, kubectl) from
+# the Go module proxy at the release cluster/k8s/go.mod pins, and Helm at the
+# release cluster/helm/go.mod pins, into $1 (default build/cluster/bin). A
+# stamp of the go.mod + go.sum files skips the build when nothing changed;
+# Go's own cache makes a changed pin cheaper.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$here/../build/cluster/bin}"
@@ -12,8 +13,9 @@ out="$(cd "$out" && pwd)"
 cd "$here/k8s"
 
 version="$(go list -m -f "{{.Version}}" k8s.io/kubernetes)"
-stamp="$(cat go.mod go.sum | sha256sum | cut -d' ' -f1)"
-bins=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
+helm_version="$(cd ../helm && go list -m -f "{{.Version}}" helm.sh/helm/v3)"
+stamp="$(cat go.mod go.sum ../helm/go.mod ../helm/go.sum | sha256sum | cut -d' ' -f1)"
+bins=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet kubectl helm)
 if [ "$(cat "$out/.stamp" 2>/dev/null)" = "$stamp" ] &&
    for b in "${bins[@]}"; do [ -x "$out/$b" ] || exit 1; done; then
   echo "cluster components $version up to date in $out"
@@ -36,6 +38,11 @@ CGO_ENABLED=0 GOFLAGS=-mod=readonly go build -trimpath -ldflags "-s -w $ldflags"
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler \
+  k8s.io/kubernetes/cmd/kube-proxy \
   k8s.io/kubernetes/cmd/kubelet \
   k8s.io/kubernetes/cmd/kubectl
+echo "building Helm $helm_version into $out"
+(cd ../helm && CGO_ENABLED=0 GOFLAGS=-mod=readonly go build -trimpath \
+  -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$helm_version" -o "$out/helm" \
+  helm.sh/helm/v3/cmd/helm)
 echo "$stamp" > "$out/.stamp"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stops the local test cluster (cluster/up.sh) and removes what it made:
 # every pod and its VM (through containerd, as kubelet would), the
-# components, mounts under run/, the CNI bridge and kubelet's cgroups.
+# components, kube-proxy's iptables rules, mounts under run/, the CNI bridge
+# and kubelet's cgroups.
 # Logs stay in logs/ until the next cluster/up.sh. Safe to run twice.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -27,7 +28,9 @@ if [ -S "$CONTAINERD_SOCK" ]; then
     "$crictl" rmp -f "$pod" >/dev/null 2>&1
   done
 fi
-for c in containerd kube-scheduler kube-controller-manager kube-apiserver etcd; do stop "$c"; done
+for c in kube-proxy containerd kube-scheduler kube-controller-manager kube-apiserver etcd; do stop "$c"; done
+# kube-proxy's iptables rules.
+[ -x "$BIN/kube-proxy" ] && "$BIN/kube-proxy" --cleanup >/dev/null 2>&1
 
 # kubelet's volume mounts and containerd's snapshots, deepest first.
 if [ -d "$RUN" ]; then

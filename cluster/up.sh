@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Brings up a single-node Kubernetes cluster on this machine, without Docker:
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kubelet
-# (cluster/build.sh), a private containerd (Debian's) with the CRI plugin,
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy
+# (iptables; Services, such as the API server's own for in-cluster clients)
+# and kubelet (cluster/build.sh), a private containerd (Debian's) with the CRI plugin,
 # runc as the default runtime and podvisor registered as the `podvisor`
 # handler, and Debian's CNI plugins on a bridge of its own.
 #
@@ -18,7 +19,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/env.sh"
 
 [ "$(id -u)" = 0 ] || { echo "cluster/up.sh: run as root (kubelet, containerd, CNI)" >&2; exit 1; }
-for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
+for b in etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet kubectl; do
   [ -x "$BIN/$b" ] || { echo "cluster/up.sh: $BIN/$b missing (cluster/build.sh)" >&2; exit 1; }
 done
 [ -x /usr/local/bin/containerd-shim-podvisor-v2 ] ||
@@ -63,6 +64,7 @@ cert admin "/O=system:masters/CN=podvisor-e2e-admin" clientAuth
 cert kubelet "/O=system:nodes/CN=system:node:$NODE" clientAuth
 cert controller-manager "/CN=system:kube-controller-manager" clientAuth
 cert scheduler "/CN=system:kube-scheduler" clientAuth
+cert kube-proxy "/CN=system:kube-proxy" clientAuth
 openssl ecparam -name prime256v1 -genkey -noout -out "$pki/sa.key" 2>/dev/null
 openssl ec -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
 
@@ -79,6 +81,7 @@ kubeconfig admin admin
 kubeconfig kubelet kubelet
 kubeconfig controller-manager controller-manager
 kubeconfig scheduler scheduler
+kubeconfig kube-proxy kube-proxy
 
 # start NAME COMMAND...: runs a component in the background, its output in
 # logs/NAME.log, its pid in run/pids/NAME.
@@ -168,13 +171,32 @@ start containerd containerd --config "$RUN/containerd/config.toml"
 wait_for containerd 30 ctr --address "$CONTAINERD_SOCK" version
 
 # The test images: busybox, and the pod sandbox (pause) image, both built
-# locally from Debian's busybox-static (no registry is reached).
+# locally from Debian's busybox-static (no registry is reached), and any the
+# tests built into images/ (make controller-image).
 testkit="${PODVISOR_TESTKIT:-$here/../target/release/podvisor-testkit}"
 "$testkit" image "$RUN/busybox.tar" "$BUSYBOX_IMAGE" sh
 "$testkit" image "$RUN/pause.tar" "$PAUSE_IMAGE" sleep 2147483647
-for archive in busybox pause; do
-  ctr --address "$CONTAINERD_SOCK" -n k8s.io images import "$RUN/$archive.tar" >/dev/null
+for archive in "$RUN/busybox.tar" "$RUN/pause.tar" "$CLUSTER_DIR"/images/*.tar; do
+  [ -f "$archive" ] || continue
+  ctr --address "$CONTAINERD_SOCK" -n k8s.io images import "$archive" >/dev/null
 done
+
+# --- kube-proxy: Services through iptables. It sets no sysctls (conntrack
+# limits, localhost node ports), so it also runs where those are read-only. ---
+cat > "$RUN/kube-proxy.yaml" <<EOF
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: iptables
+clientConnection: {kubeconfig: $RUN/kube-proxy.kubeconfig}
+hostnameOverride: $NODE
+clusterCIDR: $POD_CIDR
+bindAddress: 127.0.0.1
+healthzBindAddress: 127.0.0.1:$KUBE_PROXY_HEALTHZ_PORT
+metricsBindAddress: 127.0.0.1:$KUBE_PROXY_METRICS_PORT
+conntrack: {maxPerCore: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
+iptables: {localhostNodePorts: false}
+EOF
+start kube-proxy "$BIN/kube-proxy" --config "$RUN/kube-proxy.yaml"
 
 # --- kubelet ---
 cat > "$RUN/kubelet/config.yaml" <<EOF

@@ -17,9 +17,28 @@ const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// Writes an OCI archive of a busybox image named `name` (for example
 /// `docker.io/podvisor/busybox:latest`) running `cmd` by default.
 pub fn busybox_archive(out: &Path, name: &str, cmd: &[&str]) -> Result<()> {
+    busybox_archive_with(out, name, cmd, &[])
+}
+
+/// The same, with `files` (host path, path in the image) added, such as a
+/// static binary of ours for the cluster tests' controller image.
+pub fn busybox_archive_with(
+    out: &Path,
+    name: &str,
+    cmd: &[&str],
+    files: &[(&Path, &str)],
+) -> Result<()> {
     let work = tempfile::tempdir()?;
     let rootfs = work.path().join("rootfs");
     busybox_rootfs(&rootfs)?;
+    for (from, to) in files {
+        let dest = rootfs.join(to.trim_start_matches('/'));
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::copy(from, &dest)
+            .with_context(|| format!("adding {} to the image", from.display()))?;
+    }
     let layout = work.path().join("oci");
     let blobs = layout.join("blobs/sha256");
     std::fs::create_dir_all(&blobs)?;

@@ -5,8 +5,9 @@
 //!   release and boot id next to the host's).
 //! - `bench`: prints the figures of DESIGN.md's target table that this
 //!   machine can measure, each with the backend and accelerator used.
-//! - `image ARCHIVE NAME CMD...`: writes the busybox test image as an OCI
-//!   archive (the local cluster imports it; no registry is reached).
+//! - `image ARCHIVE NAME [--add FILE:PATH]... CMD...`: writes the busybox
+//!   test image (plus FILEs) as an OCI archive (the local cluster imports
+//!   it; no registry is reached).
 
 use std::io::Read;
 use std::process::Stdio;
@@ -36,17 +37,31 @@ fn main() -> Result<()> {
     }
 }
 
-/// `image ARCHIVE NAME CMD...`: writes the busybox test image as an OCI
-/// archive for `ctr images import` (the local cluster's images).
+/// `image ARCHIVE NAME [--add FILE:PATH]... CMD...`: writes the busybox
+/// test image, with FILEs added at PATHs, as an OCI archive for
+/// `ctr images import` (the local cluster's images).
 fn image(args: &[String]) -> Result<()> {
-    let [archive, name, cmd @ ..] = args else {
-        bail!("usage: podvisor-testkit image ARCHIVE NAME CMD...");
+    const USAGE: &str = "usage: podvisor-testkit image ARCHIVE NAME [--add FILE:PATH]... CMD...";
+    let [archive, name, rest @ ..] = args else {
+        bail!(USAGE);
     };
-    if cmd.is_empty() {
-        bail!("image {name}: no default command given");
+    let mut rest: &[String] = rest;
+    let mut files = Vec::new();
+    while let [flag, spec, tail @ ..] = rest {
+        if flag != "--add" {
+            break;
+        }
+        let Some((from, to)) = spec.split_once(':') else {
+            bail!("--add {spec}: expected FILE:PATH");
+        };
+        files.push((std::path::Path::new(from), to));
+        rest = tail;
     }
-    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    podvisor_testkit::image::busybox_archive(std::path::Path::new(archive), name, &cmd)
+    if rest.is_empty() {
+        bail!("image {name}: no default command given ({USAGE})");
+    }
+    let cmd: Vec<&str> = rest.iter().map(String::as_str).collect();
+    podvisor_testkit::image::busybox_archive_with(std::path::Path::new(archive), name, &cmd, &files)
 }
 
 fn first_line(path: &str) -> String {

@@ -1,0 +1,34 @@
+# podvisor's images, from one builder stage that runs the same steps as a
+# node does (`make deps`, `make install`) plus the static (musl) controller
+# and installer (`make static`):
+#   docker build --target controller -t docker.io/podvisor/controller:0.1.0 .
+#   docker build --target node       -t docker.io/podvisor/node:0.1.0 .
+# The Helm chart runs the controller image as its Deployment and the node
+# image as its installer DaemonSet (which copies /opt/podvisor to each node).
+
+FROM golang:1.24-bookworm AS go
+
+FROM rust:1-bookworm AS build
+# make deps builds crictl with Go (Debian 12's Go is too old for it).
+COPY --from=go /usr/local/go /usr/local/go
+ENV PATH=/usr/local/go/bin:$PATH
+WORKDIR /src
+COPY . .
+RUN apt-get update && apt-get install -y --no-install-recommends make \
+ && make deps \
+ && make install \
+ && make static
+
+# The controller: one static binary, no shell, not root.
+FROM gcr.io/distroless/static-debian12:nonroot AS controller
+COPY --from=build /src/target/x86_64-unknown-linux-musl/release/podvisor-controller /usr/local/bin/podvisor-controller
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/podvisor-controller"]
+
+# The node image: the installer and the tree `make install` made under
+# /opt/podvisor (shim, VMM, vhost-device-vsock, guest kernel + initramfs).
+# Debian's nsenter (util-linux) restarts containerd in the host's namespaces.
+FROM debian:bookworm-slim AS node
+COPY --from=build /opt/podvisor /opt/podvisor
+COPY --from=build /src/target/x86_64-unknown-linux-musl/release/podvisor-install /usr/local/bin/podvisor-install
+ENTRYPOINT ["/usr/local/bin/podvisor-install"]
