@@ -36,6 +36,8 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("pod {0} is still terminating")]
     PodTerminating(String),
+    #[error("pod {0} exists and is not this VirtualMachine's")]
+    PodConflict(String),
     #[error("VirtualMachine has no namespace")]
     NoNamespace,
 }
@@ -372,8 +374,16 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
                     .await;
                     current = Some(p);
                 }
-                // Our cache was behind; the next event brings the pod.
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                // A pod of that name that is not this VM's (owned_pod
+                // looked just now): say so, and try again later.
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    let note = format!(
+                        "pod {name} exists and is not this VirtualMachine's; \
+                         delete or rename it"
+                    );
+                    publish(ctx, vm, EventType::Warning, "PodConflict", note).await;
+                    return Err(Error::PodConflict(name));
+                }
                 Err(e) => return Err(e.into()),
             }
         }

@@ -646,6 +646,36 @@ fn invalid_specs(e: &Env) -> Result<()> {
     e.c.kubectl(&["patch", "pvm", "huge", "--type=merge", "-p", r#"{"spec":{"memory":"256Mi","command":["sh","-c","trap 'exit 0' TERM; sleep 3600 & wait"]}}"#])?;
     e.wait_status("huge", "Running", 240)?;
     e.c.kubectl(&["delete", "pvm", "huge", "--timeout=180s"])?;
+    // A pod of the VM's name that someone else made is never touched.
+    e.c.apply(&json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "taken", "namespace": NAMESPACE},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+            "name": "main", "image": e.c.image, "imagePullPolicy": "IfNotPresent",
+            "command": SLEEP}]}
+    }))?;
+    let uid = field(&e.c.get("pod", "taken")?, "metadata/uid");
+    e.c.apply(&e.vm("taken", json!({"image": e.c.image, "command": SLEEP})))?;
+    e.c.wait_for("a PodConflict event", 60, || {
+        let reasons = e.c.kubectl(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.kind=VirtualMachine,involvedObject.name=taken",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ])?;
+        Ok(reasons.contains("PodConflict").then_some(()))
+    })?;
+    e.c.kubectl(&["delete", "pvm", "taken", "--timeout=60s"])?;
+    let pod = e.c.get("pod", "taken")?;
+    ensure!(
+        field(&pod, "metadata/uid") == uid && pod["metadata"]["ownerReferences"].is_null(),
+        "the foreign pod was touched: {}",
+        pod["metadata"]
+    );
+    e.c.kubectl(&["delete", "pod", "taken", "--timeout=60s"])?;
     // And the controller never fell over.
     let pod = controller_pod(e)?;
     ensure!(
