@@ -202,6 +202,23 @@ impl Env {
         })
     }
 
+    /// The (type, reason) of each event about VirtualMachine `name`.
+    fn events(&self, name: &str) -> Result<Vec<(String, String)>> {
+        let out = self.c.kubectl(&[
+            "get",
+            "events",
+            "--field-selector",
+            &format!("involvedObject.kind=VirtualMachine,involvedObject.name={name}"),
+            "-o",
+            "jsonpath={range .items[*]}{.type} {.reason}{\"\\n\"}{end}",
+        ])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(t, r)| (t.to_string(), r.to_string()))
+            .collect())
+    }
+
     fn node_label(&self) -> Result<String> {
         let node = self.c.get("node", &self.node)?;
         Ok(node["metadata"]["labels"][LABEL]
@@ -510,15 +527,11 @@ fn vm_runs(e: &Env) -> Result<()> {
     let greeting = e.c.exec("web", "vm", &["sh", "-c", "echo $GREETING"])?;
     ensure!(greeting == "hello from the VM");
 
-    let events = e.c.kubectl(&[
-        "get",
-        "events",
-        "--field-selector",
-        "involvedObject.kind=VirtualMachine,involvedObject.name=web",
-        "-o",
-        "jsonpath={.items[*].reason}",
-    ])?;
-    ensure!(events.contains("Started"), "events: {events}");
+    let events = e.events("web")?;
+    ensure!(
+        events.iter().any(|(_, r)| r == "Started"),
+        "events: {events:?}"
+    );
     Ok(())
 }
 
@@ -633,15 +646,11 @@ fn invalid_specs(e: &Env) -> Result<()> {
     let pod =
         e.c.kubectl(&["get", "pod", "huge", "--ignore-not-found", "-o", "name"])?;
     ensure!(pod.trim().is_empty(), "a pod was made: {pod}");
-    let events = e.c.kubectl(&[
-        "get",
-        "events",
-        "--field-selector",
-        "involvedObject.name=huge,reason=InvalidSpec",
-        "-o",
-        "jsonpath={.items[*].type}",
-    ])?;
-    ensure!(events.contains("Warning"), "events: {events:?}");
+    let events = e.events("huge")?;
+    ensure!(
+        events.contains(&("Warning".into(), "InvalidSpec".into())),
+        "events: {events:?}"
+    );
     // Fixing it starts it.
     e.c.kubectl(&["patch", "pvm", "huge", "--type=merge", "-p", r#"{"spec":{"memory":"256Mi","command":["sh","-c","trap 'exit 0' TERM; sleep 3600 & wait"]}}"#])?;
     e.wait_status("huge", "Running", 240)?;
@@ -658,15 +667,10 @@ fn invalid_specs(e: &Env) -> Result<()> {
     let uid = field(&e.c.get("pod", "taken")?, "metadata/uid");
     e.c.apply(&e.vm("taken", json!({"image": e.c.image, "command": SLEEP})))?;
     e.c.wait_for("a PodConflict event", 60, || {
-        let reasons = e.c.kubectl(&[
-            "get",
-            "events",
-            "--field-selector",
-            "involvedObject.kind=VirtualMachine,involvedObject.name=taken",
-            "-o",
-            "jsonpath={.items[*].reason}",
-        ])?;
-        Ok(reasons.contains("PodConflict").then_some(()))
+        let events = e.events("taken")?;
+        Ok(events
+            .contains(&("Warning".into(), "PodConflict".into()))
+            .then_some(()))
     })?;
     e.c.kubectl(&["delete", "pvm", "taken", "--timeout=60s"])?;
     let pod = e.c.get("pod", "taken")?;

@@ -19,7 +19,7 @@ const NODE_CONFIG: &str = "etc/podvisor/config.toml";
 const STATE: &str = "opt/podvisor/install-state.json";
 const SANDBOXES: &str = "run/podvisor";
 /// What install copies from the source tree (make install's layout).
-const FILES: &[&str] = &[
+pub const FILES: &[&str] = &[
     "bin/containerd-shim-podvisor-v2",
     "bin/podvisor-vmm",
     "bin/vhost-device-vsock",

@@ -6,15 +6,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use podvisor_installer::node::FILES;
+
 const BIN: &str = env!("CARGO_BIN_EXE_podvisor-install");
-const FILES: &[&str] = &[
-    "bin/containerd-shim-podvisor-v2",
-    "bin/podvisor-vmm",
-    "bin/vhost-device-vsock",
-    "share/guest/kernel",
-    "share/guest/initramfs",
-    "share/guest/manifest",
-];
 
 fn fixture(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
