@@ -6,12 +6,7 @@
 # The Helm chart runs the controller image as its Deployment and the node
 # image as its installer DaemonSet (which copies /opt/podvisor to each node).
 
-FROM golang:1.24-bookworm AS go
-
 FROM rust:1-bookworm AS build
-# make deps builds crictl with Go (Debian 12's Go is too old for it).
-COPY --from=go /usr/local/go /usr/local/go
-ENV PATH=/usr/local/go/bin:$PATH
 WORKDIR /src
 COPY . .
 RUN apt-get update && apt-get install -y --no-install-recommends make \

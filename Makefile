@@ -4,22 +4,20 @@ CARGO        ?= cargo
 AGENT_TARGET := x86_64-unknown-linux-musl
 AGENT_BIN    := target/$(AGENT_TARGET)/release/podvisor-agent
 GUEST_DIR    := build/guest
-TOOLS        := build/tools
 PREFIX       ?= /opt/podvisor
 CONFIG_DIR   ?= /etc/podvisor
 
 # Debian 12 packages: QEMU (+ virtiofsd in qemu-system-common, SeaBIOS),
-# containerd and the CNI plugins, busybox-static for test images, the
+# containerd 1.6 and the CNI plugins, busybox-static for test images, the
 # image build's tools, and binutils for the VMM tests' small guests.
-# openssl, curl and iptables for the local Kubernetes cluster (cluster/up.sh),
-# musl-tools for the static controller and installer binaries.
+# openssl, curl and iptables for the local Kubernetes cluster (cluster/up.sh)
+# and port forwarding, musl-tools for the static controller and installer
+# binaries, docker-registry for critest's images (make test-cri).
 DEB_PACKAGES := qemu-system-x86 qemu-system-common seabios busybox-static \
                 containerd containernetworking-plugins iproute2 bsdutils \
                 cpio kmod zstd file ca-certificates binutils openssl curl \
-                iptables musl-tools
+                iptables musl-tools docker-registry
 VHOST_DEVICE_VSOCK_VERSION := 0.3.0
-CRICTL_VERSION := v1.34.0
-CLUSTER_BIN  := build/cluster/bin
 MUSL_RELEASE := target/$(AGENT_TARGET)/release
 # The controller image the local cluster imports (cluster/up.sh loads
 # build/cluster/images/*.tar).
@@ -28,12 +26,13 @@ CONTROLLER_IMAGE := docker.io/podvisor/controller:test
 export CC_x86_64_unknown_linux_musl := musl-gcc
 SHELL        := /bin/bash
 
-# Tests and tools find crictl and vhost-device-vsock here.
-export PATH := $(CURDIR)/$(TOOLS):$(HOME)/.cargo/bin:$(PATH)
+# Tests and tools find vhost-device-vsock here (and crictl, critest and
+# containerd 2.x in build/upstream/, where upstream/build.sh links them).
+export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: help deps build agent guest-image shim install uninstall demo bench \
         test lint test-unit test-vmm test-guest test-containerd test-network \
-        cluster-bins cluster-up cluster-down test-e2e e2e-kind clean \
+        test-cri upstream cluster-up cluster-down test-e2e e2e-kind clean \
         static crds controller-image test-controller
 
 help:
@@ -42,7 +41,9 @@ help:
 	@echo "make guest-image      build the guest kernel + initramfs into $(GUEST_DIR)/"
 	@echo "make install          install the shim, guest image and config under $(PREFIX), $(CONFIG_DIR)"
 	@echo "make demo             start a private containerd and run a container in a VM"
-	@echo "make test             lint, unit tests, VMM, guest, containerd, network and e2e tests"
+	@echo "make test             lint, unit tests, VMM, guest, containerd, network, CRI, e2e and controller tests"
+	@echo "make test-cri         critest (CRI validation) for podvisor beside runc, containerd 1.6 and 2.x"
+	@echo "make upstream         Kubernetes, Helm, containerd 2.x and cri-tools from the Go module proxy (cached)"
 	@echo "make cluster-up       a local single-node Kubernetes cluster with podvisor (cluster-down stops it)"
 	@echo "make test-e2e         cluster-up, the e2e suite, cluster-down"
 	@echo "make e2e-kind         the e2e suite on a kind cluster (needs Docker and kind)"
@@ -57,8 +58,6 @@ deps:
 	rustup component add rustfmt clippy
 	command -v vhost-device-vsock >/dev/null || \
 	  $(CARGO) install --locked vhost-device-vsock --version $(VHOST_DEVICE_VSOCK_VERSION)
-	command -v crictl >/dev/null || \
-	  GOBIN=$(CURDIR)/$(TOOLS) go install sigs.k8s.io/cri-tools/cmd/crictl@$(CRICTL_VERSION)
 
 build:
 	$(CARGO) build --workspace --release
@@ -90,17 +89,19 @@ uninstall:
 	@echo "left $(CONFIG_DIR)/config.toml in place"
 
 demo: deps shim guest-image
+	upstream/build.sh containerd
 	$(CARGO) run --release -q -p podvisor-testkit -- demo
 
-# The figures measurable without Kubernetes, then pods through the local
-# cluster (create to Running, delete to gone; podvisor beside runc).
-bench: shim guest-image install cluster-bins
+# The figures measurable without Kubernetes, critest's tallies, then pods
+# through the local cluster (create to Running, delete to gone; podvisor
+# beside runc).
+bench: shim guest-image install upstream
 	$(CARGO) run --release -q -p podvisor-testkit -- bench
 	$(CARGO) build --release -p podvisor-e2e --bins
 	cluster/with.sh target/release/podvisor-pod-bench
 
 # test-controller last: it ends with the node installer's uninstall.
-test: lint test-unit test-vmm test-guest test-containerd test-network test-e2e test-controller
+test: lint test-unit test-vmm test-guest test-containerd test-network test-cri test-e2e test-controller
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -119,24 +120,36 @@ test-vmm: guest-image
 test-guest: guest-image
 	$(CARGO) test -p podvisor-testkit --test agent
 
+# The shim under Debian's containerd 1.6, then under 2.x.
 test-containerd: guest-image
+	upstream/build.sh containerd cri-tools
 	$(CARGO) build -p podvisor-shim --bins
 	$(CARGO) test -p podvisor-testkit --test containerd -- --skip network_
 
-# Pod networking under containerd's CRI with Debian's CNI plugins (bridge,
-# host-local, loopback): pod IP reachable, tap/tc joins, no leftovers.
+# Pod networking under containerd 2.x's CRI with Debian's CNI plugins
+# (bridge, host-local, portmap, loopback): pod IP reachable, port-forward,
+# tap/tc joins, no leftovers.
 test-network: guest-image
+	upstream/build.sh containerd cri-tools
 	$(CARGO) build -p podvisor-shim --bins
 	$(CARGO) test -p podvisor-testkit --test containerd -- network_
 
-# Kubernetes components for the local cluster, built from the Go module
-# proxy at the release cluster/k8s/go.mod pins (skipped when up to date).
-cluster-bins:
-	cluster/build.sh $(CLUSTER_BIN)
+# critest for the runc handler (the baseline) and podvisor on containerd
+# 1.6 and 2.x, images from a registry on loopback; fails when podvisor
+# fails a spec runc passes, but those testkit/critest-by-design.toml lists.
+test-cri: guest-image
+	upstream/build.sh containerd cri-tools
+	$(CARGO) build -p podvisor-shim --bins
+	$(CARGO) test -p podvisor-testkit --test cri
+
+# Kubernetes, Helm, containerd 2.x and cri-tools, built from the Go module
+# proxy at the releases upstream/*/go.mod pin, cached outside the checkout.
+upstream:
+	upstream/build.sh
 
 # A single-node cluster on this machine (no Docker): podvisor installed as
-# on a node, then etcd, the control plane, containerd and kubelet.
-cluster-up: install cluster-bins
+# on a node, then etcd, the control plane, containerd 2.x and kubelet.
+cluster-up: install upstream
 	$(CARGO) build --release -p podvisor-testkit
 	cluster/up.sh
 
@@ -144,7 +157,7 @@ cluster-down:
 	cluster/down.sh
 
 # The e2e suite on the local cluster; the cluster goes down whatever happens.
-test-e2e: install cluster-bins
+test-e2e: install upstream
 	$(CARGO) build --release -p podvisor-testkit
 	$(CARGO) build -p podvisor-e2e --tests
 	cluster/with.sh $(CARGO) test -p podvisor-e2e --test e2e
@@ -170,7 +183,7 @@ controller-image: static
 # then the installer's file tests (containerd v2/v3) and the CRD staleness
 # test. The suite's last step uninstalls podvisor from the node as the
 # installer does; make install puts it back afterwards.
-test-controller: install cluster-bins controller-image
+test-controller: install upstream controller-image
 	$(CARGO) test -p podvisor-installer -p podvisor-controller
 	$(CARGO) build -p podvisor-e2e --tests
 	rc=0; PODVISOR_INSTALL=$(CURDIR)/$(MUSL_RELEASE)/podvisor-install \

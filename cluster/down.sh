@@ -22,7 +22,8 @@ stop() { # NAME: SIGTERM, then SIGKILL after 15 s
 # kubelet first, so that it does not restart what is removed below.
 stop kubelet
 if [ -S "$CONTAINERD_SOCK" ]; then
-  crictl="$(command -v crictl || echo "$here/../build/tools/crictl")"
+  crictl="$CRI_TOOLS_BIN/crictl"
+  [ -x "$crictl" ] || crictl="$(command -v crictl)"
   for pod in $("$crictl" pods -q 2>/dev/null); do
     "$crictl" stopp "$pod" >/dev/null 2>&1
     "$crictl" rmp -f "$pod" >/dev/null 2>&1

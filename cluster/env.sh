@@ -1,7 +1,13 @@
 # The local test cluster's names, paths and ports, shared by cluster/up.sh,
 # cluster/down.sh and `make test-e2e`. Sourced, not run.
 CLUSTER_DIR="${PODVISOR_CLUSTER_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/build/cluster}"
-BIN="$CLUSTER_DIR/bin"
+# The upstream binaries (upstream/build.sh): Kubernetes, Helm, containerd
+# 2.x, crictl.
+UPSTREAM="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/build/upstream"
+BIN="$UPSTREAM/k8s"
+HELM_BIN="$UPSTREAM/helm"
+CONTAINERD_BIN="$UPSTREAM/containerd"
+CRI_TOOLS_BIN="$UPSTREAM/cri-tools"
 RUN="$CLUSTER_DIR/run"
 LOGS="$CLUSTER_DIR/logs"
 export KUBECONFIG="$RUN/admin.kubeconfig"

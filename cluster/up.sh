@@ -2,9 +2,9 @@
 # Brings up a single-node Kubernetes cluster on this machine, without Docker:
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy
 # (iptables; Services, such as the API server's own for in-cluster clients)
-# and kubelet (cluster/build.sh), a private containerd (Debian's) with the CRI plugin,
-# runc as the default runtime and podvisor registered as the `podvisor`
-# handler, and Debian's CNI plugins on a bridge of its own.
+# and kubelet, a private containerd 2.x with the CRI plugin (all built by
+# upstream/build.sh), runc as the default runtime and podvisor registered as
+# the `podvisor` handler, and Debian's CNI plugins on a bridge of its own.
 #
 # podvisor itself must be installed the way a node gets it (`make install`:
 # /opt/podvisor, /etc/podvisor/config.toml); the Makefile's cluster-up does
@@ -19,8 +19,9 @@ here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/env.sh"
 
 [ "$(id -u)" = 0 ] || { echo "cluster/up.sh: run as root (kubelet, containerd, CNI)" >&2; exit 1; }
-for b in etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet kubectl; do
-  [ -x "$BIN/$b" ] || { echo "cluster/up.sh: $BIN/$b missing (cluster/build.sh)" >&2; exit 1; }
+for b in "$BIN"/{etcd,kube-apiserver,kube-controller-manager,kube-scheduler,kube-proxy,kubelet,kubectl} \
+         "$CONTAINERD_BIN"/{containerd,ctr,containerd-shim-runc-v2}; do
+  [ -x "$b" ] || { echo "cluster/up.sh: $b missing (upstream/build.sh)" >&2; exit 1; }
 done
 [ -x /usr/local/bin/containerd-shim-podvisor-v2 ] ||
   { echo "cluster/up.sh: podvisor is not installed (make install)" >&2; exit 1; }
@@ -135,7 +136,9 @@ start kube-scheduler "$BIN/kube-scheduler" \
   --authorization-kubeconfig "$RUN/scheduler.kubeconfig" \
   --leader-elect=false --bind-address 127.0.0.1
 
-# --- containerd: CRI with runc (default) and podvisor, CNI on a bridge. ---
+# --- containerd 2.x: CRI with runc (default) and podvisor, CNI on a bridge.
+# Its config is in the version 2 format, which containerd 2.x converts, as
+# kind's node images have it (so e2e/kind/cluster.yaml patches it alike). ---
 cat > "$RUN/cni/10-podvisor-e2e.conflist" <<EOF
 {"cniVersion": "1.0.0", "name": "podvisor-e2e", "plugins": [
   {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false,
@@ -167,18 +170,20 @@ $(cat "$here/containerd-podvisor.toml")
     bin_dir = "/usr/lib/cni"
     conf_dir = "$RUN/cni"
 EOF
-start containerd containerd --config "$RUN/containerd/config.toml"
-wait_for containerd 30 ctr --address "$CONTAINERD_SOCK" version
+# Its own runc shim first on PATH; podvisor's is in /usr/local/bin.
+start containerd env PATH="$CONTAINERD_BIN:$PATH" "$CONTAINERD_BIN/containerd" \
+  --config "$RUN/containerd/config.toml"
+wait_for containerd 30 "$CONTAINERD_BIN/ctr" --address "$CONTAINERD_SOCK" version
 
 # The test images: busybox, and the pod sandbox (pause) image, both built
 # locally from Debian's busybox-static (no registry is reached), and any the
 # tests built into images/ (make controller-image).
 testkit="${PODVISOR_TESTKIT:-$here/../target/release/podvisor-testkit}"
 "$testkit" image "$RUN/busybox.tar" "$BUSYBOX_IMAGE" sh
-"$testkit" image "$RUN/pause.tar" "$PAUSE_IMAGE" sleep 2147483647
+"$testkit" image "$RUN/pause.tar" "$PAUSE_IMAGE" --pause
 for archive in "$RUN/busybox.tar" "$RUN/pause.tar" "$CLUSTER_DIR"/images/*.tar; do
   [ -f "$archive" ] || continue
-  ctr --address "$CONTAINERD_SOCK" -n k8s.io images import "$archive" >/dev/null
+  "$CONTAINERD_BIN/ctr" --address "$CONTAINERD_SOCK" -n k8s.io images import "$archive" >/dev/null
 done
 
 # --- kube-proxy: Services through iptables. It sets no sysctls (conntrack

@@ -9,8 +9,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/env.sh"
 "$here/down.sh" >/dev/null
 "$here/up.sh" || { "$here/down.sh"; exit 1; }
-# crictl (make deps puts it in build/tools) is how the suite sees the node.
-PATH="$BIN:$here/../build/tools:$PATH" "$@"
+# Helm for the chart tests; crictl is how the suite sees the node.
+PATH="$BIN:$HELM_BIN:$CRI_TOOLS_BIN:$PATH" "$@"
 rc=$?
 "$here/down.sh"
 exit $rc

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds the podvisor guest image from registry packages only:
 #   kernel     vmlinuz of Debian's linux-image-cloud-amd64
-#   initramfs  the agent as /init, the kernel modules of guest/modules with
-#              their dependencies and a modules.dep made by depmod; cpio newc,
-#              zstd, every timestamp and owner fixed so the same inputs give
-#              the same bytes
+#   initramfs  the agent as /init, the kernel modules of guest/modules (loaded
+#              at boot) and guest/modules-on-demand (loaded when the kernel
+#              asks) with their dependencies, and the modules.dep and
+#              modules.alias depmod made for them; cpio newc, zstd, every
+#              timestamp and owner fixed so the same inputs give the same
+#              bytes
 #   manifest   package, version, kernel release and checksums
 #
 # Usage: guest/build-image.sh AGENT_BINARY OUT_DIR
@@ -50,8 +52,9 @@ depmod -b "$work/pkg" "$krel"
 # The modules and everything they depend on.
 root="$work/root"
 mods=$(grep -v '^\s*\(#\|$\)' "$here/modules")
+on_demand=$(grep -v '^\s*\(#\|$\)' "$here/modules-on-demand")
 mkdir -p "$root/lib/modules/$krel"
-for m in $mods; do
+for m in $mods $on_demand; do
   modprobe -d "$work/pkg" -S "$krel" --show-depends "$m" \
     || die "module $m not found in $pkg"
 done | awk '$1 == "insmod" {print $2}' | sort -u | while read -r ko; do
@@ -62,9 +65,9 @@ done
 cp "$work/pkg/lib/modules/$krel"/modules.{builtin,builtin.modinfo,order} \
   "$root/lib/modules/$krel/"
 depmod -b "$root" "$krel"
-# The agent reads modules.dep and modules.builtin only.
+# The agent reads modules.dep, modules.alias and modules.builtin only.
 find "$root/lib/modules/$krel" -maxdepth 1 -name 'modules.*' \
-  ! -name modules.dep ! -name modules.builtin -delete
+  ! -name modules.dep ! -name modules.alias ! -name modules.builtin -delete
 
 mkdir -p "$root"/{proc,sys,dev,run,tmp,etc/podvisor}
 printf '%s\n' $mods > "$root/etc/podvisor/modules"
@@ -83,6 +86,7 @@ cp "$work/pkg/boot/vmlinuz-$krel" "$out/kernel"
   echo "kernel_version $ver"
   echo "kernel_release $krel"
   echo "modules $(echo $mods)"
+  echo "modules_on_demand $(echo $on_demand)"
   (cd "$out" && sha256sum kernel initramfs)
 } > "$out/manifest"
 echo "build-image: $out/kernel ($krel), $out/initramfs ($(stat -c %s "$out/initramfs") bytes)"

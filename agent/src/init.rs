@@ -1,8 +1,9 @@
 //! What the agent does as PID 1 before it serves: the guest's base mounts,
 //! kernel modules, a switch from the initramfs to a tmpfs root (pivot_root,
-//! which containers need, refuses to run from the initramfs itself),
-//! cgroups, loopback, and the shared directory from the host. Also the
-//! power-off at the end.
+//! which containers need, refuses to run from the initramfs itself) that
+//! keeps the image's modules for loading on demand with the agent as
+//! `/sbin/modprobe`, cgroups, loopback, and the shared directory from the
+//! host. Also the power-off at the end.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -88,11 +89,32 @@ fn load_modules() {
     }
 }
 
-/// Moves the base mounts onto a new tmpfs, frees the initramfs and makes
-/// the tmpfs `/` (busybox switch_root, minus the exec).
+/// Where the image keeps its kernel modules.
+const MODULES: &str = "lib/modules";
+
+/// Moves the base mounts onto a new tmpfs, frees the initramfs but its
+/// modules (bound into the new root, for the kernel's on-demand loads) and
+/// makes the tmpfs `/` (busybox switch_root, minus the exec). The agent
+/// stays reachable as `/sbin/modprobe` through `/proc/1/exe`.
 fn switch_root() -> Result<()> {
     const NEW: &str = "/newroot";
     mount_fs("tmpfs", NEW, "tmpfs", MsFlags::empty(), Some("mode=0755"))?;
+    let modules = Path::new("/").join(MODULES);
+    if modules.is_dir() {
+        let target = Path::new(NEW).join(MODULES);
+        fs::create_dir_all(&target)?;
+        mount(
+            Some(modules.as_path()),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .context("binding the kernel modules")?;
+    }
+    fs::create_dir_all(format!("{NEW}/sbin"))?;
+    std::os::unix::fs::symlink("/proc/1/exe", format!("{NEW}/sbin/modprobe"))
+        .context("linking /sbin/modprobe")?;
     for dir in ["proc", "sys", "dev"] {
         let target = format!("{NEW}/{dir}");
         fs::create_dir_all(&target)?;
@@ -106,7 +128,7 @@ fn switch_root() -> Result<()> {
         .with_context(|| format!("moving /{dir}"))?;
     }
     let root_dev = fs::metadata("/")?.dev();
-    delete_tree(Path::new("/"), root_dev);
+    delete_tree(Path::new("/"), root_dev, &modules);
     nix::unistd::chdir(NEW)?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .context("moving the new root to /")?;
@@ -115,8 +137,9 @@ fn switch_root() -> Result<()> {
     Ok(())
 }
 
-/// Removes what is on the initramfs, without crossing into mounts.
-fn delete_tree(dir: &Path, dev: u64) {
+/// Removes what is on the initramfs but `keep`, without crossing into
+/// mounts.
+fn delete_tree(dir: &Path, dev: u64, keep: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
@@ -125,11 +148,11 @@ fn delete_tree(dir: &Path, dev: u64) {
         let Ok(meta) = fs::symlink_metadata(&path) else {
             continue;
         };
-        if meta.dev() != dev {
+        if meta.dev() != dev || path == keep {
             continue;
         }
         if meta.is_dir() {
-            delete_tree(&path, dev);
+            delete_tree(&path, dev, keep);
             let _ = fs::remove_dir(&path);
         } else {
             let _ = fs::remove_file(&path);

@@ -2,7 +2,8 @@
 //!
 //! It brings the guest up ([`init`]), then serves the agent API on vsock
 //! port 1024 ([`server`]), running each container it is asked for
-//! ([`container`]) and reaping every process of the guest ([`reaper`]).
+//! ([`container`]) and reaping every process of the guest ([`reaper`]),
+//! and forwards the host's port-forward streams ([`port_forward`]).
 //! Run as anything but PID 1 (a test, a debug session) it skips the boot
 //! steps, becomes a subreaper and only serves.
 //!
@@ -14,6 +15,7 @@ mod error;
 mod init;
 mod modules;
 mod network;
+mod port_forward;
 mod reaper;
 mod sandbox;
 mod server;
@@ -23,6 +25,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use podvisor_protocol::AGENT_PORT;
 
 fn main() {
+    // The kernel runs the agent as /sbin/modprobe to load a module on
+    // demand (see `modules`).
+    let args: Vec<String> = std::env::args().collect();
+    if args.first().is_some_and(|a| a.ends_with("/modprobe")) {
+        std::process::exit(modprobe(&args[1..]));
+    }
     let filter = std::env::var("PODVISOR_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
@@ -59,7 +67,32 @@ fn main() {
 async fn run(pid1: bool) -> anyhow::Result<()> {
     let reaper = reaper::Reaper::start()?;
     let sandbox = Arc::new(sandbox::Sandbox::new(reaper, pid1));
+    tokio::spawn(async {
+        if let Err(e) = port_forward::serve().await {
+            tracing::error!("port forwarding: {e:#}");
+        }
+    });
     server::serve(sandbox, AGENT_PORT).await
+}
+
+/// `modprobe [-q] [--] NAME...` for the kernel; the answer is the exit
+/// status (the kernel logs a failure).
+fn modprobe(args: &[String]) -> i32 {
+    let release = match nix::sys::utsname::uname() {
+        Ok(u) => u.release().to_string_lossy().into_owned(),
+        Err(e) => {
+            eprintln!("modprobe: uname: {e}");
+            return 1;
+        }
+    };
+    let dir = std::path::Path::new("/lib/modules").join(release);
+    match modules::modprobe(&dir, args) {
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("modprobe: {e}");
+            1
+        }
+    }
 }
 
 /// Locks `m`; a panic elsewhere while holding it leaves nothing half-done

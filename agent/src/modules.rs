@@ -1,9 +1,13 @@
 //! Loading the kernel modules the guest needs, dependencies first.
 //!
-//! The guest image carries the modules, the `modules.dep` that `depmod -b`
-//! wrote for them, and `/etc/podvisor/modules`, the list to load. Each
-//! module's dependencies are loaded (depth first) before the module, so the
-//! order in the list does not matter.
+//! The guest image carries the modules, the `modules.dep` and
+//! `modules.alias` that `depmod -b` wrote for them, and
+//! `/etc/podvisor/modules`, the list to load at boot. Each module's
+//! dependencies are loaded (depth first) before the module, so the order in
+//! the list does not matter. The rest are loaded when the kernel asks for
+//! them: the agent is also the guest's `/sbin/modprobe` ([`modprobe`]),
+//! which resolves what the kernel names (`bridge`, `net-pf-16-proto-12`,
+//! `nft-chain-2-nat`) through the aliases.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
@@ -26,12 +30,14 @@ pub enum ModuleError {
     Load { path: PathBuf, errno: Errno },
 }
 
-/// `modules.dep` parsed: module name -> (path, dependency paths).
+/// `modules.dep` parsed: module name -> (path, dependency paths), and
+/// `modules.alias`: (pattern, module name).
 pub struct ModuleIndex {
     dir: PathBuf,
     by_name: HashMap<String, String>,
     deps: HashMap<String, Vec<String>>,
     builtin: HashSet<String>,
+    aliases: Vec<(String, String)>,
 }
 
 /// `virtio-pci`, `virtio_pci` and `virtio_pci.ko` all name one module.
@@ -49,7 +55,10 @@ impl ModuleIndex {
         };
         let dep = read("modules.dep")?;
         let builtin = read("modules.builtin").unwrap_or_default();
-        Ok(Self::parse(dir, &dep, &builtin))
+        let alias = read("modules.alias").unwrap_or_default();
+        let mut index = Self::parse(dir, &dep, &builtin);
+        index.aliases = parse_aliases(&alias);
+        Ok(index)
     }
 
     fn parse(dir: &Path, dep: &str, builtin: &str) -> ModuleIndex {
@@ -70,7 +79,24 @@ impl ModuleIndex {
             by_name,
             deps,
             builtin: builtin.lines().map(canonical).collect(),
+            aliases: Vec::new(),
         }
+    }
+
+    /// The modules `name` stands for: itself, or what its aliases name.
+    fn resolve(&self, name: &str) -> Vec<String> {
+        let c = canonical(name);
+        if self.by_name.contains_key(&c) || self.builtin.contains(&c) {
+            return vec![c];
+        }
+        let mut found: Vec<String> = self
+            .aliases
+            .iter()
+            .filter(|(pattern, _)| glob_match(pattern.as_bytes(), name.as_bytes()))
+            .map(|(_, m)| canonical(m))
+            .collect();
+        found.dedup();
+        found
     }
 
     /// The files to load for `names`, in a valid order, each once.
@@ -103,9 +129,28 @@ impl ModuleIndex {
 /// loaded (or built in) is not an error.
 pub fn load(dir: &Path, names: &[&str]) -> Result<usize, ModuleError> {
     let index = ModuleIndex::load(dir)?;
-    let files = index.order(names)?;
+    load_files(&index.order(names)?)
+}
+
+/// The agent run by the kernel as `/sbin/modprobe -q -- NAME`: loads the
+/// module NAME names (directly or by alias) from `dir`.
+pub fn modprobe(dir: &Path, args: &[String]) -> Result<usize, ModuleError> {
+    let index = ModuleIndex::load(dir)?;
+    let mut total = 0;
+    for name in args.iter().filter(|a| !a.starts_with('-')) {
+        let modules = index.resolve(name);
+        if modules.is_empty() {
+            return Err(ModuleError::Unknown(name.clone()));
+        }
+        let names: Vec<&str> = modules.iter().map(String::as_str).collect();
+        total += load_files(&index.order(&names)?)?;
+    }
+    Ok(total)
+}
+
+fn load_files(files: &[PathBuf]) -> Result<usize, ModuleError> {
     let params = CString::default();
-    for path in &files {
+    for path in files {
         let file = File::open(path).map_err(|source| ModuleError::Read {
             path: path.clone(),
             source,
@@ -121,6 +166,53 @@ pub fn load(dir: &Path, names: &[&str]) -> Result<usize, ModuleError> {
         }
     }
     Ok(files.len())
+}
+
+/// `alias PATTERN MODULE` lines.
+fn parse_aliases(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            match (f.next(), f.next(), f.next()) {
+                (Some("alias"), Some(p), Some(m)) => Some((p.to_string(), m.to_string())),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// fnmatch(3) without flags: `*`, `?` and `[...]` classes (with ranges and
+/// `!`/`^` negation), as modules.alias patterns use them.
+fn glob_match(p: &[u8], s: &[u8]) -> bool {
+    match p.first() {
+        None => s.is_empty(),
+        Some(b'*') => (0..=s.len()).any(|i| glob_match(&p[1..], &s[i..])),
+        Some(b'?') => !s.is_empty() && glob_match(&p[1..], &s[1..]),
+        Some(b'[') => {
+            let Some(c) = s.first() else { return false };
+            let Some(end) = p.iter().skip(2).position(|b| *b == b']').map(|i| i + 2) else {
+                return p[0] == *c && glob_match(&p[1..], &s[1..]);
+            };
+            let mut class = &p[1..end];
+            let negate = matches!(class.first(), Some(b'!' | b'^'));
+            if negate {
+                class = &class[1..];
+            }
+            let mut hit = false;
+            let mut i = 0;
+            while i < class.len() {
+                if i + 2 < class.len() && class[i + 1] == b'-' {
+                    hit |= (class[i]..=class[i + 2]).contains(c);
+                    i += 3;
+                } else {
+                    hit |= class[i] == *c;
+                    i += 1;
+                }
+            }
+            hit != negate && glob_match(&p[end + 1..], &s[1..])
+        }
+        Some(b) => s.first() == Some(b) && glob_match(&p[1..], &s[1..]),
+    }
 }
 
 #[cfg(test)]
@@ -163,6 +255,29 @@ kernel/net/vmw_vsock/vsock.ko:
             pos(&order, "vmw_vsock_virtio_transport_common")
                 < pos(&order, "vmw_vsock_virtio_transport")
         );
+    }
+
+    #[test]
+    fn aliases_resolve_with_globs() {
+        let mut idx = ModuleIndex::parse(Path::new("/m"), DEP, "kernel/fs/ext4/ext4.ko\n");
+        idx.aliases = parse_aliases(
+            "# Aliases extracted from modules themselves.\n\
+             alias net-pf-40 vsock\n\
+             alias virtio:d00000013v* vmw_vsock_virtio_transport\n\
+             alias pci:v00001AF4d*sv*sd*bc*sc*i* virtio_pci\n",
+        );
+        assert_eq!(idx.resolve("net-pf-40"), vec!["vsock"]);
+        assert_eq!(
+            idx.resolve("virtio:d00000013v00001AF4"),
+            vec!["vmw_vsock_virtio_transport"]
+        );
+        assert_eq!(idx.resolve("virtio-pci"), vec!["virtio_pci"]);
+        assert_eq!(idx.resolve("ext4"), vec!["ext4"]);
+        assert!(idx.resolve("net-pf-41").is_empty());
+        assert!(glob_match(b"a[0-9]b", b"a5b"));
+        assert!(!glob_match(b"a[!0-9]b", b"a5b"));
+        assert!(glob_match(b"x*y*z", b"xyyyz"));
+        assert!(!glob_match(b"x?z", b"xz"));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use podvisor_protocol::api;
 
-use crate::container::{validate_id, Container};
+use crate::container::{sysctl, validate_id, Container};
 use crate::error::{internal, invalid, not_found, precondition, AgentError, Result};
 use crate::lock;
 use crate::reaper::Reaper;
@@ -89,12 +89,9 @@ impl Sandbox {
             std::fs::write("/etc/resolv.conf", resolv)
                 .map_err(|e| internal!("writing /etc/resolv.conf: {e}"))?;
         }
+        sysctl::check(req.sysctls.keys())?;
         for (key, value) in &req.sysctls {
-            if key.is_empty() || key.contains("..") || key.contains('/') {
-                return Err(invalid!("bad sysctl name {key:?}"));
-            }
-            let path = format!("/proc/sys/{}", key.replace('.', "/"));
-            std::fs::write(&path, value).map_err(|e| invalid!("sysctl {key}={value}: {e}"))?;
+            sysctl::write(key, value).map_err(|e| invalid!("{}", e.0))?;
         }
         Ok(())
     }
@@ -115,7 +112,10 @@ impl Sandbox {
             }
         }
         let stdio = req.stdio.clone().unwrap_or_default();
-        let result = Container::create(id, &req.oci_spec_json, &stdio, &self.reaper).await;
+        let init_pid_of =
+            |other: &str| lock(&self.containers).get(other).and_then(|c| c.init_pid());
+        let result =
+            Container::create(id, &req.oci_spec_json, &stdio, &self.reaper, &init_pid_of).await;
         lock(&self.creating).remove(id);
         let (container, ports) = result?;
         lock(&self.containers).insert(id.to_string(), Arc::new(container));

@@ -3,16 +3,23 @@
 //! The guest cannot see host paths, so [`Bundle::share`] mounts the rootfs
 //! containerd prepared at `shared/<id>/rootfs` and every bind-mount source
 //! at `shared/<id>/mounts/<n>`, and rewrites the spec to point at those
-//! paths as the guest sees them (`/run/podvisor/shared/...`). Host-only
-//! parts of the spec (hooks, device nodes, namespace paths) are dropped.
+//! paths as the guest sees them (`/run/podvisor/shared/...`). Every host
+//! mount is bound on its own: a recursive bind's submounts are shared at
+//! `mounts/<n>.<k>` and become mounts of their own in the spec, so each
+//! keeps its read-only or writable state in the guest, and no copy of a
+//! submount sits on the host's directories (which the host could then not
+//! remove). Namespace paths to the pod's sandbox become the
+//! guest's names for the sandbox's namespaces; the network namespace goes
+//! (the VM's network is the pod's). Host-only parts (hooks, device nodes)
+//! are dropped.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use containerd_shim::protos::api::Mount as RootfsMount;
 use nix::mount::{mount, MsFlags};
-use oci_spec::runtime::Spec;
-use podvisor_protocol::GUEST_SHARED_DIR;
+use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
+use podvisor_protocol::{GUEST_NAMESPACE_DIR, GUEST_SHARED_DIR};
 
 /// Kubernetes' CRI plugin marks sandbox and workload containers so.
 pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -24,6 +31,14 @@ pub enum BundleError {
     Spec { path: PathBuf, reason: String },
     #[error("container {id}: {reason}")]
     Share { id: String, reason: String },
+}
+
+/// The pod a container is shared into: its sandbox's container id and the
+/// task pid containerd knows the sandbox by (the VM process's), which
+/// CRI namespace paths (`/proc/<pid>/ns/<kind>`) name.
+pub struct PodRef<'a> {
+    pub sandbox_id: &'a str,
+    pub vm_pid: u32,
 }
 
 /// Which VM a container belongs in.
@@ -44,10 +59,13 @@ pub struct Bundle {
 impl Bundle {
     pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
         let path = dir.join("config.json");
-        let spec = Spec::load(&path).map_err(|e| BundleError::Spec {
+        let fail = |reason: String| BundleError::Spec {
             path: path.clone(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        // serde_json's own errors name the bad field and value.
+        let bytes = std::fs::read(&path).map_err(|e| fail(e.to_string()))?;
+        let spec: Spec = serde_json::from_slice(&bytes).map_err(|e| fail(e.to_string()))?;
         Ok(Bundle {
             dir: dir.to_owned(),
             spec,
@@ -56,6 +74,36 @@ impl Bundle {
 
     pub fn annotations(&self) -> HashMap<String, String> {
         self.spec.annotations().clone().unwrap_or_default()
+    }
+
+    /// The CRI host-namespace settings this container asks for
+    /// (`hostNetwork`, `hostPID`, `hostIPC`): the namespaces a CRI spec
+    /// leaves out share the node's. Plain (non-CRI) containers ask for
+    /// none.
+    pub fn host_namespaces(&self) -> Vec<&'static str> {
+        let a = self.annotations();
+        let Some(kind) = a.get(CONTAINER_TYPE) else {
+            return Vec::new();
+        };
+        let listed: Vec<LinuxNamespaceType> = self
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .map(|ns| ns.iter().map(|n| n.typ()).collect())
+            .unwrap_or_default();
+        let mut wanted = vec![
+            (LinuxNamespaceType::Pid, "hostPID"),
+            (LinuxNamespaceType::Ipc, "hostIPC"),
+        ];
+        if kind == "sandbox" {
+            wanted.insert(0, (LinuxNamespaceType::Network, "hostNetwork"));
+        }
+        wanted
+            .into_iter()
+            .filter(|(t, _)| !listed.contains(t))
+            .map(|(_, field)| field)
+            .collect()
     }
 
     pub fn role(&self) -> Role {
@@ -76,6 +124,7 @@ impl Bundle {
         id: &str,
         rootfs: &[RootfsMount],
         target: &Path,
+        pod: &PodRef<'_>,
     ) -> Result<Vec<u8>, BundleError> {
         let fail = |reason: String| BundleError::Share {
             id: id.to_string(),
@@ -104,11 +153,13 @@ impl Bundle {
         let mut spec = self.spec.clone();
         let guest_dir = Path::new(GUEST_SHARED_DIR).join(id);
         if let Some(mounts) = spec.mounts_mut() {
-            for (n, m) in mounts.iter_mut().enumerate() {
+            let mut shared = Vec::with_capacity(mounts.len());
+            for (n, mut m) in mounts.drain(..).enumerate() {
                 let opts = m.options().clone().unwrap_or_default();
                 let is_bind = m.typ().as_deref() == Some("bind")
                     || opts.iter().any(|o| o == "bind" || o == "rbind");
                 if !is_bind {
+                    shared.push(m);
                     continue;
                 }
                 let src = m.source().clone().ok_or_else(|| {
@@ -119,33 +170,63 @@ impl Bundle {
                 })?;
                 let name = format!("mounts/{n}");
                 let host = target.join(&name);
-                bind(
-                    &src,
-                    &host,
-                    opts.iter().any(|o| o == "rbind"),
-                    opts.iter().any(|o| o == "ro"),
-                )
-                .map_err(|e| {
-                    fail(format!(
-                        "sharing {} for {}: {e}",
-                        src.display(),
-                        m.destination().display()
-                    ))
-                })?;
-                m.set_source(Some(guest_dir.join(&name)));
+                let dest = m.destination().display().to_string();
+                let share_err = |what: &Path, e: String| {
+                    fail(format!("sharing {} for {dest}: {e}", what.display()))
+                };
+                // Each host mount gets a bind of its own, never a
+                // recursive one: a copy of a submount on the source's own
+                // directories would keep the host from removing them.
+                bind(&src, &host, false, opts.iter().any(|o| o == "ro"))
+                    .map_err(|e| share_err(&src, e))?;
+                let guest_src = guest_dir.join(&name);
+                m.set_source(Some(guest_src));
+                let subs = if opts.iter().any(|o| o == "rbind") {
+                    submounts(&src, &m)
+                } else {
+                    Vec::new()
+                };
+                shared.push(m);
+                for (k, (rel, sub)) in subs.into_iter().enumerate() {
+                    let sub_name = format!("mounts/{n}.{k}");
+                    let from = src.join(&rel);
+                    bind(&from, &target.join(&sub_name), false, false)
+                        .map_err(|e| share_err(&from, e))?;
+                    let mut sub = sub;
+                    sub.set_source(Some(guest_dir.join(&sub_name)));
+                    shared.push(sub);
+                }
             }
+            *mounts = shared;
         }
         if let Some(root) = spec.root_mut() {
             root.set_path("rootfs".into());
         }
         spec.set_hooks(None);
         if let Some(linux) = spec.linux_mut() {
-            // Host device nodes and namespace paths mean nothing in the guest.
+            // Host device nodes mean nothing in the guest.
             linux.set_devices(None);
             if let Some(ns) = linux.namespaces_mut() {
-                for n in ns.iter_mut() {
-                    n.set_path(None);
+                let mut kept = Vec::with_capacity(ns.len());
+                for mut n in ns.drain(..) {
+                    if n.typ() == LinuxNamespaceType::Network {
+                        continue;
+                    }
+                    if let Some(path) = n.path().clone().filter(|p| !p.as_os_str().is_empty()) {
+                        n.set_path(Some(guest_namespace(&path, n.typ(), pod).ok_or_else(
+                            || {
+                                fail(format!(
+                                    "{:?} namespace {} is the host's: a container in a VM can \
+                                     only join namespaces of its own pod",
+                                    n.typ(),
+                                    path.display()
+                                ))
+                            },
+                        )?));
+                    }
+                    kept.push(n);
                 }
+                *ns = kept;
             }
             if let Some(res) = linux.resources_mut() {
                 res.set_devices(None);
@@ -155,8 +236,112 @@ impl Bundle {
     }
 }
 
-/// Bind-mounts `src` on `dst`, creating `dst` as a directory or an empty
-/// file to match.
+/// The guest's name for a namespace `path` of the pod's sandbox
+/// (`/proc/<vm pid>/ns/<kind>`, as containerd writes it), or None for any
+/// other path.
+fn guest_namespace(path: &Path, typ: LinuxNamespaceType, pod: &PodRef<'_>) -> Option<PathBuf> {
+    let kind = match typ {
+        LinuxNamespaceType::Pid => "pid",
+        LinuxNamespaceType::Ipc => "ipc",
+        LinuxNamespaceType::Uts => "uts",
+        LinuxNamespaceType::Cgroup => "cgroup",
+        LinuxNamespaceType::Time => "time",
+        _ => return None,
+    };
+    let expected = PathBuf::from(format!("/proc/{}/ns/{kind}", pod.vm_pid));
+    (path == expected).then(|| {
+        Path::new(GUEST_NAMESPACE_DIR)
+            .join(pod.sandbox_id)
+            .join(kind)
+    })
+}
+
+/// The host mounts below the source `src` of a recursive bind `parent`,
+/// parents first, each as a mount of the spec (its path relative to `src`,
+/// the mount with the guest source still to set): read-only if the parent
+/// is recursively read-only (`rro`) or it is itself, writable otherwise.
+fn submounts(src: &Path, parent: &Mount) -> Vec<(PathBuf, Mount)> {
+    let Ok(real) = src.canonicalize() else {
+        return Vec::new();
+    };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let opts = parent.options().clone().unwrap_or_default();
+    let rro = opts.iter().any(|o| o == "rro");
+    let propagation: Vec<String> = opts
+        .iter()
+        .filter(|o| {
+            matches!(
+                o.as_str(),
+                "rprivate" | "rslave" | "rshared" | "private" | "slave" | "shared"
+            )
+        })
+        .cloned()
+        .collect();
+    let mut found: Vec<(PathBuf, bool)> = mounts_below(&mountinfo, &real);
+    found.sort();
+    found.dedup_by(|a, b| a.0 == b.0);
+    found
+        .into_iter()
+        .map(|(rel, readonly)| {
+            let mut options = vec!["bind".to_string()];
+            options.push(
+                match (rro, readonly) {
+                    (true, _) => "rro",
+                    (false, true) => "ro",
+                    (false, false) => "rw",
+                }
+                .to_string(),
+            );
+            options.extend(propagation.iter().cloned());
+            let mut m = parent.clone();
+            m.set_destination(parent.destination().join(&rel));
+            m.set_typ(Some("bind".into()));
+            m.set_options(Some(options));
+            (rel, m)
+        })
+        .collect()
+}
+
+/// Mount points strictly below `dir` in a mountinfo text, relative to it,
+/// with whether each is read-only.
+fn mounts_below(mountinfo: &str, dir: &Path) -> Vec<(PathBuf, bool)> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split(' ');
+            let point = PathBuf::from(unescape(f.nth(4)?));
+            let readonly = f.next()?.split(',').any(|o| o == "ro");
+            let rel = point.strip_prefix(dir).ok()?.to_owned();
+            (!rel.as_os_str().is_empty()).then_some((rel, readonly))
+        })
+        .collect()
+}
+
+/// mountinfo's octal escapes (`\040` for a space).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Bind-mounts `src` (with the mounts below it if `recursive`) on `dst`,
+/// creating `dst` as a directory or an empty file to match.
 fn bind(src: &Path, dst: &Path, recursive: bool, readonly: bool) -> Result<(), String> {
     let meta = std::fs::metadata(src).map_err(|e| format!("{}: {e}", src.display()))?;
     if meta.is_dir() {
@@ -223,10 +408,131 @@ mod tests {
         );
     }
 
+    fn cri_bundle(kind: &str, namespaces: &str) -> Bundle {
+        let spec: Spec = serde_json::from_str(&format!(
+            r#"{{"ociVersion":"1.0.2","root":{{"path":"rootfs"}},
+                "annotations":{{"io.kubernetes.cri.container-type":"{kind}","io.kubernetes.cri.sandbox-id":"sb"}},
+                "linux":{{"namespaces":{namespaces}}}}}"#
+        ))
+        .unwrap();
+        Bundle {
+            dir: "/b".into(),
+            spec,
+        }
+    }
+
+    #[test]
+    fn host_namespaces_are_the_ones_a_cri_spec_leaves_out() {
+        let all = r#"[{"type":"pid"},{"type":"ipc"},{"type":"uts"},{"type":"mount"},{"type":"network","path":"/var/run/netns/x"}]"#;
+        assert!(cri_bundle("sandbox", all).host_namespaces().is_empty());
+        assert_eq!(
+            cri_bundle("sandbox", r#"[{"type":"ipc"},{"type":"mount"}]"#).host_namespaces(),
+            vec!["hostNetwork", "hostPID"]
+        );
+        assert_eq!(
+            cri_bundle("container", r#"[{"type":"pid"},{"type":"mount"}]"#).host_namespaces(),
+            vec!["hostIPC"]
+        );
+        // ctr run: no CRI annotations, nothing asked.
+        assert!(bundle("{}").host_namespaces().is_empty());
+    }
+
+    #[test]
+    fn sandbox_namespace_paths_become_guest_names() {
+        let pod = PodRef {
+            sandbox_id: "sb",
+            vm_pid: 4242,
+        };
+        assert_eq!(
+            guest_namespace(
+                Path::new("/proc/4242/ns/pid"),
+                LinuxNamespaceType::Pid,
+                &pod
+            ),
+            Some(PathBuf::from(format!("{GUEST_NAMESPACE_DIR}/sb/pid")))
+        );
+        assert_eq!(
+            guest_namespace(Path::new("/proc/1/ns/pid"), LinuxNamespaceType::Pid, &pod),
+            None
+        );
+        assert_eq!(
+            guest_namespace(
+                Path::new("/proc/4242/ns/ipc"),
+                LinuxNamespaceType::Pid,
+                &pod
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn shared_spec_drops_the_network_and_refuses_host_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("rootfs")).unwrap();
+        let pod = PodRef {
+            sandbox_id: "sb",
+            vm_pid: 4242,
+        };
+        let share = |ns: &str| {
+            let b = Bundle {
+                dir: dir.path().to_owned(),
+                ..cri_bundle("container", ns)
+            };
+            let target = dir.path().join("shared/c1");
+            let r = b.share("c1", &[], &target, &pod);
+            let _ = nix::mount::umount2(&target.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
+            r
+        };
+        let out = share(
+            r#"[{"type":"pid","path":"/proc/4242/ns/pid"},{"type":"network","path":"/proc/4242/ns/net"},{"type":"mount"}]"#,
+        )
+        .unwrap();
+        let spec: Spec = serde_json::from_slice(&out).unwrap();
+        let ns = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        assert_eq!(ns.len(), 2, "{ns:?}");
+        assert_eq!(
+            ns[0].path().clone().unwrap(),
+            PathBuf::from(format!("{GUEST_NAMESPACE_DIR}/sb/pid"))
+        );
+        let e = share(r#"[{"type":"ipc","path":"/proc/1/ns/ipc"}]"#).unwrap_err();
+        assert!(e.to_string().contains("/proc/1/ns/ipc"), "{e}");
+    }
+
+    #[test]
+    fn mountinfo_submounts_are_found_below_a_directory() {
+        let info = "\
+36 35 98:0 / / rw,noatime master:1 - ext4 /dev/root rw
+40 36 0:50 / /run/p/shared/c/mounts/3 ro,relatime shared:5 - ext4 /dev/root rw
+41 40 0:51 / /run/p/shared/c/mounts/3/tmpfs rw,nosuid - tmpfs tmpfs rw
+42 40 0:52 / /run/p/shared/c/mounts/3/with\\040space ro - tmpfs tmpfs rw
+43 36 0:53 / /run/p/shared/c/mounts/30 rw - tmpfs tmpfs rw
+";
+        let found = mounts_below(info, Path::new("/run/p/shared/c/mounts/3"));
+        assert_eq!(
+            found,
+            vec![
+                (PathBuf::from("tmpfs"), false),
+                (PathBuf::from("with space"), true)
+            ]
+        );
+    }
+
     #[test]
     fn missing_config_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let e = Bundle::load(dir.path()).err().unwrap();
         assert!(e.to_string().contains("config.json"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_value_in_the_spec_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"ociVersion":"1.0.2","linux":{"seccomp":{"defaultAction":"SCMP_ACT_NOPE"}}}"#,
+        )
+        .unwrap();
+        let e = Bundle::load(dir.path()).err().unwrap();
+        assert!(e.to_string().contains("SCMP_ACT_NOPE"), "{e}");
     }
 }

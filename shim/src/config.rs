@@ -79,6 +79,10 @@ pub struct Config {
     pub kernel_params: String,
     /// The `podvisor.io/*` annotations pods may set; others fail create.
     pub allowed_annotations: Vec<String>,
+    /// Whether a pod asking for the node's namespaces (hostNetwork,
+    /// hostPID, hostIPC) runs with the VM's instead. Off: such a pod fails
+    /// to start, naming the setting.
+    pub allow_host_namespaces: bool,
     pub paths: Paths,
 }
 
@@ -114,6 +118,7 @@ impl Default for Config {
             max_memory_mib: 16384,
             kernel_params: String::new(),
             allowed_annotations: Vec::new(),
+            allow_host_namespaces: false,
             paths: Paths::default(),
         }
     }

@@ -7,13 +7,18 @@
 //! - [`hypervisor`]: the backends that run a VM (QEMU today);
 //! - [`bundle`]: a container's OCI bundle, shared into the guest;
 //! - [`stdio`]: containerd's FIFOs bridged to the agent's streams;
+//! - [`port_forward`]: `kubectl port-forward` from the pod's namespace
+//!   into the guest;
 //! - [`state`]: `/run/podvisor/<sandbox-id>/` and crash cleanup;
-//! - [`config`]: `/etc/podvisor/config.toml` and VM sizing.
+//! - [`config`]: `/etc/podvisor/config.toml` and VM sizing;
+//! - [`info`]: `-info`, the runtime features containerd 2.x asks for.
 
 pub mod bundle;
 pub mod config;
 pub mod hypervisor;
+pub mod info;
 pub mod network;
+pub mod port_forward;
 mod process;
 pub mod sandbox;
 pub mod shim;

@@ -3,6 +3,25 @@
 use std::time::Duration;
 
 fn main() {
+    // Answered before the shim crate's bootstrap, which needs the
+    // environment of a real start.
+    if std::env::args()
+        .skip(1)
+        .any(|a| a == "-info" || a == "--info")
+    {
+        let mut options = Vec::new();
+        let answer = std::io::Read::read_to_end(&mut std::io::stdin(), &mut options)
+            .map_err(|e| format!("reading runtime options from stdin: {e}"))
+            .and_then(|_| podvisor_shim::info::runtime_info(&options))
+            .and_then(|out| {
+                std::io::Write::write_all(&mut std::io::stdout(), &out).map_err(|e| e.to_string())
+            });
+        if let Err(e) = answer {
+            eprintln!("{}: -info: {e}", podvisor_shim::RUNTIME_ID);
+            std::process::exit(1);
+        }
+        return;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

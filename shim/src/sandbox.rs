@@ -12,6 +12,7 @@ use tokio::sync::{watch, Mutex};
 use crate::config::{Config, VmSizing};
 use crate::hypervisor::{self, RunningVm, VmSpec};
 use crate::network::{NetworkError, PodNetwork};
+use crate::port_forward::PortForward;
 use crate::state::{process_start_time, RecordedProcess, SandboxDir, State};
 
 /// From QEMU start to the agent answering (TCG boots take seconds).
@@ -56,9 +57,14 @@ pub struct Pod {
     pub vm_pid: u32,
     /// "qemu/tcg", ...
     pub describe: String,
+    /// The config's `allow_host_namespaces`, for the pod's later
+    /// containers.
+    pub allow_host_namespaces: bool,
     vm_exit: watch::Receiver<Option<ExitStatus>>,
     vm: Mutex<RunningVm>,
     network: Option<PodNetwork>,
+    /// Stops with the pod (dropped).
+    _port_forward: Option<PortForward>,
 }
 
 pub fn ctx() -> ttrpc::context::Context {
@@ -144,17 +150,31 @@ impl Pod {
         )
         .await
         {
-            Ok(agent) => Ok(Pod {
-                id: id.to_string(),
-                agent,
-                vsock: vm.vsock.clone(),
-                vm_pid: vm.vm.pid,
-                describe: vm.describe.clone(),
-                vm_exit: vm.vm.exit_watch(),
-                dir,
-                vm: Mutex::new(vm),
-                network,
-            }),
+            Ok(agent) => {
+                let port_forward = match netns {
+                    Some(ns) => match PortForward::start(ns, &vm.vsock).await {
+                        Ok(f) => Some(f),
+                        Err(e) => {
+                            tracing::warn!(sandbox = id, "kubectl port-forward unavailable: {e}");
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                Ok(Pod {
+                    id: id.to_string(),
+                    agent,
+                    vsock: vm.vsock.clone(),
+                    vm_pid: vm.vm.pid,
+                    describe: vm.describe.clone(),
+                    allow_host_namespaces: config.allow_host_namespaces,
+                    vm_exit: vm.vm.exit_watch(),
+                    dir,
+                    vm: Mutex::new(vm),
+                    network,
+                    _port_forward: port_forward,
+                })
+            }
             Err(e) => {
                 vm.stop(Duration::ZERO).await;
                 undo(dir, network).await;

@@ -23,7 +23,7 @@ use containerd_shim::{Task, TtrpcContext, TtrpcResult};
 use podvisor_protocol::api;
 use ttrpc::{Code, Error as TtrpcError};
 
-use crate::bundle::{Bundle, Role};
+use crate::bundle::{Bundle, PodRef, Role};
 use crate::config::Config;
 use crate::process::{lock, now, Proc, ProcState, VM_DIED};
 use crate::sandbox::{ctx, Pod};
@@ -131,6 +131,7 @@ impl TaskService {
     ) -> TtrpcResult<Arc<Pod>> {
         let config = Config::load(config_path(options).as_deref())
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        check_host_namespaces(bundle, config.allow_host_namespaces)?;
         let sizing = config
             .vm_sizing(&bundle.annotations())
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
@@ -242,6 +243,24 @@ impl TaskService {
         forget(pod, id, "").await;
         pod.dir.remove_container(id);
     }
+}
+
+/// Refuses a CRI container that asks for the node's namespaces, unless the
+/// config lets such pods run with the VM's (`allow_host_namespaces`).
+fn check_host_namespaces(bundle: &Bundle, allowed: bool) -> TtrpcResult<()> {
+    let asked = bundle.host_namespaces();
+    if asked.is_empty() || allowed {
+        return Ok(());
+    }
+    Err(status(
+        Code::INVALID_ARGUMENT,
+        format!(
+            "{} cannot be honoured: the pod runs in its own VM, which has no access to the \
+             node's namespaces (set allow_host_namespaces = true in the podvisor config to \
+             run such pods with the VM's own namespaces instead)",
+            asked.join(", ")
+        ),
+    ))
 }
 
 /// Drops a container (or, with `exec_id`, an exec) from the guest; a dead
@@ -381,8 +400,15 @@ impl Task for Service {
         };
 
         let made = async {
+            if !owns_pod {
+                check_host_namespaces(&bundle, pod.allow_host_namespaces)?;
+            }
+            let pod_ref = PodRef {
+                sandbox_id: &pod.id,
+                vm_pid: pod.vm_pid,
+            };
             let spec = bundle
-                .share(&id, &req.rootfs, &pod.dir.container(&id))
+                .share(&id, &req.rootfs, &pod.dir.container(&id), &pod_ref)
                 .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
             let stdio = StdioPaths {
                 stdin: req.stdin.clone(),
@@ -906,6 +932,27 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(config_path(Some(&garbage)), None);
+    }
+
+    #[test]
+    fn host_namespaces_are_refused_unless_the_config_allows_them() {
+        let spec: oci_spec::runtime::Spec = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2",
+                "annotations":{"io.kubernetes.cri.container-type":"sandbox","io.kubernetes.cri.sandbox-id":"s"},
+                "linux":{"namespaces":[{"type":"ipc"},{"type":"mount"}]}}"#,
+        )
+        .unwrap();
+        let bundle = Bundle {
+            dir: "/b".into(),
+            spec,
+        };
+        let e = check_host_namespaces(&bundle, false).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("hostNetwork, hostPID") && msg.contains("allow_host_namespaces"),
+            "{msg}"
+        );
+        check_host_namespaces(&bundle, true).unwrap();
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! A private containerd (Debian's) for tests and the demo: its own root,
-//! state and socket in a temporary directory, the CRI plugin with runtime
-//! handlers `runc` and `podvisor`, a CNI bridge network, and the busybox
-//! and pause images imported. The shim it runs is this workspace's build.
+//! A private containerd for tests and the demo, Debian's 1.6 or the 2.x
+//! `upstream/build.sh` builds ([`Release`]): its own root, state and socket
+//! in a temporary directory, the CRI plugin with runtime handlers `runc`
+//! and `podvisor`, a CNI bridge network (with host ports), optionally a
+//! registry mirror, and the busybox and pause images imported. The shim it
+//! runs is this workspace's build.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::image::busybox_archive;
+use crate::image::{archive, pause, ImageDef};
 use crate::vm::{image_dir, paths, tool};
 
 /// The image test containers run, and the pod sandbox image.
@@ -21,8 +23,89 @@ pub const RUNTIME: &str = podvisor_shim::RUNTIME_ID;
 /// The CNI bridge; a name of our own so nothing else is touched.
 const BRIDGE: &str = "pvtest0";
 
+/// Which containerd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Debian 12's 1.6 (`/usr/bin`; CONTAINERD and CTR override).
+    V1,
+    /// The 2.x `upstream/build.sh` builds into build/upstream/containerd
+    /// (CONTAINERD2_DIR overrides).
+    V2,
+}
+
+impl Release {
+    pub const ALL: [Release; 2] = [Release::V1, Release::V2];
+
+    /// From `PODVISOR_CONTAINERD` (`1`, `2`, or unset for both).
+    pub fn selected() -> Vec<Release> {
+        match std::env::var("PODVISOR_CONTAINERD").as_deref() {
+            Ok("1") | Ok("1.6") => vec![Release::V1],
+            Ok("2") => vec![Release::V2],
+            _ => Release::ALL.to_vec(),
+        }
+    }
+
+    /// The directory of the 2.x binaries.
+    fn upstream_dir() -> PathBuf {
+        std::env::var_os("CONTAINERD2_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/upstream/containerd")
+            })
+    }
+
+    pub fn containerd(self) -> PathBuf {
+        match self {
+            Release::V1 => tool("CONTAINERD", "containerd"),
+            Release::V2 => Self::upstream_dir().join("containerd"),
+        }
+    }
+
+    pub fn ctr(self) -> PathBuf {
+        match self {
+            Release::V1 => tool("CTR", "ctr"),
+            Release::V2 => Self::upstream_dir().join("ctr"),
+        }
+    }
+
+    /// Where its own shims (containerd-shim-runc-v2) are, if not in PATH.
+    fn shim_dir(self) -> Option<PathBuf> {
+        (self == Release::V2).then(Self::upstream_dir)
+    }
+
+    /// `containerd --version`'s version, such as `1.6.20~ds1` or `v2.2.9`.
+    pub fn version(self) -> String {
+        Command::new(self.containerd())
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .nth(2)
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    /// A short name for test names and tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Release::V1 => "containerd-1.6",
+            Release::V2 => "containerd-2",
+        }
+    }
+}
+
+/// A registry mirror: pulls of `hosts` go to `mirror` (plain HTTP).
+pub struct Mirror<'a> {
+    pub mirror: &'a str,
+    pub hosts: &'a [&'a str],
+}
+
 pub struct Containerd {
     child: Child,
+    pub release: Release,
     pub address: PathBuf,
     /// The podvisor config the runtime uses (ConfigPath).
     pub podvisor_config: PathBuf,
@@ -61,7 +144,12 @@ fn can_lower_oom_score() -> bool {
 }
 
 impl Containerd {
-    pub fn start() -> Result<Containerd> {
+    pub fn start(release: Release) -> Result<Containerd> {
+        Self::start_with(release, None)
+    }
+
+    /// With pulls from the registries `mirror` names going to it.
+    pub fn start_with(release: Release, mirror: Option<&Mirror<'_>>) -> Result<Containerd> {
         let dir = tempfile::Builder::new()
             .prefix("podvisor-containerd-")
             .tempdir()?;
@@ -89,59 +177,59 @@ impl Containerd {
                 r#"{{"cniVersion":"1.0.0","name":"podvisor-test","plugins":[
   {{"type":"bridge","bridge":"{BRIDGE}","isGateway":true,"ipMasq":false,
     "ipam":{{"type":"host-local","ranges":[[{{"subnet":"10.88.77.0/24"}}]],"routes":[{{"dst":"0.0.0.0/0"}}]}}}},
+  {{"type":"portmap","capabilities":{{"portMappings":true}}}},
   {{"type":"loopback"}}]}}"#
             ),
         )?;
+        let certs = d.join("certs.d");
+        if let Some(m) = mirror {
+            for host in m.hosts {
+                let hd = certs.join(host);
+                std::fs::create_dir_all(&hd)?;
+                std::fs::write(
+                    hd.join("hosts.toml"),
+                    format!(
+                        "server = \"https://{host}\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                        m.mirror
+                    ),
+                )?;
+            }
+        }
+        let dirs = ConfigDirs {
+            root: d.join("root"),
+            state: d.join("state"),
+            address: address.clone(),
+            podvisor_config: podvisor_config.clone(),
+            cni,
+            certs,
+            restrict_oom: !can_lower_oom_score(),
+        };
         let config = d.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"version = 2
-root = "{root}"
-state = "{state}"
-[grpc]
-  address = "{address}"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE}"
-  restrict_oom_score_adj = {restrict_oom}
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.podvisor]
-      runtime_type = "{RUNTIME}"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.podvisor.options]
-        ConfigPath = "{podvisor_config}"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{cni}"
-"#,
-                root = d.join("root").display(),
-                state = d.join("state").display(),
-                address = address.display(),
-                podvisor_config = podvisor_config.display(),
-                cni = cni.display(),
-                restrict_oom = !can_lower_oom_score(),
-            ),
-        )?;
+        std::fs::write(&config, config_toml(release, &dirs))?;
 
-        let path = format!(
-            "{}:{}",
-            shim_dir()?.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
+        let mut path = vec![shim_dir()?];
+        path.extend(release.shim_dir());
+        path.extend(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ));
         let log = std::fs::File::create(d.join("containerd.log"))?;
-        let child = Command::new(tool("CONTAINERD", "containerd"))
+        let child = Command::new(release.containerd())
             .arg("--config")
             .arg(&config)
-            .env("PATH", path)
+            .env("PATH", std::env::join_paths(path)?)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("starting containerd (apt-get install containerd)")?;
+            .with_context(|| {
+                format!(
+                    "starting {} (containerd 1.6: apt-get install containerd; 2.x: upstream/build.sh containerd)",
+                    release.containerd().display()
+                )
+            })?;
         let ctd = Containerd {
             child,
+            release,
             address,
             podvisor_config,
             dir,
@@ -158,12 +246,12 @@ state = "{state}"
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        for (name, cmd) in [(BUSYBOX, vec!["sh"]), (PAUSE, vec!["sleep", "2147483647"])] {
-            let archive = d.join(format!("{}.tar", name.replace(['/', ':'], "_")));
-            busybox_archive(&archive, name, &cmd)?;
+        for (name, def) in [(BUSYBOX, ImageDef::with_cmd(&["sh"])), (PAUSE, pause())] {
+            let tar = d.join(format!("{}.tar", name.replace(['/', ':'], "_")));
+            archive(&tar, name, &def)?;
             for ns in [NAMESPACE, "k8s.io"] {
                 ctd.ctr_in(ns, &["images", "import"])
-                    .arg(&archive)
+                    .arg(&tar)
                     .output()
                     .ok()
                     .filter(|o| o.status.success())
@@ -182,8 +270,8 @@ state = "{state}"
         self.ctr_in(NAMESPACE, args)
     }
 
-    fn ctr_in(&self, namespace: &str, args: &[&str]) -> Command {
-        let mut c = Command::new(tool("CTR", "ctr"));
+    pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(self.release.ctr());
         c.arg("--address")
             .arg(&self.address)
             .args(["-n", namespace])
@@ -272,6 +360,82 @@ state = "{state}"
         let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
         // containerd may leave snapshots mounted under its root.
         podvisor_shim::state::remove_tree(self.dir.path());
+    }
+}
+
+/// The directories and settings a config names.
+struct ConfigDirs {
+    root: PathBuf,
+    state: PathBuf,
+    address: PathBuf,
+    podvisor_config: PathBuf,
+    cni: PathBuf,
+    certs: PathBuf,
+    restrict_oom: bool,
+}
+
+/// containerd's config: format 2 for 1.6, format 3 for 2.x (where the CRI
+/// plugin is split into images and runtime).
+fn config_toml(release: Release, d: &ConfigDirs) -> String {
+    let runtimes = |cri: &str| {
+        format!(
+            r#"  [plugins."{cri}".containerd]
+    default_runtime_name = "runc"
+    [plugins."{cri}".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."{cri}".containerd.runtimes.podvisor]
+      runtime_type = "{RUNTIME}"
+      [plugins."{cri}".containerd.runtimes.podvisor.options]
+        ConfigPath = "{}"
+"#,
+            d.podvisor_config.display()
+        )
+    };
+    let head = format!(
+        r#"root = "{}"
+state = "{}"
+[grpc]
+  address = "{}"
+"#,
+        d.root.display(),
+        d.state.display(),
+        d.address.display()
+    );
+    match release {
+        Release::V1 => format!(
+            r#"version = 2
+{head}[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE}"
+  restrict_oom_score_adj = {restrict}
+{runtimes}  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{certs}"
+"#,
+            restrict = d.restrict_oom,
+            runtimes = runtimes("io.containerd.grpc.v1.cri"),
+            cni = d.cni.display(),
+            certs = d.certs.display(),
+        ),
+        Release::V2 => format!(
+            r#"version = 3
+{head}[plugins."io.containerd.cri.v1.images"]
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "{PAUSE}"
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "{certs}"
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = {restrict}
+{runtimes}  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["/usr/lib/cni"]
+    conf_dir = "{cni}"
+"#,
+            restrict = d.restrict_oom,
+            runtimes = runtimes("io.containerd.cri.v1.runtime"),
+            cni = d.cni.display(),
+            certs = d.certs.display(),
+        ),
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use podvisor_protocol::api;
-use podvisor_testkit::containerd::{text, Containerd};
+use podvisor_testkit::containerd::{text, Containerd, Release};
 use podvisor_testkit::spec::container;
 use podvisor_testkit::vm::{image_dir, manifest};
 use podvisor_testkit::{ctx, detect_accel, Accel, StdioReq, TestVm, VmConfig};
@@ -33,18 +33,24 @@ fn main() -> Result<()> {
         Some("demo") => demo(),
         Some("bench") => rt.block_on(bench()),
         Some("image") => image(&std::env::args().skip(2).collect::<Vec<_>>()),
-        _ => bail!("usage: podvisor-testkit demo|bench|image ARCHIVE NAME CMD..."),
+        _ => bail!("usage: podvisor-testkit demo|bench|image ARCHIVE NAME [--pause | CMD...]"),
     }
 }
 
 /// `image ARCHIVE NAME [--add FILE:PATH]... CMD...`: writes the busybox
 /// test image, with FILEs added at PATHs, as an OCI archive for
-/// `ctr images import` (the local cluster's images).
+/// `ctr images import` (the local cluster's images). `image ARCHIVE NAME
+/// --pause`: the pod sandbox image.
 fn image(args: &[String]) -> Result<()> {
-    const USAGE: &str = "usage: podvisor-testkit image ARCHIVE NAME [--add FILE:PATH]... CMD...";
+    const USAGE: &str =
+        "usage: podvisor-testkit image ARCHIVE NAME [--pause | [--add FILE:PATH]... CMD...]";
     let [archive, name, rest @ ..] = args else {
         bail!(USAGE);
     };
+    if rest == ["--pause"] {
+        let def = podvisor_testkit::image::pause();
+        return podvisor_testkit::image::archive(std::path::Path::new(archive), name, &def);
+    }
     let mut rest: &[String] = rest;
     let mut files = Vec::new();
     while let [flag, spec, tail @ ..] = rest {
@@ -73,9 +79,12 @@ fn first_line(path: &str) -> String {
 
 fn demo() -> Result<()> {
     let (accel, why) = detect_accel();
-    println!("starting a private containerd with the podvisor runtime");
+    println!(
+        "starting a private containerd {} with the podvisor runtime",
+        Release::V2.version()
+    );
     println!("VMs run under QEMU with {} ({why})", accel.name());
-    let ctd = Containerd::start()?;
+    let ctd = Containerd::start(Release::V2)?;
     let script = "echo \"kernel  $(uname -r)\"; echo \"boot id $(cat /proc/sys/kernel/random/boot_id)\"; \
                   echo \"cpus    $(nproc)\"; echo \"memory  $(awk '/MemTotal/ {print $2, $3}' /proc/meminfo)\"";
     let mut cmd = ctd.ctr_run(&["--rm"], "demo", &["sh", "-c", script]);
@@ -134,7 +143,49 @@ async fn bench() -> Result<()> {
     println!("{:<66} {:>11}  target (DESIGN.md)", "figure", "measured");
     vmm_figures()?;
     guest_figures(accel, note).await?;
-    containerd_figures(note)
+    containerd_figures(note)?;
+    critest_figures()
+}
+
+/// critest (the CRI validation suite) per containerd and handler: its
+/// tallies and how long each run took, and whether podvisor passes what
+/// runc does (`make test-cri` is the same run as a test).
+fn critest_figures() -> Result<()> {
+    use podvisor_testkit::critest::{by_design, run_all, verdict, Options, Outcome};
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/cri");
+    let runs = run_all(&Options {
+        releases: Release::ALL.to_vec(),
+        parallel: 2,
+        out,
+    })?;
+    for r in &runs {
+        row(
+            &format!(
+                "critest {} on containerd {}: passed/failed/skipped",
+                r.handler, r.version
+            ),
+            format!(
+                "{}/{}/{}",
+                r.count(|o| *o == Outcome::Passed),
+                r.count(|o| matches!(o, Outcome::Failed(_))),
+                r.count(|o| *o == Outcome::Skipped)
+            ),
+            "every spec runc passes",
+        );
+        row(
+            "  its run time",
+            format!("{:.0} s", r.duration.as_secs_f64()),
+            "-",
+        );
+    }
+    let list = by_design()?;
+    let v = verdict(&runs, &list);
+    row(
+        "critest specs runc passes and podvisor fails (not by design)",
+        v.regressions.len().to_string(),
+        &format!("0 ({} by design)", list.len()),
+    );
+    Ok(())
 }
 
 /// The in-tree VMM beside QEMU microvm, on the same tiny guest.
@@ -298,7 +349,7 @@ fn processes_with(needle: &str) -> Vec<(u32, String)> {
 
 /// The shim under a private containerd: ctr run latency, per-pod memory.
 fn containerd_figures(note: &str) -> Result<()> {
-    let ctd = Containerd::start()?;
+    let ctd = Containerd::start(Release::V2)?;
     let result = (|| -> Result<()> {
         let mut firsts = Vec::new();
         for i in 0..CTR_RUNS {

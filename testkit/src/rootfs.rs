@@ -1,8 +1,9 @@
 //! A busybox root filesystem (Debian's busybox-static) for test
-//! containers: the binary, one symlink per applet, and an /etc with a
-//! root, an unprivileged `user` and a few groups.
+//! containers: the binary, one hard link per applet (as the busybox image
+//! has them, so masking one applet's path masks only it), and an /etc with
+//! a root, an unprivileged `user` and a few groups.
 
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -48,7 +49,7 @@ pub fn busybox_rootfs(dest: &Path) -> Result<()> {
         .with_context(|| format!("copying {}", bb.display()))?;
     for applet in String::from_utf8_lossy(&list.stdout).lines() {
         if applet != "busybox" && !applet.contains('/') {
-            symlink("busybox", dest.join("bin").join(applet))?;
+            std::fs::hard_link(dest.join("bin/busybox"), dest.join("bin").join(applet))?;
         }
     }
     std::fs::write(dest.join("etc/passwd"), PASSWD)?;

@@ -1,5 +1,7 @@
 //! OCI specs as containerd writes them by default (namespaces, the usual
-//! mounts, capabilities, masked paths), as JSON values a test can adjust.
+//! mounts, capabilities, masked paths) and the shim passes them to the
+//! agent (no network namespace: the VM's network is the pod's), as JSON
+//! values a test can adjust.
 
 use serde_json::{json, Value};
 
@@ -58,7 +60,7 @@ pub fn container(args: &[&str]) -> Value {
         "linux": {
             "resources": {"devices": [{"allow": false, "access": "rwm"}]},
             "namespaces": [
-                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}
+                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}
             ],
             "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
             "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]

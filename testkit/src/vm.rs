@@ -44,8 +44,9 @@ pub fn detect_accel() -> (Accel, String) {
 }
 
 /// A helper binary: the environment variable `env`, else `name` in PATH,
-/// in the workspace's build/tools (where `make deps` puts crictl) or in
-/// ~/.cargo/bin (where `cargo install` puts vhost-device-vsock).
+/// in the workspace's build/upstream/cri-tools (where `upstream/build.sh`
+/// puts crictl) or in ~/.cargo/bin (where `cargo install` puts
+/// vhost-device-vsock).
 pub fn tool(env: &str, name: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
@@ -60,7 +61,7 @@ pub fn tool(env: &str, name: &str) -> PathBuf {
     let tools = || {
         Some(
             Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../build/tools")
+                .join("../build/upstream/cri-tools")
                 .join(name),
         )
         .filter(|p| p.exists())

@@ -108,6 +108,26 @@ fn main() {
             create_sandbox_sets_hostname_dns_sysctls,
         ),
         (
+            "pod_namespaces_are_joined_by_their_guest_paths",
+            pod_namespaces_are_joined_by_their_guest_paths,
+        ),
+        (
+            "sysctls_are_set_before_proc_sys_turns_read_only",
+            sysctls_are_set_before_proc_sys_turns_read_only,
+        ),
+        (
+            "seccomp_profile_holds_for_init_and_exec",
+            seccomp_profile_holds_for_init_and_exec,
+        ),
+        (
+            "read_only_mounts_recursive_and_not",
+            read_only_mounts_recursive_and_not,
+        ),
+        (
+            "privileged_container_gets_modules_on_demand",
+            privileged_container_gets_modules_on_demand,
+        ),
+        (
             "bad_spec_json_and_missing_process",
             bad_spec_json_and_missing_process,
         ),
@@ -210,6 +230,321 @@ fn rpc_error<T>(r: Result<T>) -> Result<String> {
 
 fn sh(script: &str) -> Value {
     container(&["sh", "-c", script])
+}
+
+// --- pod namespaces, sysctls, seccomp, mounts, modules -----------------------
+
+/// The namespace links of an exec in `cid`: pid, ipc, uts.
+async fn namespace_links(vm: &TestVm, cid: &str) -> Result<String> {
+    let s = vm
+        .exec(
+            cid,
+            "nslinks",
+            &process(&[
+                "sh",
+                "-c",
+                "for n in pid ipc uts; do readlink /proc/self/ns/$n; done",
+            ]),
+            StdioReq::OUT,
+        )
+        .await?;
+    let out = vm.finish(cid, "nslinks", s).await?;
+    vm.remove_exec(cid, "nslinks").await?;
+    Ok(out.stdout)
+}
+
+fn pod_namespaces_are_joined_by_their_guest_paths(vm: &TestVm) -> BoxFut<'_> {
+    Box::pin(async move {
+        let mut sandbox = container(&["sleep", "1003"]);
+        sandbox["hostname"] = json!("pod-host");
+        let sb = vm.create("ns-sb", &sandbox, StdioReq::OUT).await?;
+        vm.start("ns-sb", "").await?;
+        let dir = podvisor_protocol::GUEST_NAMESPACE_DIR;
+        let mut member = sh("tr '\\0' ' ' < /proc/1/cmdline; echo; hostname");
+        member["linux"]["namespaces"] = json!([
+            {"type": "pid", "path": format!("{dir}/ns-sb/pid")},
+            {"type": "ipc", "path": format!("{dir}/ns-sb/ipc")},
+            {"type": "uts", "path": format!("{dir}/ns-sb/uts")},
+            {"type": "mount"}
+        ]);
+        // Kept running, to compare its namespaces with the sandbox's.
+        let mut sleeper = member.clone();
+        sleeper["process"]["args"] = json!(["sleep", "1004"]);
+        let c = vm.create("ns-c1", &sleeper, StdioReq::OUT).await?;
+        vm.start("ns-c1", "").await?;
+        let (a, b) = (
+            namespace_links(vm, "ns-sb").await?,
+            namespace_links(vm, "ns-c1").await?,
+        );
+        ensure!(
+            a == b && a.lines().count() == 3,
+            "sandbox {a:?}, member {b:?}"
+        );
+        let out = vm.run("ns-c2", &member).await?;
+        ensure!(
+            out.stdout == "sleep 1003 \npod-host\n",
+            "in a member, PID 1 and the hostname are {:?}",
+            out.stdout
+        );
+        // An isolated container has namespaces of its own.
+        let lone = vm.start_sleeper("ns-lone").await?;
+        let l = namespace_links(vm, "ns-lone").await?;
+        ensure!(
+            l.lines().zip(a.lines()).all(|(x, y)| x != y),
+            "isolated {l:?}, sandbox {a:?}"
+        );
+        vm.kill_and_remove("ns-lone", lone).await?;
+        vm.kill_and_remove("ns-c1", c).await?;
+        vm.kill_and_remove("ns-sb", sb).await?;
+
+        // Naming a container that does not run fails create, by name.
+        vm.add_rootfs("ns-c3")?;
+        let e = rpc_error(
+            vm.create_raw("ns-c3", member.to_string().as_bytes(), StdioReq::OUT)
+                .await,
+        )?;
+        ensure!(
+            e.starts_with("FAILED_PRECONDITION") && e.contains("ns-sb"),
+            "{e}"
+        );
+        Ok(())
+    })
+}
+
+fn sysctls_are_set_before_proc_sys_turns_read_only(vm: &TestVm) -> BoxFut<'_> {
+    Box::pin(async move {
+        let mut spec = sh(
+            "cat /proc/sys/kernel/shm_rmid_forced /proc/sys/net/ipv4/ping_group_range; \
+             echo 0 > /proc/sys/kernel/shm_rmid_forced && echo writable",
+        );
+        spec["linux"]["sysctl"] = json!({
+            "kernel.shm_rmid_forced": "1",
+            "net.ipv4.ping_group_range": "0 2147483647"
+        });
+        let out = vm.run("sysctl-ok", &spec).await?;
+        ensure!(
+            out.stdout == "1\n0\t2147483647\n" && out.stderr.contains("Read-only"),
+            "stdout {:?} stderr {:?}",
+            out.stdout,
+            out.stderr
+        );
+        // Only the container's IPC namespace changed.
+        let outside = vm
+            .run("sysctl-other", &sh("cat /proc/sys/kernel/shm_rmid_forced"))
+            .await?;
+        ensure!(
+            outside.stdout == "0\n",
+            "another container sees {:?}",
+            outside.stdout
+        );
+
+        let mut bad = sh("true");
+        bad["linux"]["sysctl"] = json!({"kernel.podvisor_no_such_parameter": "1"});
+        vm.add_rootfs("sysctl-bad")?;
+        let e = rpc_error(
+            vm.create_raw("sysctl-bad", bad.to_string().as_bytes(), StdioReq::OUT)
+                .await,
+        )?;
+        ensure!(
+            e.contains("kernel.podvisor_no_such_parameter") && e.contains("no such parameter"),
+            "{e}"
+        );
+        let mut bad = sh("true");
+        bad["linux"]["sysctl"] = json!({"../../etc/passwd": "1"});
+        let e = rpc_error(
+            vm.create_raw("sysctl-bad", bad.to_string().as_bytes(), StdioReq::OUT)
+                .await,
+        )?;
+        ensure!(
+            e.starts_with("INVALID_ARGUMENT") && e.contains("bad sysctl name"),
+            "{e}"
+        );
+        Ok(())
+    })
+}
+
+fn seccomp_profile_holds_for_init_and_exec(vm: &TestVm) -> BoxFut<'_> {
+    Box::pin(async move {
+        let profile = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+            "syscalls": [
+                {"names": ["chmod", "fchmod", "fchmodat", "fchmodat2"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+                {"names": ["sethostname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}
+            ]
+        });
+        let mut spec = container(&["sleep", "1005"]);
+        spec["linux"]["seccomp"] = profile.clone();
+        let streams = vm.create("seccomp", &spec, StdioReq::OUT).await?;
+        vm.start("seccomp", "").await?;
+        let s = vm
+            .exec(
+                "seccomp",
+                "x",
+                &process(&[
+                    "sh",
+                    "-c",
+                    "grep Seccomp: /proc/self/status; grep Seccomp: /proc/1/status; \
+                     chmod 600 /tmp || echo chmod-denied; touch /tmp/f && echo touch-ok",
+                ]),
+                StdioReq::OUT,
+            )
+            .await?;
+        let out = vm.finish("seccomp", "x", s).await?;
+        ensure!(
+            out.stdout == "Seccomp:\t2\nSeccomp:\t2\nchmod-denied\ntouch-ok\n"
+                && out.stderr.contains("Operation not permitted"),
+            "stdout {:?} stderr {:?}",
+            out.stdout,
+            out.stderr
+        );
+        vm.kill_and_remove("seccomp", streams).await?;
+
+        // With no_new_privs the filter goes on last; without a profile there
+        // is no filter.
+        let mut nnp = sh("grep Seccomp: /proc/self/status; hostname x || echo denied");
+        nnp["linux"]["seccomp"] = profile;
+        nnp["process"]["noNewPrivileges"] = json!(true);
+        nnp["process"]["capabilities"]["bounding"] = json!(["CAP_SYS_ADMIN"]);
+        nnp["process"]["capabilities"]["effective"] = json!(["CAP_SYS_ADMIN"]);
+        nnp["process"]["capabilities"]["permitted"] = json!(["CAP_SYS_ADMIN"]);
+        let out = vm.run("seccomp-nnp", &nnp).await?;
+        ensure!(
+            out.stdout == "Seccomp:\t2\ndenied\n" && out.stderr.contains("not implemented"),
+            "stdout {:?} stderr {:?}",
+            out.stdout,
+            out.stderr
+        );
+        let out = vm
+            .run("seccomp-none", &sh("grep Seccomp: /proc/self/status"))
+            .await?;
+        ensure!(out.stdout == "Seccomp:\t0\n", "{:?}", out.stdout);
+        Ok(())
+    })
+}
+
+fn read_only_mounts_recursive_and_not(vm: &TestVm) -> BoxFut<'_> {
+    Box::pin(async move {
+        let data = format!(
+            "{}/ro-mounts/rootfs/data",
+            podvisor_protocol::GUEST_SHARED_DIR
+        );
+        let mut spec = sh("touch /data/sub/a && echo sub-rw; \
+             touch /nr/sub/b && echo nonrecursive-sub-rw; \
+             touch /nr/c 2>/dev/null || echo nonrecursive-top-ro; \
+             touch /rro/sub/d 2>/dev/null || echo recursive-sub-ro");
+        let mounts = spec["mounts"].as_array_mut().context("mounts")?;
+        mounts.push(json!({"destination": "/data", "type": "tmpfs", "source": "tmpfs"}));
+        mounts.push(json!({"destination": "/data/sub", "type": "tmpfs", "source": "tmpfs"}));
+        mounts.push(json!({"destination": "/nr", "type": "bind", "source": data, "options": ["rbind", "ro"]}));
+        mounts.push(json!({"destination": "/rro", "type": "bind", "source": data, "options": ["rbind", "rro", "rprivate"]}));
+        let out = vm.run("ro-mounts", &spec).await?;
+        ensure!(
+            out.stdout == "sub-rw\nnonrecursive-sub-rw\nnonrecursive-top-ro\nrecursive-sub-ro\n",
+            "stdout {:?} stderr {:?}",
+            out.stdout,
+            out.stderr
+        );
+        Ok(())
+    })
+}
+
+/// Copies a host program with its shared libraries (as `ldd` lists them)
+/// into `rootfs` at the same paths.
+fn add_host_program(rootfs: &std::path::Path, program: &str) -> Result<()> {
+    let ldd = std::process::Command::new("ldd").arg(program).output()?;
+    ensure!(ldd.status.success(), "ldd {program} failed");
+    let mut files = vec![program.to_string()];
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            files.push(p.to_string());
+        }
+    }
+    for f in files {
+        let dest = rootfs.join(f.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().context("no parent")?)?;
+        std::fs::copy(&f, &dest).with_context(|| format!("copying {f}"))?;
+    }
+    Ok(())
+}
+
+/// A rootfs for `cid` with the host's iptables (Debian's, both backends)
+/// beside busybox.
+fn add_iptables(vm: &TestVm, cid: &str) -> Result<()> {
+    vm.add_rootfs(cid)?;
+    let rootfs = vm.shared().join(cid).join("rootfs");
+    for (multi, name) in [
+        ("xtables-nft-multi", "iptables-nft"),
+        ("xtables-legacy-multi", "iptables-legacy"),
+    ] {
+        add_host_program(&rootfs, &format!("/usr/sbin/{multi}"))?;
+        let link = rootfs.join("usr/sbin").join(name);
+        if !link.exists() {
+            std::os::unix::fs::symlink(multi, link)?;
+        }
+    }
+    let ext = "usr/lib/x86_64-linux-gnu/xtables";
+    std::fs::create_dir_all(rootfs.join(ext))?;
+    for e in std::fs::read_dir(std::path::Path::new("/").join(ext))? {
+        let e = e?;
+        std::fs::copy(e.path(), rootfs.join(ext).join(e.file_name()))?;
+    }
+    Ok(())
+}
+
+fn privileged_container_gets_modules_on_demand(vm: &TestVm) -> BoxFut<'_> {
+    Box::pin(async move {
+        let all: Vec<String> = [
+            "CAP_NET_ADMIN",
+            "CAP_SYS_ADMIN",
+            "CAP_NET_RAW",
+            "CAP_SYS_MODULE",
+        ]
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+        let mut spec = sh(
+            "brctl addbr pvbr0 && ip link show pvbr0 >/dev/null && echo bridge; \
+             ip link add pvdummy0 type dummy && echo dummy; \
+             ip link add pvveth0 type veth peer name pvveth1 && echo veth; \
+             ip link del pvdummy0; ip link del pvveth0; brctl delbr pvbr0; \
+             grep -o '^bridge\\|^veth\\|^dummy' /proc/modules | sort",
+        );
+        for set in ["bounding", "effective", "permitted"] {
+            spec["process"]["capabilities"][set] = json!(all);
+        }
+        let out = vm.run("modules", &spec).await?;
+        ensure!(
+            out.stdout == "bridge\ndummy\nveth\nbridge\ndummy\nveth\n",
+            "stdout {:?} stderr {:?}",
+            out.stdout,
+            out.stderr
+        );
+
+        // iptables with either backend, as an Istio-style init container
+        // runs it: a NAT redirect added, listed and flushed.
+        add_iptables(vm, "iptables")?;
+        let mut spec = sh("for t in nft legacy; do \
+               iptables-$t -t nat -A OUTPUT -p tcp --dport 15001 -j REDIRECT --to-ports 15006 && \
+               iptables-$t -t nat -S OUTPUT | grep -q 'REDIRECT --to-ports 15006' && echo $t; \
+               iptables-$t -t nat -F OUTPUT; \
+             done");
+        for set in ["bounding", "effective", "permitted"] {
+            spec["process"]["capabilities"][set] = json!(all);
+        }
+        let out = vm.run("iptables", &spec).await?;
+        ensure!(
+            out.stdout == "nft\nlegacy\n",
+            "stdout {:?} stderr {:?}",
+            out.stdout,
+            out.stderr
+        );
+        Ok(())
+    })
 }
 
 // --- processes and their streams ------------------------------------------

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use libtest_mimic::{Arguments, Failed, Trial};
-use podvisor_testkit::containerd::{text, Containerd};
+use podvisor_testkit::containerd::{text, Containerd, Release};
 use podvisor_testkit::vm::manifest;
 
 type TestFn = fn(&Containerd) -> Result<()>;
@@ -37,6 +37,10 @@ fn main() {
             annotations_are_allow_listed_and_checked,
         ),
         (
+            "specs_a_vm_cannot_honour_are_refused_by_name",
+            specs_a_vm_cannot_honour_are_refused_by_name,
+        ),
+        (
             "vm_killed_under_a_running_task",
             vm_killed_under_a_running_task,
         ),
@@ -48,10 +52,16 @@ fn main() {
             "twenty_create_delete_cycles_leave_nothing",
             twenty_create_delete_cycles_leave_nothing,
         ),
-        // `make test-network` runs these; `make test-containerd` the rest.
+    ];
+    // `make test-network` runs these, on containerd 2.x only.
+    let network: Vec<(&str, TestFn)> = vec![
         (
             "network_pod_serves_http_reaches_host_and_peer",
             network_pod_serves_http_reaches_host_and_peer,
+        ),
+        (
+            "network_port_forward_reaches_the_guest",
+            network_port_forward_reaches_the_guest,
         ),
         (
             "network_ten_pod_cycles_leave_nothing",
@@ -62,39 +72,62 @@ fn main() {
             network_non_veth_refused_two_veths_joined,
         ),
     ];
-    let ctd = match Containerd::start() {
-        Ok(c) => std::sync::Arc::new(c),
-        Err(e) => {
-            eprintln!("cannot start containerd: {e:#}");
-            std::process::exit(1);
+    // Each containerd in turn: Debian's 1.6, then 2.x (PODVISOR_CONTAINERD
+    // picks one).
+    let mut failed = false;
+    for release in Release::selected() {
+        let mut suite = tests.clone();
+        if release == Release::V2 {
+            suite.extend(network.iter().cloned());
         }
-    };
-    let trials = tests
-        .into_iter()
-        .map(|(name, f)| {
-            let ctd = ctd.clone();
-            Trial::test(name, move || {
-                let result = f(&ctd).and_then(|()| wait_clean());
-                if result.is_err() {
-                    // Keep one failure from failing the tests after it.
-                    ctd.remove_everything();
-                    let _ = wait_clean();
-                }
-                result.map_err(|e| {
-                    Failed::from(format!(
-                        "{e:#}\n--- containerd log (tail)\n{}",
-                        ctd.log_tail()
-                    ))
+        let names: Vec<String> = suite
+            .iter()
+            .map(|(n, _)| format!("{}::{n}", release.label()))
+            .collect();
+        // No containerd for a release none of whose tests is asked for.
+        if names
+            .iter()
+            .all(|n| args.is_filtered_out(&Trial::test(n.clone(), || Ok(()))))
+        {
+            continue;
+        }
+        let ctd = match Containerd::start(release) {
+            Ok(c) => std::sync::Arc::new(c),
+            Err(e) => {
+                eprintln!("cannot start {}: {e:#}", release.label());
+                std::process::exit(1);
+            }
+        };
+        eprintln!("--- {} ({})", release.label(), release.version());
+        let trials = suite
+            .into_iter()
+            .zip(names)
+            .map(|((_, f), name)| {
+                let ctd = ctd.clone();
+                Trial::test(name, move || {
+                    let result = f(&ctd).and_then(|()| wait_clean());
+                    if result.is_err() {
+                        // Keep one failure from failing the tests after it.
+                        ctd.remove_everything();
+                        let _ = wait_clean();
+                    }
+                    result.map_err(|e| {
+                        Failed::from(format!(
+                            "{e:#}\n--- containerd log (tail)\n{}",
+                            ctd.log_tail()
+                        ))
+                    })
                 })
             })
-        })
-        .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    match std::sync::Arc::try_unwrap(ctd) {
-        Ok(c) => c.stop(),
-        Err(_) => eprintln!("containerd still referenced at exit"),
+            .collect();
+        let conclusion = libtest_mimic::run(&args, trials);
+        failed |= conclusion.has_failed();
+        match std::sync::Arc::try_unwrap(ctd) {
+            Ok(c) => c.stop(),
+            Err(_) => eprintln!("containerd still referenced at exit"),
+        }
     }
-    conclusion.exit();
+    std::process::exit(i32::from(failed));
 }
 
 /// Runs `cmd` to its end, killing it after `secs`.
@@ -574,6 +607,89 @@ fn annotations_are_allow_listed_and_checked(c: &Containerd) -> Result<()> {
     Ok(())
 }
 
+/// What a VM runtime cannot do fails create with a message naming it, and
+/// leaves nothing behind: a pod asking for the node's network, PID or IPC
+/// namespace, a sysctl the guest kernel lacks, a seccomp profile naming a
+/// system call or an action that does not exist.
+fn specs_a_vm_cannot_honour_are_refused_by_name(c: &Containerd) -> Result<()> {
+    let d = c.dir();
+    let pod_with = |name: &str, linux: &str| {
+        json_file(
+            d,
+            &format!("{name}-pod.json"),
+            &format!(
+                r#"{{"metadata":{{"name":"{name}","namespace":"default","uid":"{name}-uid","attempt":0}},"linux":{linux}}}"#
+            ),
+        )
+    };
+    let refused = |what: &str, out: Output, want: &str| -> Result<()> {
+        ensure!(!out.status.success(), "{what} was accepted");
+        ensure!(text(&out).contains(want), "{what}: {}", text(&out));
+        Ok(())
+    };
+    // NamespaceMode NODE is 2.
+    for (field, key) in [
+        ("hostNetwork", "network"),
+        ("hostPID", "pid"),
+        ("hostIPC", "ipc"),
+    ] {
+        let pod = pod_with(
+            field,
+            &format!(r#"{{"security_context":{{"namespace_options":{{"{key}":2}}}}}}"#),
+        )?;
+        let out = run(&mut c.crictl(&["runp", "--runtime", "podvisor", &pod]), 180)?;
+        refused(field, out, field)?;
+        wait_clean().with_context(|| format!("after the {field} pod"))?;
+    }
+
+    let pod = pod_with(
+        "nosysctl",
+        r#"{"sysctls":{"net.ipv4.podvisor_no_such_parameter":"1"}}"#,
+    )?;
+    let out = run(&mut c.crictl(&["runp", "--runtime", "podvisor", &pod]), 180)?;
+    refused(
+        "a missing sysctl",
+        out,
+        "net.ipv4.podvisor_no_such_parameter",
+    )?;
+    wait_clean().context("after the sysctl pod")?;
+
+    let pod = pod_with("seccomp", "{}")?;
+    let sandbox = ok(&mut c.crictl(&["runp", "--runtime", "podvisor", &pod]), 180)?
+        .trim()
+        .to_string();
+    let profiles = [
+        (
+            r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["podvisor_no_such_call"],"action":"SCMP_ACT_ERRNO"}]}"#,
+            "podvisor_no_such_call",
+        ),
+        (
+            r#"{"defaultAction":"SCMP_ACT_PODVISOR_BOGUS"}"#,
+            "SCMP_ACT_PODVISOR_BOGUS",
+        ),
+    ];
+    for (i, (profile, want)) in profiles.iter().enumerate() {
+        let path = json_file(d, &format!("profile-{i}.json"), profile)?;
+        let container = json_file(
+            d,
+            &format!("seccomp-{i}.json"),
+            &format!(
+                r#"{{"metadata":{{"name":"sc{i}"}},"image":{{"image":"docker.io/podvisor/busybox:latest"}},"command":["true"],"linux":{{"security_context":{{"seccomp":{{"profile_type":2,"localhost_ref":"{path}"}}}}}}}}"#
+            ),
+        )?;
+        // The CRI makes the task (and so asks the shim) at start.
+        let id = ok(&mut c.crictl(&["create", &sandbox, &container, &pod]), 120)?
+            .trim()
+            .to_string();
+        let out = run(&mut c.crictl(&["start", &id]), 120)?;
+        refused(want, out, want)?;
+        ok(&mut c.crictl(&["rm", &id]), 60)?;
+    }
+    let left = ok(&mut c.crictl(&["ps", "-a", "-q", "-p", &sandbox]), 30)?;
+    ensure!(left.trim().is_empty(), "refused containers left: {left}");
+    stop_pod(c, &sandbox)
+}
+
 fn vm_pid(c: &Containerd, id: &str) -> Result<u32> {
     let ls = ok(&mut c.ctr(&["task", "ls"]), 30)?;
     ls.lines()
@@ -802,6 +918,53 @@ fn network_pod_serves_http_reaches_host_and_peer(c: &Containerd) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `crictl port-forward` (what `kubectl port-forward` does through the
+/// kubelet) reaches a server in the guest; a port nothing serves in the
+/// guest gets its connection closed.
+fn network_port_forward_reaches_the_guest(c: &Containerd) -> Result<()> {
+    use std::io::Read;
+    let (sandbox, _, _, _) = web_pod(c, "fwd", "hello-through-port-forward")?;
+    let mut forward = c
+        .crictl(&["port-forward", &sandbox, "18080:8080", "18081:8081"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let get = |port: u16| -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    let result = (|| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let body = loop {
+            match get(18080) {
+                Ok(b) if b.starts_with("HTTP/1") => break b,
+                other if Instant::now() > deadline => {
+                    bail!("no answer through port-forward: {other:?}")
+                }
+                _ => std::thread::sleep(Duration::from_millis(500)),
+            }
+        };
+        ensure!(
+            body.contains("hello-through-port-forward"),
+            "through port-forward: {body:?}"
+        );
+        let nothing = get(18081);
+        ensure!(
+            !matches!(&nothing, Ok(b) if !b.is_empty()),
+            "port 8081 (nothing listens in the guest) answered {nothing:?}"
+        );
+        Ok(())
+    })();
+    let _ = forward.kill();
+    let _ = forward.wait();
+    stop_pod(c, &sandbox)?;
+    result
 }
 
 fn netns_count() -> usize {

@@ -34,7 +34,9 @@ pub fn init_hierarchy(root: &Path) -> io::Result<()> {
     Ok(())
 }
 
-#[derive(Debug)]
+/// A handle on the container's cgroup directory (cloning it shares the
+/// cgroup, it does not make another).
+#[derive(Debug, Clone)]
 pub struct Cgroup {
     path: PathBuf,
 }

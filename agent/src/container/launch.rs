@@ -2,10 +2,11 @@
 //! agent how its setup went.
 //!
 //! ```text
-//! agent ──fork──> intermediate ── joins the cgroup, unshares (init) or
-//!                   │              setns-es into the init's namespaces (exec)
-//!                   └─fork──> container process (pid 1 of a new pid ns for
-//!                              an init) ── builds its view, waits, execs
+//! agent ──fork──> intermediate ── joins the cgroup, enters the spec's
+//!                   │              namespaces (init) or the init's (exec)
+//!                   └─fork──> container process (an init is pid 1 of its
+//!                              own pid ns, unless it joins the pod's) ──
+//!                              builds its view, waits, execs
 //! ```
 //! The intermediate reports the container process's pid and exits; as
 //! PID 1 (or a subreaper) the agent becomes that process's parent, so the
@@ -25,7 +26,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sched::{setns, unshare, CloneFlags};
+use nix::sched::{setns, CloneFlags};
 use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
     SockFlag, SockType,
@@ -33,8 +34,9 @@ use nix::sys::socket::{
 use nix::unistd::{fork, ForkResult};
 use oci_spec::runtime::Spec;
 
+use super::namespaces::{NamespacePlan, EXEC_NAMESPACES};
 use super::process::{ChildStdio, ProcessPlan};
-use super::{rootfs, ChildError};
+use super::{rootfs, sysctl, ChildError};
 use crate::error::{internal, AgentError, Result};
 
 /// How long a child may take to build its container (virtio-fs under TCG
@@ -46,9 +48,12 @@ const MAX_ERROR: usize = 3000;
 
 /// Where the process goes.
 pub enum Target {
-    /// A new container: fresh mount/pid/ipc/uts/cgroup namespaces, the
-    /// spec's rootfs and mounts.
-    Init { spec: Box<Spec>, rootfs: PathBuf },
+    /// A new container: the spec's namespaces, rootfs, mounts and sysctls.
+    Init {
+        spec: Box<Spec>,
+        rootfs: PathBuf,
+        namespaces: NamespacePlan,
+    },
     /// Into the namespaces of the running init `init_pid`.
     Exec { init_pid: i32 },
 }
@@ -262,21 +267,20 @@ fn enter_namespaces(plan: &LaunchPlan) -> Result<(), ChildError> {
         ))
     })?;
     match &plan.target {
-        Target::Init { .. } => unshare(
-            CloneFlags::CLONE_NEWNS
-                | CloneFlags::CLONE_NEWUTS
-                | CloneFlags::CLONE_NEWIPC
-                | CloneFlags::CLONE_NEWPID
-                | CloneFlags::CLONE_NEWCGROUP,
-        )
-        .map_err(|e| ChildError(format!("unshare: {e}"))),
+        Target::Init { namespaces, .. } => namespaces.enter(),
         Target::Exec { init_pid } => {
-            // Mount last: after it, /proc is the container's.
             let mut files = Vec::new();
-            for ns in ["cgroup", "ipc", "uts", "pid", "mnt"] {
+            for ns in EXEC_NAMESPACES {
                 let path = format!("/proc/{init_pid}/ns/{ns}");
-                let f = std::fs::File::open(&path)
-                    .map_err(|e| ChildError(format!("opening {path}: {e}")))?;
+                let f = match std::fs::File::open(&path) {
+                    Ok(f) => f,
+                    // A kind this kernel lacks (time namespaces, say).
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(ChildError(format!("opening {path}: {e}"))),
+                };
+                if same_file(&f, &format!("/proc/self/ns/{ns}")) {
+                    continue;
+                }
                 files.push((ns, f));
             }
             for (ns, f) in files {
@@ -289,27 +293,40 @@ fn enter_namespaces(plan: &LaunchPlan) -> Result<(), ChildError> {
     }
 }
 
+/// Whether `f` is the file at `path` (a namespace we are in already).
+fn same_file(f: &std::fs::File, path: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 fn container_process(
     plan: &LaunchPlan,
     stdio: LaunchStdio,
     sock: &OwnedFd,
 ) -> Result<Infallible, ChildError> {
-    if let Target::Init { spec, rootfs } = &plan.target {
+    if let Target::Init {
+        spec,
+        rootfs,
+        namespaces,
+    } = &plan.target
+    {
+        // A joined UTS namespace keeps the hostname its owner set.
         if let Some(h) = spec.hostname().as_deref().filter(|h| !h.is_empty()) {
-            nix::unistd::sethostname(h)
-                .map_err(|e| ChildError(format!("sethostname {h:?}: {e}")))?;
+            if namespaces.own_uts {
+                nix::unistd::sethostname(h)
+                    .map_err(|e| ChildError(format!("sethostname {h:?}: {e}")))?;
+            }
         }
         rootfs::enter(spec, rootfs)?;
-        for (key, value) in spec
-            .linux()
-            .as_ref()
-            .and_then(|l| l.sysctl().as_ref())
-            .into_iter()
-            .flatten()
-        {
-            let path = format!("/proc/sys/{}", key.replace('.', "/"));
-            std::fs::write(&path, value).map_err(|e| ChildError(format!("sysctl {key}: {e}")))?;
+        // In the container's /proc, before /proc/sys turns read-only.
+        let sysctls = spec.linux().as_ref().and_then(|l| l.sysctl().as_ref());
+        for (key, value) in sysctls.into_iter().flatten() {
+            sysctl::write(key, value)?;
         }
+        rootfs::lock_down(spec)?;
     }
     let stdio = match stdio {
         LaunchStdio::Fds(fds) => ChildStdio::Fds(fds),

@@ -2,17 +2,23 @@
 //!
 //! The agent's own runtime (not youki's libcontainer; README says why):
 //! - [`launch`]: fork, namespaces and the setup handshake;
+//! - [`namespaces`]: which namespaces an init makes and which it joins;
 //! - [`rootfs`]: mounts, devices, pivot_root inside the container;
+//! - [`sysctl`]: kernel parameters the spec sets;
 //! - [`process`]: user, capabilities, rlimits, exec;
+//! - [`seccomp`]: the spec's seccomp profile as a BPF filter;
 //! - [`cgroup`]: the container's cgroup v2 limits, stats and kill;
 //! - [`stdio`]: the process's streams and their vsock ports;
 //! - [`user`]: user names from the container's /etc/passwd.
 
 pub mod cgroup;
 pub mod launch;
+pub mod namespaces;
 pub mod process;
 pub mod rootfs;
+pub mod seccomp;
 pub mod stdio;
+pub mod sysctl;
 pub mod user;
 
 use std::collections::HashMap;
@@ -29,7 +35,9 @@ use crate::lock;
 use crate::reaper::{ExitStatus, Reaper};
 use cgroup::Cgroup;
 use launch::{LaunchPlan, Launched, Target};
+use namespaces::NamespacePlan;
 use process::ProcessPlan;
+use seccomp::Filter;
 use stdio::Streams;
 
 /// An error inside a forked child, before it execs; sent to the agent as
@@ -130,11 +138,13 @@ impl Process {
         }
         // SAFETY: kill(2) with plain integers.
         if unsafe { libc::kill(self.pid, signal) } != 0 {
-            return Err(internal!(
-                "kill {} {signal}: {}",
-                self.pid,
-                std::io::Error::last_os_error()
-            ));
+            let e = std::io::Error::last_os_error();
+            // Reaped between the check above and now: it is finished, as
+            // runc reports such a process.
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                return Err(not_found!("process {} has already exited", self.pid));
+            }
+            return Err(internal!("kill {} {signal}: {e}", self.pid));
         }
         Ok(())
     }
@@ -146,15 +156,20 @@ pub struct Container {
     cgroup: Cgroup,
     init: Process,
     execs: Mutex<HashMap<String, Arc<Process>>>,
+    /// The spec's seccomp filter, for every exec too.
+    seccomp: Option<Arc<Filter>>,
 }
 
 impl Container {
     /// Builds the container of `spec_json`; its init waits for start.
+    /// `init_pid_of` finds the init of another running container, whose
+    /// namespaces the spec may name.
     pub async fn create(
         id: &str,
         spec_json: &[u8],
         stdio_req: &api::StdioRequest,
         reaper: &Arc<Reaper>,
+        init_pid_of: &(dyn Fn(&str) -> Option<i32> + Sync),
     ) -> Result<(Container, api::StdioPorts)> {
         let spec: Spec = serde_json::from_slice(spec_json)
             .map_err(|e| invalid!("invalid OCI spec for container {id}: {e}"))?;
@@ -163,16 +178,23 @@ impl Container {
             .process()
             .as_ref()
             .ok_or_else(|| invalid!("OCI spec of container {id} has no process"))?;
-        let plan = ProcessPlan::from_oci(oci_process, Some(&rootfs))?;
-        if spec
-            .linux()
-            .as_ref()
+        let mut plan = ProcessPlan::from_oci(oci_process, Some(&rootfs))?;
+        let linux = spec.linux().as_ref();
+        let seccomp = linux
             .and_then(|l| l.seccomp().as_ref())
-            .is_some()
-        {
-            // As Kata's default: the VM is the isolation boundary.
-            tracing::info!(container = id, "seccomp profile not applied in the guest");
+            .map(|p| Filter::compile(p).map(Arc::new))
+            .transpose()
+            .map_err(|e| invalid!("container {id}: {e}"))?;
+        plan.seccomp = seccomp.clone();
+        if let Some(sysctls) = linux.and_then(|l| l.sysctl().as_ref()) {
+            sysctl::check(sysctls.keys())?;
         }
+        let namespaces = NamespacePlan::from_spec(
+            linux
+                .and_then(|l| l.namespaces().as_deref())
+                .unwrap_or_default(),
+            init_pid_of,
+        )?;
         if plan.terminal != stdio_req.terminal {
             return Err(invalid!(
                 "process.terminal ({}) and the stdio request's terminal ({}) disagree",
@@ -181,6 +203,7 @@ impl Container {
             ));
         }
 
+        let own_pid = namespaces.own_pid;
         let cgroup = Cgroup::create(Path::new(cgroup::CGROUP_ROOT), id)?;
         let built = async {
             if let Some(res) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
@@ -191,6 +214,7 @@ impl Container {
                 target: Target::Init {
                     spec: Box::new(spec.clone()),
                     rootfs: rootfs.clone(),
+                    namespaces,
                 },
                 cgroup_procs: cgroup.path().join("cgroup.procs"),
                 process: plan,
@@ -202,6 +226,9 @@ impl Container {
         .await;
         match built {
             Ok(init) => {
+                if !own_pid {
+                    kill_all_when_init_exits(&init, cgroup.clone());
+                }
                 let ports = init.streams.ports();
                 Ok((
                     Container {
@@ -210,6 +237,7 @@ impl Container {
                         cgroup,
                         init,
                         execs: Mutex::new(HashMap::new()),
+                        seccomp,
                     },
                     ports,
                 ))
@@ -223,6 +251,12 @@ impl Container {
 
     pub fn running(&self) -> bool {
         self.init.started() && self.init.exited().is_none()
+    }
+
+    /// The init's pid while it has not exited (created or running), for
+    /// containers that join its namespaces.
+    pub fn init_pid(&self) -> Option<i32> {
+        self.init.exited().is_none().then_some(self.init.pid)
     }
 
     pub async fn start(&self) -> Result<()> {
@@ -255,7 +289,8 @@ impl Container {
         }
         let oci: OciProcess = serde_json::from_slice(process_json)
             .map_err(|e| invalid!("invalid OCI process for exec {exec_id}: {e}"))?;
-        let plan = ProcessPlan::from_oci(&oci, Some(&self.rootfs))?;
+        let mut plan = ProcessPlan::from_oci(&oci, Some(&self.rootfs))?;
+        plan.seccomp = self.seccomp.clone();
         if plan.terminal != stdio_req.terminal {
             return Err(invalid!(
                 "process.terminal ({}) and the stdio request's terminal ({}) disagree",
@@ -376,6 +411,18 @@ impl Container {
     pub fn kill_all(&self) {
         self.cgroup.signal_all(libc::SIGKILL);
     }
+}
+
+/// In a PID namespace it does not own (the pod's, shared), a container's
+/// init exiting leaves its other processes running, and holding its
+/// output open: kill them then, as runc does for such containers.
+fn kill_all_when_init_exits(init: &Process, cgroup: Cgroup) {
+    let mut exit = init.exit.clone();
+    tokio::spawn(async move {
+        if exit.wait_for(|s| s.is_some()).await.is_ok() {
+            cgroup.signal_all(libc::SIGKILL);
+        }
+    });
 }
 
 async fn spawn_launch(

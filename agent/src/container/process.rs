@@ -1,19 +1,23 @@
 //! One process to run in a container: what the OCI `process` object asks
 //! for, checked and prepared by the agent ([`ProcessPlan::from_oci`]), and
 //! applied by the child just before it execs ([`ProcessPlan::exec`]):
-//! rlimits, stdio, capabilities, uid/gid/groups, no_new_privs, cwd, umask.
+//! rlimits, stdio, capabilities, uid/gid/groups, no_new_privs, cwd, umask,
+//! and the container's seccomp filter (installed where runc installs it:
+//! before the privileges go without no_new_privs, last thing with it).
 
 use std::convert::Infallible;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use caps::{CapSet, Capability, CapsHashSet};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::unistd::{execve, setresgid, setresuid, setsid, Gid, Uid};
 use oci_spec::runtime::{Capabilities, LinuxCapabilities, PosixRlimitType, Process};
 
+use super::seccomp::Filter;
 use super::user;
 use super::ChildError;
 use crate::error::{invalid, Result};
@@ -35,6 +39,8 @@ pub struct ProcessPlan {
     no_new_privs: bool,
     oom_score_adj: Option<i32>,
     pub terminal: bool,
+    /// The container's filter, for its init and every exec.
+    pub seccomp: Option<Arc<Filter>>,
 }
 
 #[derive(Debug)]
@@ -118,6 +124,7 @@ impl ProcessPlan {
             no_new_privs: p.no_new_privileges().unwrap_or(false),
             oom_score_adj: p.oom_score_adj(),
             terminal: p.terminal().unwrap_or(false),
+            seccomp: None,
         })
     }
 
@@ -195,6 +202,12 @@ impl ProcessPlan {
         nix::unistd::chdir(&self.cwd)
             .map_err(|e| fail(&format!("cwd {}", self.cwd.display()), &e))?;
 
+        // Without no_new_privs, installing a filter takes CAP_SYS_ADMIN,
+        // which the steps below may drop.
+        if let Some(f) = self.seccomp.as_ref().filter(|_| !self.no_new_privs) {
+            f.install()?;
+        }
+
         if let Some(c) = &self.caps {
             for cap in caps::all() {
                 if !c.bounding.contains(&cap) {
@@ -238,6 +251,9 @@ impl ProcessPlan {
             self.umask.unwrap_or(0o022),
         ));
         reset_signals();
+        if let Some(f) = self.seccomp.as_ref().filter(|_| self.no_new_privs) {
+            f.install()?;
+        }
         match execve(exe, &self.args, &self.env) {
             Err(e) => Err(fail(&format!("exec {}", exe.to_string_lossy()), &e)),
             Ok(never) => match never {},

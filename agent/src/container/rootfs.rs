@@ -1,7 +1,8 @@
 //! The container's filesystem view, built by its init inside the new mount
 //! namespace before it execs: the rootfs bound onto itself, the spec's
-//! mounts, the standard /dev nodes, pivot_root, then read-only root,
-//! masked and read-only paths.
+//! mounts (with recursive attributes such as `rro` applied through
+//! mount_setattr), the standard /dev nodes, pivot_root ([`enter`]); then
+//! read-only root, masked and read-only paths ([`lock_down`]).
 //!
 //! Mount destinations are resolved with [`secure_join`], so a symlink in the
 //! image cannot point a mount outside the rootfs.
@@ -68,6 +69,10 @@ struct MountOptions {
     flags: MsFlags,
     propagation: MsFlags,
     bind: bool,
+    /// Recursive attributes (`rro`, `rnosuid`, ...): set and cleared on
+    /// the mount and every mount below it.
+    attr_set: u64,
+    attr_clr: u64,
     data: Vec<String>,
 }
 
@@ -77,14 +82,49 @@ impl Default for MountOptions {
             flags: MsFlags::empty(),
             propagation: MsFlags::empty(),
             bind: false,
+            attr_set: 0,
+            attr_clr: 0,
             data: Vec::new(),
         }
     }
 }
 
+/// The mount_setattr attributes of a recursive option (runc's names), as
+/// (set, clear).
+fn recursive_attr(opt: &str) -> Option<(u64, u64)> {
+    use libc::{
+        MOUNT_ATTR_NOATIME, MOUNT_ATTR_NODEV, MOUNT_ATTR_NODIRATIME, MOUNT_ATTR_NOEXEC,
+        MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY, MOUNT_ATTR_RELATIME, MOUNT_ATTR_STRICTATIME,
+        MOUNT_ATTR__ATIME,
+    };
+    Some(match opt {
+        "rro" => (MOUNT_ATTR_RDONLY, 0),
+        "rrw" => (0, MOUNT_ATTR_RDONLY),
+        "rnosuid" => (MOUNT_ATTR_NOSUID, 0),
+        "rsuid" => (0, MOUNT_ATTR_NOSUID),
+        "rnodev" => (MOUNT_ATTR_NODEV, 0),
+        "rdev" => (0, MOUNT_ATTR_NODEV),
+        "rnoexec" => (MOUNT_ATTR_NOEXEC, 0),
+        "rexec" => (0, MOUNT_ATTR_NOEXEC),
+        "rnodiratime" => (MOUNT_ATTR_NODIRATIME, 0),
+        "rdiratime" => (0, MOUNT_ATTR_NODIRATIME),
+        "rrelatime" => (MOUNT_ATTR_RELATIME, MOUNT_ATTR__ATIME),
+        "rnorelatime" => (0, MOUNT_ATTR_RELATIME),
+        "rnoatime" => (MOUNT_ATTR_NOATIME, MOUNT_ATTR__ATIME),
+        "ratime" => (0, MOUNT_ATTR_NOATIME),
+        "rstrictatime" => (MOUNT_ATTR_STRICTATIME, MOUNT_ATTR__ATIME),
+        _ => return None,
+    })
+}
+
 fn parse_options(options: &[String]) -> MountOptions {
     let mut o = MountOptions::default();
     for opt in options {
+        if let Some((set, clr)) = recursive_attr(opt) {
+            o.attr_set = (o.attr_set & !clr) | set;
+            o.attr_clr = (o.attr_clr & !set) | clr;
+            continue;
+        }
         let (set, clear) = match opt.as_str() {
             "defaults" => (MsFlags::empty(), MsFlags::empty()),
             "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
@@ -172,7 +212,13 @@ pub fn enter(spec: &Spec, rootfs: &Path) -> Result<(), ChildError> {
     pivot_root(".", ".").map_err(|e| err("pivot_root", e))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| err("detaching the old root", e))?;
     chdir("/").map_err(|e| err("chdir /", e))?;
+    Ok(())
+}
 
+/// After [`enter`] (and the sysctls, which need a writable /proc/sys):
+/// root propagation, read-only root, read-only and masked paths.
+pub fn lock_down(spec: &Spec) -> Result<(), ChildError> {
+    let linux = spec.linux().as_ref();
     if let Some(p) = linux.and_then(|l| l.rootfs_propagation().as_deref()) {
         let o = parse_options(&[p.to_string()]);
         mount(None::<&str>, "/", None::<&str>, o.propagation, None::<&str>)
@@ -260,6 +306,38 @@ fn mount_one(rootfs: &Path, m: &Mount) -> Result<(), ChildError> {
             None::<&str>,
         )
         .map_err(|e| err(format!("{} (propagation)", what()), e))?;
+    }
+    if opts.attr_set != 0 || opts.attr_clr != 0 {
+        set_recursive_attrs(&dest, opts.attr_set, opts.attr_clr)
+            .map_err(|e| err(format!("{} (recursive attributes)", what()), e))?;
+    }
+    Ok(())
+}
+
+/// mount_setattr(2) on `dest` and every mount below it.
+fn set_recursive_attrs(dest: &Path, set: u64, clr: u64) -> std::io::Result<()> {
+    let path = std::ffi::CString::new(dest.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let attr = libc::mount_attr {
+        attr_set: set,
+        attr_clr: clr,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: a NUL-terminated path and a mount_attr of the size passed,
+    // both alive for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_RECURSIVE as libc::c_uint,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -453,6 +531,25 @@ mod tests {
         );
         // A symlink loop ends instead of spinning.
         assert!(secure_join(root, Path::new("/loop/x")).starts_with(root));
+    }
+
+    #[test]
+    fn every_mount_option_the_shim_announces_is_implemented() {
+        use podvisor_protocol::guest_features::{MOUNT_OPTIONS, RECURSIVE_MOUNT_OPTIONS};
+        for opt in RECURSIVE_MOUNT_OPTIONS {
+            assert!(recursive_attr(opt).is_some(), "{opt}");
+        }
+        for opt in MOUNT_OPTIONS {
+            let o = parse_options(&[opt.to_string()]);
+            assert!(
+                o.data.is_empty(),
+                "{opt} would be passed as filesystem data"
+            );
+        }
+        let o = parse_options(&["rro".into(), "rnosuid".into(), "rrw".into()]);
+        assert_eq!(o.attr_set, libc::MOUNT_ATTR_NOSUID);
+        assert_eq!(o.attr_clr, libc::MOUNT_ATTR_RDONLY);
+        assert!(o.data.is_empty());
     }
 
     #[test]

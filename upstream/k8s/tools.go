@@ -1,6 +1,6 @@
 //go:build tools
 
-// Package tools names the upstream commands cluster/build.sh builds, so that
+// Package tools names the upstream commands upstream/build.sh builds, so that
 // go.mod and go.sum pin everything they need.
 package tools
 

@@ -1,4 +1,4 @@
-module podvisor.io/cluster/helm
+module podvisor.io/upstream/helm
 
 go 1.26.0
 

@@ -1,6 +1,6 @@
 // Builds the upstream Kubernetes components for the local test cluster
 // (cluster/up.sh) from the Go module proxy, at one pinned release.
-module podvisor.io/cluster/k8s
+module podvisor.io/upstream/k8s
 
 go 1.24.0
 

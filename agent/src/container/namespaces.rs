@@ -1,0 +1,228 @@
+//! The namespaces a container's init gets, from the OCI spec's
+//! `linux.namespaces`: a new one for each entry without a path, the named
+//! one for each entry with a path, the guest's own for every kind the spec
+//! leaves out. Paths are opened by the agent, so a bad one fails create
+//! with its name before anything is forked.
+//!
+//! A path `<GUEST_NAMESPACE_DIR>/<container-id>/<kind>` names a namespace
+//! of another container's init (the shim writes the pod sandbox's shared
+//! PID, IPC and UTS namespaces so); any other path is opened as it is.
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::sched::{setns, unshare, CloneFlags};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType};
+use podvisor_protocol::GUEST_NAMESPACE_DIR;
+
+use super::ChildError;
+use crate::error::{invalid, precondition, Result};
+
+/// How the init gets its namespaces.
+#[derive(Debug)]
+pub struct NamespacePlan {
+    /// Entered with setns, in this order.
+    join: Vec<(&'static str, OwnedFd)>,
+    /// Made with unshare after joining.
+    new: CloneFlags,
+    /// The init gets a UTS namespace of its own (so it may set the
+    /// hostname).
+    pub own_uts: bool,
+    /// The init is PID 1 of a namespace of its own, so its exit ends every
+    /// process of the container; otherwise the agent has to.
+    pub own_pid: bool,
+}
+
+/// The `/proc/<pid>/ns/` name and clone flag of an OCI namespace kind.
+fn kind(t: LinuxNamespaceType) -> (&'static str, CloneFlags) {
+    match t {
+        LinuxNamespaceType::Mount => ("mnt", CloneFlags::CLONE_NEWNS),
+        LinuxNamespaceType::Cgroup => ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+        LinuxNamespaceType::Uts => ("uts", CloneFlags::CLONE_NEWUTS),
+        LinuxNamespaceType::Ipc => ("ipc", CloneFlags::CLONE_NEWIPC),
+        LinuxNamespaceType::User => ("user", CloneFlags::CLONE_NEWUSER),
+        LinuxNamespaceType::Pid => ("pid", CloneFlags::CLONE_NEWPID),
+        LinuxNamespaceType::Network => ("net", CloneFlags::CLONE_NEWNET),
+        LinuxNamespaceType::Time => ("time", CloneFlags::from_bits_retain(libc::CLONE_NEWTIME)),
+    }
+}
+
+impl NamespacePlan {
+    /// The plan for `namespaces`; `init_pid_of` gives the init pid of a
+    /// running container of this guest, by id.
+    pub fn from_spec(
+        namespaces: &[LinuxNamespace],
+        init_pid_of: &dyn Fn(&str) -> Option<i32>,
+    ) -> Result<NamespacePlan> {
+        // The init always builds its own mount table (pivot_root), and
+        // sees its own cgroup as the root of a cgroup namespace unless the
+        // spec names one to join (the guest is cgroup v2 only).
+        let mut plan = NamespacePlan {
+            join: Vec::new(),
+            new: CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWCGROUP,
+            own_uts: false,
+            own_pid: false,
+        };
+        let mut seen = Vec::new();
+        for ns in namespaces {
+            let (name, flag) = kind(ns.typ());
+            if seen.contains(&name) {
+                return Err(invalid!("linux.namespaces lists {:?} twice", ns.typ()));
+            }
+            seen.push(name);
+            if ns.typ() == LinuxNamespaceType::User {
+                return Err(invalid!(
+                    "user namespaces are not supported in podvisor guests (linux.namespaces \
+                     has a user entry)"
+                ));
+            }
+            match ns.path() {
+                None => plan.new |= flag,
+                Some(p) if p.as_os_str().is_empty() => plan.new |= flag,
+                Some(_) if ns.typ() == LinuxNamespaceType::Mount => {
+                    return Err(invalid!(
+                        "joining a mount namespace is not supported: a container builds its own"
+                    ))
+                }
+                Some(path) => {
+                    plan.new.remove(flag);
+                    let real = resolve(path, name, init_pid_of)?;
+                    let file = File::open(&real).map_err(|e| {
+                        invalid!(
+                            "{:?} namespace {} cannot be joined: {e}",
+                            ns.typ(),
+                            path.display()
+                        )
+                    })?;
+                    plan.join.push((name, file.into()));
+                }
+            }
+        }
+        plan.own_uts = plan.new.contains(CloneFlags::CLONE_NEWUTS);
+        plan.own_pid = plan.new.contains(CloneFlags::CLONE_NEWPID);
+        Ok(plan)
+    }
+
+    /// Enters the plan. Runs in the forked intermediate: a new or joined
+    /// PID namespace takes effect for its children.
+    pub fn enter(&self) -> Result<(), ChildError> {
+        for (name, fd) in &self.join {
+            setns(fd.as_fd(), CloneFlags::empty())
+                .map_err(|e| ChildError(format!("entering the {name} namespace: {e}")))?;
+        }
+        unshare(self.new).map_err(|e| ChildError(format!("unshare {:?}: {e}", self.new)))
+    }
+}
+
+/// The file behind a namespace path: a container's init for a path under
+/// [`GUEST_NAMESPACE_DIR`], the path itself otherwise.
+fn resolve(path: &Path, name: &str, init_pid_of: &dyn Fn(&str) -> Option<i32>) -> Result<PathBuf> {
+    let Ok(rest) = path.strip_prefix(GUEST_NAMESPACE_DIR) else {
+        return Ok(path.to_owned());
+    };
+    let parts: Vec<_> = rest.iter().filter_map(|p| p.to_str()).collect();
+    let [id, kind] = parts[..] else {
+        return Err(invalid!(
+            "namespace path {} is not {GUEST_NAMESPACE_DIR}/<container>/<kind>",
+            path.display()
+        ));
+    };
+    if kind != name {
+        return Err(invalid!(
+            "namespace path {} names a {kind} namespace for a {name} entry",
+            path.display()
+        ));
+    }
+    let pid = init_pid_of(id).ok_or_else(|| {
+        precondition!(
+            "cannot join the {name} namespace of container {id}: it is not running in this guest"
+        )
+    })?;
+    Ok(PathBuf::from(format!("/proc/{pid}/ns/{name}")))
+}
+
+/// The namespaces an exec joins: every one of its container's init
+/// (joining one the agent is in already changes nothing). Mount last:
+/// after it, /proc is the container's.
+pub const EXEC_NAMESPACES: [&str; 7] = ["cgroup", "ipc", "uts", "net", "time", "pid", "mnt"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_ns(json: &str) -> Vec<LinuxNamespace> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn none(_: &str) -> Option<i32> {
+        None
+    }
+
+    #[test]
+    fn entries_without_path_are_new_and_mount_always_is() {
+        let p = NamespacePlan::from_spec(&spec_ns(r#"[{"type":"pid"},{"type":"uts"}]"#), &none)
+            .unwrap();
+        assert_eq!(
+            p.new,
+            CloneFlags::CLONE_NEWNS
+                | CloneFlags::CLONE_NEWCGROUP
+                | CloneFlags::CLONE_NEWPID
+                | CloneFlags::CLONE_NEWUTS
+        );
+        assert!(p.join.is_empty());
+        assert!(p.own_uts && p.own_pid);
+    }
+
+    #[test]
+    fn sandbox_paths_resolve_to_the_init() {
+        let me = std::process::id() as i32;
+        let pid_of = move |id: &str| (id == "sb").then_some(me);
+        let p = NamespacePlan::from_spec(
+            &spec_ns(&format!(
+                r#"[{{"type":"pid","path":"{GUEST_NAMESPACE_DIR}/sb/pid"}},{{"type":"ipc","path":"{GUEST_NAMESPACE_DIR}/sb/ipc"}},{{"type":"uts","path":"{GUEST_NAMESPACE_DIR}/sb/uts"}}]"#
+            )),
+            &pid_of,
+        )
+        .unwrap();
+        assert_eq!(p.join.len(), 3);
+        assert_eq!(p.new, CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWCGROUP);
+        assert!(!p.own_uts && !p.own_pid);
+    }
+
+    #[test]
+    fn every_kind_the_shim_announces_can_be_made() {
+        for kind in podvisor_protocol::guest_features::NAMESPACES {
+            let json = format!(r#"[{{"type":"{kind}"}}]"#);
+            NamespacePlan::from_spec(&spec_ns(&json), &none).unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_entries_are_named() {
+        let cases = [
+            (r#"[{"type":"user"}]"#.to_string(), "user namespaces"),
+            (r#"[{"type":"pid"},{"type":"pid"}]"#.to_string(), "twice"),
+            (
+                r#"[{"type":"ipc","path":"/nonexistent/ns"}]"#.to_string(),
+                "/nonexistent/ns",
+            ),
+            (
+                format!(r#"[{{"type":"pid","path":"{GUEST_NAMESPACE_DIR}/gone/pid"}}]"#),
+                "container gone",
+            ),
+            (
+                format!(r#"[{{"type":"pid","path":"{GUEST_NAMESPACE_DIR}/sb/ipc"}}]"#),
+                "names a ipc namespace",
+            ),
+            (
+                r#"[{"type":"mount","path":"/proc/1/ns/mnt"}]"#.to_string(),
+                "mount namespace",
+            ),
+        ];
+        for (json, want) in cases {
+            let e = NamespacePlan::from_spec(&spec_ns(&json), &none).unwrap_err();
+            assert!(e.to_string().contains(want), "{json}: {e}");
+        }
+    }
+}
