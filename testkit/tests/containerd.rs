@@ -1,6 +1,8 @@
-//! The shim under real containerd (Debian's), as `ctr` and kubelet (via
-//! crictl) drive it. One private containerd serves every test; each test
-//! ends by checking that nothing of its pods is left on the host.
+//! The shim under real containerd (Debian's 1.6, then 2.x), as `ctr` and
+//! kubelet (via crictl) drive it. One private containerd serves every
+//! test; each test ends by checking that nothing of its pods is left on the
+//! host (what was there before the suite started, another VM's, is not
+//! counted).
 //! Run with `make test-containerd`.
 
 use std::borrow::BorrowMut;
@@ -72,6 +74,7 @@ fn main() {
             network_non_veth_refused_two_veths_joined,
         ),
     ];
+    BEFORE.get_or_init(host_state);
     // Each containerd in turn: Debian's 1.6, then 2.x (PODVISOR_CONTAINERD
     // picks one).
     let mut failed = false;
@@ -181,8 +184,23 @@ fn ok(mut cmd: impl BorrowMut<Command>, secs: u64) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Processes of ours still running: shims, VMs, helpers.
+/// What was on the host before the suite started (another VM's shim,
+/// QEMU, sockets, directories): never counted as this suite's leftovers.
+static BEFORE: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// `found` without what was there before the suite started.
+fn started_here(found: Vec<String>) -> Vec<String> {
+    let before = BEFORE.get().map(Vec::as_slice).unwrap_or_default();
+    found.into_iter().filter(|f| !before.contains(f)).collect()
+}
+
+/// Processes of ours still running: shims, VMs, helpers the suite started.
 fn leftover_processes() -> Vec<String> {
+    started_here(all_processes())
+}
+
+/// Every shim, VM and helper process on the host.
+fn all_processes() -> Vec<String> {
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return found;
@@ -224,9 +242,15 @@ fn names(dir: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Everything a pod leaves on the host, if anything.
+/// Everything a pod of this suite leaves on the host, if anything.
 fn leftovers() -> Vec<String> {
-    let mut left = leftover_processes();
+    started_here(host_state())
+}
+
+/// Every podvisor process, shim socket, pod network namespace, sandbox
+/// directory and mount on the host.
+fn host_state() -> Vec<String> {
+    let mut left = all_processes();
     // Shim sockets, and network namespaces of pods.
     left.extend(
         names("/run/containerd/s")
