@@ -103,9 +103,17 @@ bench: shim guest-image install upstream
 # test-controller last: it ends with the node installer's uninstall.
 test: lint test-unit test-vmm test-guest test-containerd test-network test-cri test-e2e test-controller
 
+# Crates only the VMM may link: the shim and the hypervisor layer know
+# nothing of KVM ioctls (they run podvisor-vmm, and its probe, as programs).
+VMM_ONLY_CRATES := kvm-ioctls kvm-bindings vhost virtio-queue linux-loader acpi_tables
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@for p in podvisor-shim podvisor-hypervisor; do \
+	  bad=$$($(CARGO) tree -p $$p -e normal --prefix none | awk '{print $$1}' | sort -u | grep -xF $(VMM_ONLY_CRATES:%=-e %)); \
+	  if [ -n "$$bad" ]; then echo "lint: $$p links VMM-only crates:" $$bad; exit 1; fi; \
+	done; echo "lint: podvisor-shim and podvisor-hypervisor link none of $(VMM_ONLY_CRATES)"
 
 test-unit:
 	$(CARGO) test --workspace --lib --bins

@@ -11,7 +11,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use nix::mount::{mount, MsFlags};
-use podvisor_protocol::{GUEST_SHARED_DIR, SHARED_FS_TAG};
+use podvisor_names::SHARED_FS_TAG;
+use podvisor_protocol::GUEST_SHARED_DIR;
 
 use crate::container::cgroup;
 use crate::modules;

@@ -15,7 +15,6 @@ use kube::{Resource, ResourceExt};
 
 use crate::crd::{RunStrategy, VirtualMachine};
 
-pub const RUNTIME_CLASS: &str = "podvisor";
 /// The pod label naming its VirtualMachine.
 pub const LABEL_VM: &str = "podvisor.io/vm";
 /// The pod label carrying the restarts of the pods it replaced.
@@ -26,15 +25,16 @@ pub const LABEL_TEMPLATE_HASH: &str = "podvisor.io/template-hash";
 /// The VM's container in its pod.
 pub const CONTAINER: &str = "vm";
 
-// The shim's annotations (shim/src/config.rs); the node's podvisor config
-// must allow them (the Helm chart's node config does).
-const ANNOTATION_VCPUS: &str = "podvisor.io/vcpus";
-const ANNOTATION_MEMORY: &str = "podvisor.io/memory-mib";
-const ANNOTATION_KERNEL_PARAMS: &str = "podvisor.io/kernel-params";
-const ANNOTATION_HYPERVISOR: &str = "podvisor.io/hypervisor";
+// The shim's annotations; the node's podvisor config must allow them (the
+// Helm chart's node config does).
+use podvisor_names::annotations::{
+    HYPERVISOR as ANNOTATION_HYPERVISOR, KERNEL_PARAMS as ANNOTATION_KERNEL_PARAMS,
+    MEMORY_MIB as ANNOTATION_MEMORY, VCPUS as ANNOTATION_VCPUS,
+};
+use podvisor_names::RUNTIME_CLASS;
 
 /// The smallest guest the shim boots.
-const MIN_MEMORY_MIB: u64 = 128;
+const MIN_MEMORY_MIB: u64 = podvisor_names::MIN_GUEST_MEMORY_MIB as u64;
 
 /// What this cluster's nodes allow a VM (the chart passes the same values to
 /// the node config and to the controller), and how much CPU the scheduler

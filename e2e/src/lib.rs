@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 pub const DEFAULT_IMAGE: &str = "docker.io/podvisor/busybox:latest";
 /// The namespace the suite makes for its pods and removes at the end.
 pub const NAMESPACE: &str = "podvisor-e2e";
-pub const RUNTIME_CLASS: &str = "podvisor";
+pub use podvisor_names::RUNTIME_CLASS;
 
 pub struct Cluster {
     kubectl: String,

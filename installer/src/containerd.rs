@@ -6,10 +6,8 @@
 
 use toml_edit::{Array, DocumentMut, Item, Table, Value};
 
-pub const RUNTIME: &str = "podvisor";
-pub const RUNTIME_TYPE: &str = "io.containerd.podvisor.v2";
-/// The pod annotations containerd hands to the shim.
-pub const POD_ANNOTATIONS: &str = "podvisor.io/*";
+use podvisor_names::annotations::PASSED as POD_ANNOTATIONS;
+use podvisor_names::{HANDLER as RUNTIME, RUNTIME_TYPE};
 const MARKER: &str = "# Added by podvisor-install; `podvisor-install uninstall` removes it.";
 
 #[derive(Debug, thiserror::Error)]

@@ -12,12 +12,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::containerd;
 
-pub const PREFIX: &str = "opt/podvisor";
-pub const SHIM: &str = "containerd-shim-podvisor-v2";
-const SHIM_LINK: &str = "usr/local/bin/containerd-shim-podvisor-v2";
-const NODE_CONFIG: &str = "etc/podvisor/config.toml";
-const STATE: &str = "opt/podvisor/install-state.json";
-const SANDBOXES: &str = "run/podvisor";
+use podvisor_names::paths::{INSTALL_PREFIX, NODE_CONFIG, STATE_ROOT};
+use podvisor_names::SHIM_BINARY;
+
+/// Where the shim is linked, on containerd's PATH.
+const SHIM_LINK_DIR: &str = "/usr/local/bin";
+/// What install did, for uninstall (under the install prefix).
+const INSTALL_STATE: &str = "install-state.json";
 /// What install copies from the source tree (make install's layout).
 pub const FILES: &[&str] = &[
     "bin/containerd-shim-podvisor-v2",
@@ -86,8 +87,18 @@ pub struct Outcome {
 }
 
 impl Node {
-    fn host(&self, rel: &str) -> PathBuf {
-        self.host_root.join(rel)
+    /// `path` (absolute, as on the node) under the host root.
+    fn host(&self, path: impl AsRef<Path>) -> PathBuf {
+        self.host_root
+            .join(path.as_ref().strip_prefix("/").unwrap_or(path.as_ref()))
+    }
+
+    fn shim_link(&self) -> PathBuf {
+        self.host(Path::new(SHIM_LINK_DIR).join(SHIM_BINARY))
+    }
+
+    fn install_state(&self) -> PathBuf {
+        self.host(Path::new(INSTALL_PREFIX).join(INSTALL_STATE))
     }
 
     fn containerd_config(&self) -> PathBuf {
@@ -101,9 +112,9 @@ impl Node {
     /// Copies `source` (a `make install` tree) to the node, installs
     /// `node_config` as the node's podvisor config and registers the runtime.
     pub fn install(&self, source: &Path, node_config: &str) -> Result<Outcome, Error> {
-        let state_path = self.host(STATE);
+        let state_path = self.install_state();
         let mut state = read_state(&state_path)?.unwrap_or_default();
-        let prefix = self.host(PREFIX);
+        let prefix = self.host(INSTALL_PREFIX);
         for rel in FILES {
             let from = source.join(rel);
             let to = prefix.join(rel);
@@ -112,8 +123,8 @@ impl Node {
             }
             copy_atomically(&from, &to)?;
         }
-        let link = self.host(SHIM_LINK);
-        let target = Path::new("/").join(PREFIX).join("bin").join(SHIM);
+        let link = self.shim_link();
+        let target = Path::new(INSTALL_PREFIX).join("bin").join(SHIM_BINARY);
         if fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
             mkdir_parent(&link)?;
             let _ = fs::remove_file(&link);
@@ -160,7 +171,7 @@ impl Node {
         if !running.is_empty() && !force {
             return Err(Error::SandboxesRunning(running.join(", ")));
         }
-        let state_path = self.host(STATE);
+        let state_path = self.install_state();
         let state = read_state(&state_path)?.unwrap_or_default();
 
         let cpath = self.containerd_config();
@@ -189,11 +200,11 @@ impl Node {
                 let _ = fs::remove_dir(dir); // only if empty
             }
         }
-        let link = self.host(SHIM_LINK);
+        let link = self.shim_link();
         if fs::symlink_metadata(&link).is_ok() {
             fs::remove_file(&link).map_err(io_err(&link))?;
         }
-        let prefix = self.host(PREFIX);
+        let prefix = self.host(INSTALL_PREFIX);
         if prefix.exists() {
             fs::remove_dir_all(&prefix).map_err(io_err(&prefix))?;
         }
@@ -204,7 +215,7 @@ impl Node {
 
     /// The podvisor sandboxes the node runs (`/run/podvisor/<id>`).
     fn sandboxes(&self) -> Result<Vec<String>, Error> {
-        let dir = self.host(SANDBOXES);
+        let dir = self.host(STATE_ROOT);
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),

@@ -41,9 +41,6 @@ pub const READY_PORT: u32 = 1025;
 /// Bumped on incompatible changes to `agent.proto`.
 pub const API_VERSION: u32 = 1;
 
-/// virtio-fs tag of the sandbox's shared directory.
-pub const SHARED_FS_TAG: &str = "podvisor";
-
 /// Where the agent mounts the shared directory in the guest.
 pub const GUEST_SHARED_DIR: &str = "/run/podvisor/shared";
 

@@ -6,24 +6,18 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use podvisor_hypervisor::{HypervisorKind, Paths};
+use podvisor_names::annotations::{
+    self, HYPERVISOR as ANNOTATION_HYPERVISOR, KERNEL_PARAMS as ANNOTATION_KERNEL_PARAMS,
+    MEMORY_MIB as ANNOTATION_MEMORY, VCPUS as ANNOTATION_VCPUS,
+};
+use podvisor_names::{paths, MIN_GUEST_MEMORY_MIB as MIN_MEMORY_MIB};
 use serde::Deserialize;
-
-pub const DEFAULT_CONFIG: &str = "/etc/podvisor/config.toml";
-
-/// Annotations a config may allow pods to set.
-pub const ANNOTATION_VCPUS: &str = "podvisor.io/vcpus";
-pub const ANNOTATION_MEMORY: &str = "podvisor.io/memory-mib";
-pub const ANNOTATION_KERNEL_PARAMS: &str = "podvisor.io/kernel-params";
-pub const ANNOTATION_HYPERVISOR: &str = "podvisor.io/hypervisor";
-const PODVISOR_PREFIX: &str = "podvisor.io/";
 
 /// What containerd's CRI plugin sets on a sandbox (containerd 1.7+).
 const CRI_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
 const CRI_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 const CRI_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
-
-/// Smallest guest that boots the image and runs a container.
-const MIN_MEMORY_MIB: u32 = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -41,27 +35,6 @@ pub enum ConfigError {
     Invalid { path: PathBuf, reason: String },
     #[error("annotation {key}: {reason}")]
     Annotation { key: String, reason: String },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HypervisorKind {
-    /// The in-tree VMM where KVM is fast, else QEMU.
-    Auto,
-    Vmm,
-    Qemu,
-}
-
-impl std::str::FromStr for HypervisorKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(HypervisorKind::Auto),
-            "vmm" => Ok(HypervisorKind::Vmm),
-            "qemu" => Ok(HypervisorKind::Qemu),
-            _ => Err(format!("unknown hypervisor {s:?} (auto, vmm or qemu)")),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,32 +59,12 @@ pub struct Config {
     pub paths: Paths,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Paths {
-    pub vmm: PathBuf,
-    pub qemu: PathBuf,
-    pub virtiofsd: PathBuf,
-    pub vhost_device_vsock: PathBuf,
-}
-
-impl Default for Paths {
-    fn default() -> Self {
-        Paths {
-            vmm: "/opt/podvisor/bin/podvisor-vmm".into(),
-            qemu: "qemu-system-x86_64".into(),
-            virtiofsd: "/usr/lib/qemu/virtiofsd".into(),
-            vhost_device_vsock: "/opt/podvisor/bin/vhost-device-vsock".into(),
-        }
-    }
-}
-
 impl Default for Config {
     fn default() -> Self {
         Config {
             hypervisor: HypervisorKind::Auto,
-            kernel: "/opt/podvisor/share/guest/kernel".into(),
-            initramfs: "/opt/podvisor/share/guest/initramfs".into(),
+            kernel: paths::GUEST_KERNEL.into(),
+            initramfs: paths::GUEST_INITRAMFS.into(),
             default_vcpus: 1,
             default_memory_mib: 512,
             max_vcpus: 16,
@@ -130,7 +83,7 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let (path, explicit) = match path {
             Some(p) => (p.to_owned(), true),
-            None => (PathBuf::from(DEFAULT_CONFIG), false),
+            None => (PathBuf::from(paths::NODE_CONFIG), false),
         };
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -162,14 +115,7 @@ impl Config {
             )));
         }
         for a in &cfg.allowed_annotations {
-            if ![
-                ANNOTATION_VCPUS,
-                ANNOTATION_MEMORY,
-                ANNOTATION_KERNEL_PARAMS,
-                ANNOTATION_HYPERVISOR,
-            ]
-            .contains(&a.as_str())
-            {
+            if !annotations::ALL.contains(&a.as_str()) {
                 return Err(invalid(format!(
                     "allowed_annotations: unknown annotation {a:?}"
                 )));
@@ -212,7 +158,7 @@ impl Config {
 
         let mut keys: Vec<&String> = annotations
             .keys()
-            .filter(|k| k.starts_with(PODVISOR_PREFIX))
+            .filter(|k| k.starts_with(annotations::PREFIX))
             .collect();
         keys.sort();
         for key in keys {

@@ -11,7 +11,7 @@ use containerd_shim::protos::types::introspection::{RuntimeInfo, RuntimeVersion}
 use podvisor_protocol::guest_features as g;
 use serde_json::json;
 
-use crate::shim::RUNTIME_ID;
+use podvisor_names::RUNTIME_TYPE;
 
 /// containerd registers runtime-spec's Features type under this URL.
 const FEATURES_TYPE_URL: &str =
@@ -65,7 +65,7 @@ pub fn runtime_info(options: &[u8]) -> Result<Vec<u8>, String> {
     };
     let features = serde_json::to_vec(&features()).map_err(|e| e.to_string())?;
     let info = RuntimeInfo {
-        name: RUNTIME_ID.to_string(),
+        name: RUNTIME_TYPE.to_string(),
         version: MessageField::some(RuntimeVersion {
             version: env!("CARGO_PKG_VERSION").to_string(),
             ..Default::default()
@@ -94,7 +94,7 @@ mod tests {
         };
         let out = runtime_info(&opts.write_to_bytes().unwrap()).unwrap();
         let info = RuntimeInfo::parse_from_bytes(&out).unwrap();
-        assert_eq!(info.name, RUNTIME_ID);
+        assert_eq!(info.name, RUNTIME_TYPE);
         assert_eq!(info.options.type_url, "runtimeoptions.v1.Options");
         assert_eq!(info.features.type_url, FEATURES_TYPE_URL);
         let f: serde_json::Value = serde_json::from_slice(&info.features.value).unwrap();

@@ -4,7 +4,6 @@
 //! - [`shim`]: the process lifecycle containerd drives (start, delete);
 //! - `task`: the Task API, mapped onto the guest agent;
 //! - [`sandbox`]: one pod's VM and its agent client;
-//! - [`hypervisor`]: the backends that run a VM (QEMU today);
 //! - [`bundle`]: a container's OCI bundle, shared into the guest;
 //! - [`stdio`]: containerd's FIFOs bridged to the agent's streams;
 //! - [`port_forward`]: `kubectl port-forward` from the pod's namespace
@@ -15,7 +14,6 @@
 
 pub mod bundle;
 pub mod config;
-pub mod hypervisor;
 pub mod info;
 pub mod network;
 pub mod port_forward;
@@ -26,4 +24,4 @@ pub mod state;
 pub mod stdio;
 mod task;
 
-pub use shim::{shim_config, Shim, RUNTIME_ID};
+pub use shim::{shim_config, Shim};

@@ -17,7 +17,7 @@ fn main() {
                 std::io::Write::write_all(&mut std::io::stdout(), &out).map_err(|e| e.to_string())
             });
         if let Err(e) = answer {
-            eprintln!("{}: -info: {e}", podvisor_shim::RUNTIME_ID);
+            eprintln!("{}: -info: {e}", podvisor_names::RUNTIME_TYPE);
             std::process::exit(1);
         }
         return;
@@ -28,12 +28,12 @@ fn main() {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("{}: tokio runtime: {e}", podvisor_shim::RUNTIME_ID);
+            eprintln!("{}: tokio runtime: {e}", podvisor_names::RUNTIME_TYPE);
             std::process::exit(1);
         }
     };
     rt.block_on(containerd_shim::asynchronous::run::<podvisor_shim::Shim>(
-        podvisor_shim::RUNTIME_ID,
+        podvisor_names::RUNTIME_TYPE,
         Some(podvisor_shim::shim_config()),
     ));
     // A FIFO open nobody answers must not keep the shim alive.

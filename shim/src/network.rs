@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::process::Command;
 
-use crate::hypervisor::NetDevice;
+use podvisor_hypervisor::NetDevice;
 
 /// Taps are named `pvtap<N>` inside the pod's namespace.
 const TAP_PREFIX: &str = "pvtap";

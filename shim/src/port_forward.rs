@@ -135,7 +135,7 @@ async fn redirect(netns: &Path, tool: &str, dest: &str, port: u16) -> Result<(),
     ];
     let mut cmd = tokio::process::Command::new(tool);
     cmd.args(args);
-    crate::hypervisor::run_in_netns(&mut cmd, Some(netns)).map_err(|e| ForwardError::Io {
+    podvisor_hypervisor::run_in_netns(&mut cmd, Some(netns)).map_err(|e| ForwardError::Io {
         netns: netns.to_owned(),
         what: "entering the namespace".into(),
         source: std::io::Error::other(e.to_string()),

@@ -10,8 +10,7 @@ use tokio::sync::watch;
 
 use crate::stdio::{Bridge, StdioPaths};
 
-/// Exit status reported for processes of a VM that died.
-pub const VM_DIED: u32 = 255;
+use podvisor_names::VM_DIED_EXIT_STATUS;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProcState {
@@ -70,7 +69,7 @@ impl Proc {
             .await;
         match stopped.as_deref() {
             Ok(ProcState::Stopped { status, at }) => (*status, at.clone()),
-            _ => (VM_DIED, now()),
+            _ => (u32::from(VM_DIED_EXIT_STATUS), now()),
         }
     }
 
@@ -116,7 +115,7 @@ mod tests {
         p.set_running();
         assert_eq!(p.state(), ProcState::Running);
         assert!(p.set_stopped(3));
-        assert!(!p.set_stopped(VM_DIED));
+        assert!(!p.set_stopped(u32::from(VM_DIED_EXIT_STATUS)));
         assert_eq!(p.wait().await.0, 3);
         // A stopped process never runs again.
         p.set_running();

@@ -10,10 +10,10 @@ use podvisor_protocol::hybrid_vsock::{connect_agent, ReadyListener};
 use tokio::sync::{watch, Mutex};
 
 use crate::config::{Config, VmSizing};
-use crate::hypervisor::{self, RunningVm, VmSpec};
 use crate::network::{NetworkError, PodNetwork};
 use crate::port_forward::PortForward;
 use crate::state::{process_start_time, RecordedProcess, SandboxDir, State};
+use podvisor_hypervisor::{self as hypervisor, RunningVm, VmSpec};
 
 /// From QEMU start to the agent answering (TCG boots take seconds).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -88,7 +88,12 @@ impl Pod {
                 });
             }
         }
-        let (hv, why) = hypervisor::select(sizing.hypervisor, &config.paths)?;
+        let (hv, why) = hypervisor::select(
+            sizing.hypervisor,
+            &config.paths,
+            std::path::Path::new(podvisor_names::paths::STATE_ROOT),
+        )
+        .await?;
         tracing::info!(sandbox = id, "hypervisor: {why}");
         let dir = SandboxDir::create(id)?;
         let network = match netns {

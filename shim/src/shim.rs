@@ -16,8 +16,6 @@ use crate::process::now;
 use crate::state::{kill_recorded, SandboxDir};
 use crate::task::{Service, TaskService};
 
-pub const RUNTIME_ID: &str = "io.containerd.podvisor.v2";
-
 pub struct Shim {
     id: String,
     namespace: String,

@@ -18,7 +18,7 @@ use containerd_shim::mount::umount_recursive;
 use nix::mount::{mount, MsFlags};
 use serde::{Deserialize, Serialize};
 
-pub const STATE_ROOT: &str = "/run/podvisor";
+use podvisor_names::paths::STATE_ROOT;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{what}: {source}")]

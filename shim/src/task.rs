@@ -25,9 +25,10 @@ use ttrpc::{Code, Error as TtrpcError};
 
 use crate::bundle::{Bundle, PodRef, Role};
 use crate::config::Config;
-use crate::process::{lock, now, Proc, ProcState, VM_DIED};
+use crate::process::{lock, now, Proc, ProcState};
 use crate::sandbox::{ctx, Pod};
 use crate::stdio::{Bridge, StdioPaths};
+use podvisor_names::VM_DIED_EXIT_STATUS;
 
 fn status(code: Code, msg: impl std::fmt::Display) -> TtrpcError {
     TtrpcError::RpcStatus(ttrpc::get_status(code, msg))
@@ -164,7 +165,7 @@ impl TaskService {
         let containers: Vec<_> = lock(&self.containers).values().cloned().collect();
         for c in containers {
             for p in c.all() {
-                if p.set_stopped(VM_DIED) {
+                if p.set_stopped(u32::from(VM_DIED_EXIT_STATUS)) {
                     self.publish_exit(&c.id, &p, pod.vm_pid).await;
                 }
             }
@@ -218,7 +219,7 @@ impl TaskService {
                 Ok(w) => (w.exit_status as u32, w.oom_killed),
                 Err(e) => {
                     tracing::warn!(container = container_id, "WaitProcess: {e}");
-                    (VM_DIED, false)
+                    (u32::from(VM_DIED_EXIT_STATUS), false)
                 }
             };
             p.drain_output().await;
@@ -904,7 +905,7 @@ mod tests {
         let mut value = Vec::new();
         {
             let mut out = CodedOutputStream::vec(&mut value);
-            out.write_string(1, "io.containerd.podvisor.v2").unwrap();
+            out.write_string(1, podvisor_names::RUNTIME_TYPE).unwrap();
             out.write_string(2, path).unwrap();
             out.write_bytes(3, b"").unwrap();
             out.flush().unwrap();

@@ -19,7 +19,7 @@ pub const BUSYBOX: &str = "docker.io/podvisor/busybox:latest";
 pub const PAUSE: &str = "docker.io/podvisor/pause:latest";
 /// The ctr namespace of the tests; CRI uses k8s.io.
 pub const NAMESPACE: &str = "podvisor-test";
-pub const RUNTIME: &str = podvisor_shim::RUNTIME_ID;
+pub const RUNTIME: &str = podvisor_names::RUNTIME_TYPE;
 /// The CNI bridge; a name of our own so nothing else is touched.
 const BRIDGE: &str = "pvtest0";
 

@@ -29,5 +29,5 @@ pub mod vm;
 pub mod vmm_bench;
 
 pub use io::{Output, StdioReq, Streams};
-pub use podvisor_shim::hypervisor::qemu::Accel;
+pub use podvisor_hypervisor::Accel;
 pub use vm::{ctx, detect_accel, TestVm, VmConfig};

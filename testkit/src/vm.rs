@@ -8,12 +8,11 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use podvisor_hypervisor::qemu::Qemu;
+use podvisor_hypervisor::vmm::Vmm;
+use podvisor_hypervisor::{Accel, Hypervisor, NetDevice, Paths, RunningVm, VmSpec};
 use podvisor_protocol::api::{self, AgentClient};
 use podvisor_protocol::hybrid_vsock;
-use podvisor_shim::config::Paths;
-use podvisor_shim::hypervisor::qemu::{Accel, Qemu};
-use podvisor_shim::hypervisor::vmm::Vmm;
-use podvisor_shim::hypervisor::{Hypervisor, NetDevice, RunningVm, VmSpec};
 
 /// Where `make guest-image` puts the image, unless PODVISOR_GUEST_DIR says.
 pub fn image_dir() -> PathBuf {
@@ -33,13 +32,35 @@ pub fn manifest(key: &str) -> Result<String> {
         .with_context(|| format!("no {key} in {}", path.display()))
 }
 
-/// The accelerator for test VMs: the shim's probe, or PODVISOR_ACCEL
-/// (kvm|tcg).
+/// The accelerator for test VMs: the shim's probe (the same cached
+/// verdict a pod gets), or PODVISOR_ACCEL (kvm|tcg).
 pub fn detect_accel() -> (Accel, String) {
     match std::env::var("PODVISOR_ACCEL").as_deref() {
         Ok("kvm") => (Accel::Kvm, "PODVISOR_ACCEL=kvm".into()),
         Ok("tcg") => (Accel::Tcg, "PODVISOR_ACCEL=tcg".into()),
-        _ => Accel::detect(),
+        _ => {
+            // On a thread of its own, so sync and async callers alike can ask.
+            let ask = || -> std::io::Result<podvisor_hypervisor::Verdict> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                Ok(rt.block_on(podvisor_hypervisor::probe::verdict(
+                    &vmm_binary(),
+                    Path::new(podvisor_names::paths::STATE_ROOT),
+                )))
+            };
+            let verdict = match std::thread::scope(|s| s.spawn(ask).join()) {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => podvisor_hypervisor::Verdict::Unavailable(e.to_string()),
+                Err(_) => podvisor_hypervisor::Verdict::Unavailable("probe thread panicked".into()),
+            };
+            let accel = if verdict.is_fast() {
+                Accel::Kvm
+            } else {
+                Accel::Tcg
+            };
+            (accel, verdict.to_string())
+        }
     }
 }
 
@@ -267,7 +288,7 @@ impl TestVm {
 }
 
 fn diagnostics(dir: &Path) -> String {
-    podvisor_shim::hypervisor::log_tails(dir, 30)
+    podvisor_hypervisor::log_tails(dir, 30)
 }
 
 /// A call context with a generous timeout (TCG is slow, a hang is not).

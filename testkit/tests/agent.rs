@@ -1489,7 +1489,7 @@ async fn network_reaches_the_host(cfg: &VmConfig) -> Result<()> {
     let tap = HostTap::create(&name, "10.99.7.1/24")?;
     let mac = "02:00:0a:63:07:02";
     let mut cfg = cfg.clone();
-    cfg.net = vec![podvisor_shim::hypervisor::NetDevice {
+    cfg.net = vec![podvisor_hypervisor::NetDevice {
         tap: tap.0.clone(),
         mac: mac.into(),
     }];

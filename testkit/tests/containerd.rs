@@ -263,10 +263,11 @@ fn host_state() -> Vec<String> {
             .filter(|n| n.starts_with("cni-"))
             .map(|n| format!("netns {n}")),
     );
-    if let Ok(entries) = std::fs::read_dir("/run/podvisor") {
+    if let Ok(entries) = std::fs::read_dir(podvisor_names::paths::STATE_ROOT) {
         left.extend(
             entries
                 .flatten()
+                .filter(|e| e.path().is_dir())
                 .map(|e| format!("dir {}", e.path().display())),
         );
     }

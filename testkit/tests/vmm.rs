@@ -4,9 +4,10 @@
 //! virtio-fs, and DestroySandbox powers the VM off through ACPI.
 //!
 //! This needs KVM that runs guest code at hardware speed. Where the probe
-//! finds none (a nested /dev/kvm that emulates, as on podvisor's CI), every
-//! test is reported as ignored and the probe's verdict is printed. Run
-//! with `make test-vmm`.
+//! finds none (a nested /dev/kvm that emulates, as on podvisor's CI), those
+//! tests are reported as ignored and the probe's verdict is printed. The
+//! probe itself, as the shim asks it (the `podvisor-vmm --probe` binary,
+//! cached per host boot), is checked everywhere. Run with `make test-vmm`.
 
 use std::time::Duration;
 
@@ -88,6 +89,38 @@ async fn destroy_sandbox_powers_off() -> Result<()> {
     Ok(())
 }
 
+/// The verdict the shim gets (`podvisor-vmm --probe`, out of process) is
+/// the in-process probe's, and the second ask reads the cache this host's
+/// boot id, kernel and /dev/kvm key.
+fn probe_out_of_process_is_cached(in_process: &podvisor_vmm::probe::Verdict) -> Result<()> {
+    use podvisor_hypervisor::probe::{self, HostKey};
+    let root = tempfile::tempdir()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let first = rt.block_on(probe::verdict(&vmm_binary(), root.path()));
+    let kind = |v: &podvisor_vmm::probe::Verdict| std::mem::discriminant(v);
+    ensure!(
+        kind(&first) == kind(in_process),
+        "out of process: {first}; in process: {in_process}"
+    );
+    if matches!(first, podvisor_vmm::probe::Verdict::Unavailable(_)) {
+        return Ok(());
+    }
+    let cache = std::fs::read_to_string(root.path().join("kvm-probe.json"))?;
+    let key = HostKey::current().map_err(anyhow::Error::msg)?;
+    ensure!(
+        cache.contains(&key.boot_id) && cache.contains(&key.kvm_device),
+        "cache {cache} lacks this host's key {key:?}"
+    );
+    let again = rt.block_on(probe::verdict(
+        std::path::Path::new("/nonexistent/podvisor-vmm"),
+        root.path(),
+    ));
+    ensure!(again == first, "second ask did not read the cache: {again}");
+    Ok(())
+}
+
 type TestFn = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
 
 fn main() {
@@ -117,7 +150,7 @@ fn main() {
             Box::pin(destroy_sandbox_powers_off())
         }),
     ];
-    let trials = tests
+    let mut trials: Vec<Trial> = tests
         .into_iter()
         .map(|(name, f)| {
             let rt = rt.clone();
@@ -127,5 +160,9 @@ fn main() {
             .with_ignored_flag(skip)
         })
         .collect();
+    trials.push(Trial::test(
+        "probe_out_of_process_agrees_and_is_cached",
+        move || probe_out_of_process_is_cached(&verdict).map_err(|e| format!("{e:#}").into()),
+    ));
     libtest_mimic::run(&args, trials).exit();
 }

@@ -2,8 +2,8 @@
 //!
 //! The layout follows the life of a VM:
 //!
-//! - [`config`]: the JSON description of a VM, validated before anything
-//!   is built.
+//! - the JSON description of a VM ([`VmConfig`]) and the VMM's limits
+//!   live in `podvisor-vmm-config`, which the hypervisor layer shares.
 //! - [`memory`]: guest RAM, one memfd shared with vhost-user backends.
 //! - [`arch`]: x86_64 boot: kernel loading, zero page and E820, page
 //!   tables, GDT, CPUID, MSRs, MP table and ACPI tables.
@@ -19,7 +19,6 @@
 //! - [`probe`]: whether `/dev/kvm` runs guest code at hardware speed.
 
 pub mod arch;
-pub mod config;
 pub mod control;
 pub mod devices;
 pub mod exit;
@@ -28,6 +27,6 @@ pub mod probe;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::VmConfig;
 pub use exit::ExitReason;
+pub use podvisor_vmm_config::VmConfig;
 pub use vm::Vm;

@@ -6,6 +6,7 @@
 //! podvisor-vmm --config vm.json
 //! podvisor-vmm --config-json '{"vcpus":1,"memory_mib":128,"kernel":"vmlinux"}'
 //! podvisor-vmm --probe        # does /dev/kvm run guests at hardware speed?
+//!                             # (one JSON line on stdout, the sentence on stderr)
 //! ```
 
 use anyhow::{bail, Context, Result};
@@ -29,7 +30,8 @@ fn config_from_args() -> Result<Option<VmConfig>> {
         ["--config-json", json] => json.to_string(),
         ["--probe"] => {
             let v = podvisor_vmm::probe::probe();
-            println!("{v}");
+            println!("{}", serde_json::to_string(&v)?);
+            eprintln!("{v}");
             return Ok(None);
         }
         ["--help"] | ["-h"] => {

@@ -11,10 +11,7 @@ use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
-/// Smallest guest the boot layout fits in.
-pub const MIN_MEMORY_MIB: u64 = 16;
-/// Largest guest this VMM builds.
-pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+pub use podvisor_vmm_config::limits::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {

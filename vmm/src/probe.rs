@@ -11,41 +11,11 @@ use kvm_ioctls::{Kvm, VcpuExit};
 
 /// Loop iterations; two instructions each.
 const ITERATIONS: u32 = 200_000;
-/// Below this many guest instructions per second, KVM counts as slow.
-/// Hardware does thousands of MIPS; emulation under a few.
-const FAST_MIPS: f64 = 200.0;
 
 const GUEST_ADDR: u64 = 0x1000;
 const MEM_SIZE: usize = 0x4000;
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
-    /// Guest code runs at hardware speed.
-    Fast { mips: f64 },
-    /// KVM works but emulates: fine for tiny guests, not for Linux.
-    Slow { mips: f64 },
-    /// No usable KVM, and why.
-    Unavailable(String),
-}
-
-impl Verdict {
-    pub fn is_fast(&self) -> bool {
-        matches!(self, Verdict::Fast { .. })
-    }
-}
-
-impl std::fmt::Display for Verdict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Verdict::Fast { mips } => write!(f, "KVM runs guest code at hardware speed ({mips:.0} MIPS)"),
-            Verdict::Slow { mips } => write!(
-                f,
-                "KVM emulates guest code ({mips:.1} MIPS, below {FAST_MIPS} MIPS): too slow to boot Linux"
-            ),
-            Verdict::Unavailable(why) => write!(f, "KVM unavailable: {why}"),
-        }
-    }
-}
+pub use podvisor_vmm_config::probe::Verdict;
 
 /// `mov ecx, ITERATIONS; l: dec ecx; jnz l; hlt` in 16-bit real mode.
 fn guest_code() -> Vec<u8> {
@@ -59,12 +29,7 @@ fn guest_code() -> Vec<u8> {
 pub fn probe() -> Verdict {
     match run_loop() {
         Ok(elapsed) => {
-            let mips = 2.0 * f64::from(ITERATIONS) / elapsed.as_secs_f64().max(1e-9) / 1e6;
-            if mips >= FAST_MIPS {
-                Verdict::Fast { mips }
-            } else {
-                Verdict::Slow { mips }
-            }
+            Verdict::from_mips(2.0 * f64::from(ITERATIONS) / elapsed.as_secs_f64().max(1e-9) / 1e6)
         }
         Err(why) => Verdict::Unavailable(why),
     }

@@ -25,7 +25,6 @@ use crate::arch::acpi::{self, MmioDevice};
 use crate::arch::boot::{self, BootSpec};
 use crate::arch::layout::{self, ACPI_PM, COM1, I8042, KVM_IDENTITY_MAP, KVM_TSS};
 use crate::arch::{cpuid, mptable, regs};
-use crate::config::{parse_mac, VmConfig};
 use crate::control::{ControlSocket, Facts};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::i8042::I8042;
@@ -38,11 +37,12 @@ use crate::devices::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::{self, Vcpu};
+use podvisor_vmm_config::{parse_mac, VmConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] podvisor_vmm_config::ConfigError),
     #[error("{what}: {source}")]
     Kvm {
         what: &'static str,

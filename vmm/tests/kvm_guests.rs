@@ -20,8 +20,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
-use podvisor_vmm::config::{BlockConfig, FsConfig, NetConfig, VsockConfig};
 use podvisor_vmm::{ExitReason, Vm, VmConfig};
+use podvisor_vmm_config::{BlockConfig, FsConfig, NetConfig, VsockConfig};
 use vm_memory::{Bytes, GuestAddress};
 
 type Result = std::result::Result<(), Failed>;

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
+use podvisor_names::VM_DIED_EXIT_STATUS;
 use podvisor_protocol::{api, GUEST_SHARED_DIR};
 use tokio::sync::watch;
 
@@ -125,8 +126,8 @@ impl Process {
     async fn wait(&self) -> ExitStatus {
         let mut rx = self.exit.clone();
         let status = match rx.wait_for(|s| s.is_some()).await {
-            Ok(s) => s.unwrap_or(255),
-            Err(_) => 255,
+            Ok(s) => s.unwrap_or(i32::from(VM_DIED_EXIT_STATUS)),
+            Err(_) => i32::from(VM_DIED_EXIT_STATUS),
         };
         self.streams.drained().await;
         status

@@ -260,11 +260,13 @@ pub fn parse_report(path: &Path) -> Result<BTreeMap<String, Outcome>> {
     Ok(out)
 }
 
-/// The sandbox directories on the host now.
+/// The sandbox directories on the host now (the state root also holds
+/// host-wide files, such as the KVM probe's cached verdict).
 fn podvisor_dirs() -> Vec<String> {
-    std::fs::read_dir(podvisor_shim::state::STATE_ROOT)
+    std::fs::read_dir(podvisor_names::paths::STATE_ROOT)
         .map(|d| {
             d.flatten()
+                .filter(|e| e.path().is_dir())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect()
         })

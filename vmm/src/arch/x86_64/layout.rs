@@ -15,7 +15,7 @@ pub const PD: u64 = 0xb000;
 pub const IDENTITY_MAPPED_GIB: u64 = 4;
 /// Kernel command line and its largest size.
 pub const CMDLINE: u64 = 0x20000;
-pub const CMDLINE_MAX: usize = 4096;
+pub use podvisor_vmm_config::limits::CMDLINE_MAX;
 /// Extended BIOS data area: the MP table lives here; RAM below it.
 pub const EBDA: u64 = 0x9fc00;
 /// ACPI tables, starting with the RSDP (in the BIOS area Linux scans).
@@ -44,7 +44,8 @@ pub const ACPI_PM: u16 = 0x600;
 /// IOAPIC pins for virtio devices: 5 up to the last of KVM's 24.
 pub const VIRTIO_GSI_FIRST: u32 = 5;
 pub const VIRTIO_GSI_LAST: u32 = 23;
-pub const MAX_VIRTIO_DEVICES: usize = (VIRTIO_GSI_LAST - VIRTIO_GSI_FIRST + 1) as usize;
+pub use podvisor_vmm_config::limits::MAX_VIRTIO_DEVICES;
+const _: () = assert!((VIRTIO_GSI_LAST - VIRTIO_GSI_FIRST + 1) as usize == MAX_VIRTIO_DEVICES);
 
 /// Guest address and GSI of the `i`th virtio-mmio device.
 pub fn virtio_slot(i: usize) -> (u64, u32) {

@@ -8,8 +8,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::layout::{EBDA, IOAPIC, LAPIC};
 use crate::memory::GuestMemoryMmap;
 
-/// vCPUs the EBDA's 1 KiB holds entries for.
-pub const MAX_CPUS: u8 = 32;
+pub use podvisor_vmm_config::limits::MAX_CPUS;
 const IOAPIC_PINS: u8 = 24;
 
 #[derive(Debug, thiserror::Error)]

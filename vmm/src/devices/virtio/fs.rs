@@ -16,7 +16,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Active, DeviceError, VirtioDevice, F_VERSION_1, TYPE_FS};
-use crate::config::FS_TAG_MAX;
+use podvisor_vmm_config::limits::FS_TAG_MAX;
 
 const QUEUE_SIZE: u16 = 1024;
 /// One high-priority queue and one request queue.

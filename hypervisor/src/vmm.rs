@@ -6,18 +6,12 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use podvisor_vmm::config::{FsConfig, NetConfig, VsockConfig};
-use podvisor_vmm::VmConfig;
+use podvisor_names::SHARED_FS_TAG;
+use podvisor_vmm_config::{FsConfig, NetConfig, VmConfig, VsockConfig};
 use tokio::process::Command;
 
-use super::{
-    run_in_netns, start_virtiofsd, wait_for_socket, Hypervisor, HypervisorError, RunningVm,
-    Supervised, VmSpec,
-};
-use crate::config::Paths;
-
-/// The guest CID; each VM has its own vsock device, so one value serves all.
-const GUEST_CID: u32 = 3;
+use crate::process::{run_in_netns, wait_for_socket, Supervised};
+use crate::{virtiofsd, Hypervisor, HypervisorError, Paths, RunningVm, VmSpec, GUEST_CID};
 
 /// How long the VMM may take to build the VM (it binds the vsock socket
 /// when the VM is built, before any vCPU runs).
@@ -58,7 +52,7 @@ impl Vmm {
             }),
             fs: vec![FsConfig {
                 socket: fs_socket.to_owned(),
-                tag: podvisor_protocol::SHARED_FS_TAG.to_string(),
+                tag: SHARED_FS_TAG.to_string(),
             }],
             block: vec![],
             net: spec
@@ -82,7 +76,7 @@ impl Hypervisor for Vmm {
     }
 
     async fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError> {
-        let (mut fs_helper, fs_sock) = start_virtiofsd(&self.paths, spec).await?;
+        let (mut fs_helper, fs_sock) = virtiofsd::start(&self.paths, spec).await?;
         let io = |what: String| move |source| HypervisorError::Io { what, source };
         let written = Self::config(spec, &fs_sock).and_then(|c| {
             c.validate()
@@ -142,7 +136,7 @@ mod tests {
             dir: "/run/podvisor/x".into(),
             vsock: "/run/podvisor/x/vm.vsock".into(),
             shared_dir: "/run/podvisor/x/shared".into(),
-            net: vec![super::super::NetDevice {
+            net: vec![crate::NetDevice {
                 tap: "tap0".into(),
                 mac: "02:00:00:00:00:07".into(),
             }],

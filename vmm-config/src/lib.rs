@@ -1,6 +1,12 @@
-//! The JSON description of a VM, as `podvisor-vmm --config <file>` reads
-//! it, and its validation: every mistake a user can make in it is reported
-//! before anything is built.
+//! What `podvisor-vmm` is told and what it answers, apart from the VMM
+//! itself (Firecracker keeps its API types apart the same way), so the
+//! hypervisor layer that drives the VMM links none of its KVM code:
+//!
+//! - [`VmConfig`]: the JSON description of a VM, as `podvisor-vmm --config
+//!   <file>` reads it, and its validation: every mistake a user can make in
+//!   it is reported before anything is built;
+//! - [`limits`]: the VMM's limits that validation checks;
+//! - [`probe::Verdict`]: what `podvisor-vmm --probe` prints.
 //!
 //! ```json
 //! { "vcpus": 2, "memory_mib": 512,
@@ -20,9 +26,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::arch::layout::{CMDLINE_MAX, MAX_VIRTIO_DEVICES};
-use crate::arch::mptable::MAX_CPUS;
-use crate::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+pub mod limits;
+pub mod probe;
+
+use limits::{
+    CMDLINE_MAX, FS_TAG_MAX, IFNAMSIZ, MAX_CPUS, MAX_MEMORY_MIB, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -98,9 +107,6 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// Longest virtio-fs tag the config space holds.
-pub const FS_TAG_MAX: usize = 36;
-
 impl VmConfig {
     pub fn from_json(s: &str) -> Result<VmConfig, ConfigError> {
         let c: VmConfig = serde_json::from_str(s)?;
@@ -146,12 +152,8 @@ impl VmConfig {
             }
         }
         for n in &self.net {
-            if n.tap.is_empty() || n.tap.len() >= libc::IFNAMSIZ {
-                return bad(format!(
-                    "tap name {:?} must be 1..{} bytes",
-                    n.tap,
-                    libc::IFNAMSIZ
-                ));
+            if n.tap.is_empty() || n.tap.len() >= IFNAMSIZ {
+                return bad(format!("tap name {:?} must be 1..{IFNAMSIZ} bytes", n.tap));
             }
             if let Some(m) = &n.mac {
                 parse_mac(m).map_err(ConfigError::Invalid)?;

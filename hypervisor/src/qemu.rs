@@ -7,17 +7,13 @@
 use async_trait::async_trait;
 use tokio::process::Command;
 
-use super::{
-    run_in_netns, start_virtiofsd, wait_for_socket, Hypervisor, HypervisorError, RunningVm,
-    Supervised, VmSpec, HELPER_READY,
-};
-use crate::config::Paths;
+use podvisor_names::SHARED_FS_TAG;
+
+use crate::process::{run_in_netns, wait_for_socket, Supervised, HELPER_READY};
+use crate::{virtiofsd, Hypervisor, HypervisorError, Paths, RunningVm, VmSpec, GUEST_CID};
 
 /// TCG translation cache per VM, MiB.
 const TCG_TB_MIB: u32 = 64;
-
-/// The guest CID; each VM has its own vsock device, so one value serves all.
-const GUEST_CID: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -26,18 +22,6 @@ pub enum Accel {
 }
 
 impl Accel {
-    /// KVM where the probe finds it runs guest code at hardware speed,
-    /// else TCG; with the probe's verdict.
-    pub fn detect() -> (Accel, String) {
-        let verdict = podvisor_vmm::probe::probe();
-        let accel = if verdict.is_fast() {
-            Accel::Kvm
-        } else {
-            Accel::Tcg
-        };
-        (accel, verdict.to_string())
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Accel::Kvm => "kvm",
@@ -80,7 +64,7 @@ impl Hypervisor for Qemu {
                 )),
             &vsock_log,
         )?;
-        let (mut fs_helper, fs_sock) = match start_virtiofsd(&self.paths, spec).await {
+        let (mut fs_helper, fs_sock) = match virtiofsd::start(&self.paths, spec).await {
             Ok(fs) => fs,
             Err(e) => {
                 vsock_helper.kill().await;
@@ -127,7 +111,10 @@ impl Hypervisor for Qemu {
                 "-chardev",
                 &format!("socket,id=fs,path={}", fs_sock.display()),
             ])
-            .args(["-device", "vhost-user-fs-pci,chardev=fs,tag=podvisor"]);
+            .args([
+                "-device",
+                &format!("vhost-user-fs-pci,chardev=fs,tag={SHARED_FS_TAG}"),
+            ]);
         for (i, n) in spec.net.iter().enumerate() {
             qemu.args([
                 "-netdev",

@@ -1,0 +1,218 @@
+//! podvisor's hypervisor layer: runs one VM as a set of supervised host
+//! processes, through one of two backends, and links no KVM code (the KVM
+//! probe runs out of process, `podvisor-vmm --probe`).
+//!
+//! A backend turns a [`VmSpec`] into a [`RunningVm`]: the VM process and
+//! its helpers (vsock, virtio-fs), each a supervised child, plus the
+//! hybrid-vsock socket the agent is reached through. Everything above this
+//! crate (the shim's sandbox and task service, the test harness) sees only
+//! that.
+//!
+//! - [`vmm`]: the in-tree VMM (`podvisor-vmm`), driven by its JSON config
+//!   (`podvisor-vmm-config`), where the probe finds KVM runs guest code at
+//!   hardware speed;
+//! - [`qemu`]: QEMU `-M q35`, KVM when the probe finds it fast, TCG
+//!   otherwise, vsock through `vhost-device-vsock`;
+//! - [`virtiofsd`]: the shared directory, for both;
+//! - [`process`]: supervision of every process above;
+//! - [`probe`]: the KVM probe's verdict, cached once per host boot;
+//! - [`select`]: which backend a VM gets, and why.
+
+pub mod probe;
+pub mod process;
+pub mod qemu;
+pub mod virtiofsd;
+pub mod vmm;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use podvisor_names::paths;
+use serde::Deserialize;
+
+pub use probe::Verdict;
+pub use process::{log_tails, run_in_netns, Supervised};
+pub use qemu::Accel;
+
+/// The guest CID; each VM has its own vsock device, so one value serves all.
+const GUEST_CID: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("starting {name} ({program}): {source}")]
+    Spawn {
+        name: &'static str,
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{name} exited ({status}) before it was ready; see {log}")]
+    EarlyExit {
+        name: &'static str,
+        status: String,
+        log: PathBuf,
+    },
+    #[error("{name} did not create {path} within {after:?}")]
+    NotReady {
+        name: &'static str,
+        path: PathBuf,
+        after: Duration,
+    },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// What a VM is made of.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Appended to the base kernel command line.
+    pub kernel_params: String,
+    /// Where sockets and logs go (console.log, <helper>.log).
+    pub dir: PathBuf,
+    /// The hybrid-vsock UDS to expose (the caller may listen on
+    /// `<vsock>_<port>` for guest-initiated connections before launch).
+    pub vsock: PathBuf,
+    /// Shared with the guest as virtio-fs tag `podvisor`.
+    pub shared_dir: PathBuf,
+    /// virtio-net devices, each on an existing tap.
+    pub net: Vec<NetDevice>,
+    /// The network namespace the VM process runs in (where its taps are).
+    pub netns: Option<PathBuf>,
+}
+
+/// A guest NIC: the host tap it is attached to and the MAC the guest sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetDevice {
+    pub tap: String,
+    pub mac: String,
+}
+
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Backend and acceleration, for logs and figures ("qemu/tcg").
+    fn describe(&self) -> String;
+
+    /// Starts the VM and its helpers; returns once they run (not once the
+    /// guest has booted: dial the agent for that).
+    async fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError>;
+}
+
+/// Which backend runs a VM, as the node config or a pod's annotation says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HypervisorKind {
+    /// The in-tree VMM where KVM is fast, else QEMU.
+    Auto,
+    Vmm,
+    Qemu,
+}
+
+impl std::str::FromStr for HypervisorKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(HypervisorKind::Auto),
+            "vmm" => Ok(HypervisorKind::Vmm),
+            "qemu" => Ok(HypervisorKind::Qemu),
+            _ => Err(format!("unknown hypervisor {s:?} (auto, vmm or qemu)")),
+        }
+    }
+}
+
+/// The programs the backends run (`[paths]` of the node config).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Paths {
+    pub vmm: PathBuf,
+    pub qemu: PathBuf,
+    pub virtiofsd: PathBuf,
+    pub vhost_device_vsock: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths {
+            vmm: paths::VMM.into(),
+            qemu: "qemu-system-x86_64".into(),
+            virtiofsd: "/usr/lib/qemu/virtiofsd".into(),
+            vhost_device_vsock: paths::VHOST_DEVICE_VSOCK.into(),
+        }
+    }
+}
+
+/// The backend for `kind`, with the reason for the choice. `auto` asks the
+/// KVM probe (its verdict cached under `state_root` for the host's boot):
+/// the in-tree VMM where guest code runs at hardware speed, else QEMU (KVM
+/// when usable at speed, TCG otherwise).
+pub async fn select(
+    kind: HypervisorKind,
+    paths: &Paths,
+    state_root: &Path,
+) -> Result<(Box<dyn Hypervisor>, String), HypervisorError> {
+    let verdict = probe::verdict(&paths.vmm, state_root).await;
+    let fast = verdict.is_fast();
+    let accel = if fast { Accel::Kvm } else { Accel::Tcg };
+    let qemu = || -> Box<dyn Hypervisor> { Box::new(qemu::Qemu::new(paths.clone(), accel)) };
+    Ok(match (kind, fast) {
+        (HypervisorKind::Vmm, true) | (HypervisorKind::Auto, true) => (
+            Box::new(vmm::Vmm::new(paths.clone())),
+            format!("{kind:?} -> vmm: {verdict}"),
+        ),
+        (HypervisorKind::Vmm, false) => {
+            if matches!(verdict, Verdict::Unavailable(_)) {
+                return Err(HypervisorError::Unavailable(format!(
+                    "hypervisor \"vmm\" needs /dev/kvm: {verdict}"
+                )));
+            }
+            (
+                Box::new(vmm::Vmm::new(paths.clone())),
+                format!("Vmm -> vmm as configured, although {verdict}"),
+            )
+        }
+        (HypervisorKind::Qemu, _) | (HypervisorKind::Auto, false) => (
+            qemu(),
+            format!("{kind:?} -> qemu with {}: {verdict}", accel.name()),
+        ),
+    })
+}
+
+/// A started VM: the VM process and its helpers.
+pub struct RunningVm {
+    /// The VM process (QEMU or podvisor-vmm).
+    pub vm: Supervised,
+    pub helpers: Vec<Supervised>,
+    /// Host end of the guest's vsock (hybrid-vsock UDS).
+    pub vsock: PathBuf,
+    pub describe: String,
+}
+
+impl RunningVm {
+    /// Waits up to `grace` for the VM process to exit by itself (the guest
+    /// powered off), then kills it and every helper.
+    pub async fn stop(&mut self, grace: Duration) {
+        if tokio::time::timeout(grace, self.vm.wait()).await.is_err() {
+            tracing::warn!("VM did not power off within {grace:?}; killing it");
+        }
+        self.vm.kill().await;
+        for h in &mut self.helpers {
+            h.kill().await;
+        }
+    }
+
+    /// Pids of the VM process and the helpers, with their names.
+    pub fn processes(&self) -> Vec<(&'static str, u32)> {
+        std::iter::once(&self.vm)
+            .chain(self.helpers.iter())
+            .map(|s| (s.name, s.pid))
+            .collect()
+    }
+}

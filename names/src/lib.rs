@@ -1,0 +1,84 @@
+//! The names every part of podvisor agrees on, declared once (Kata's
+//! `kata-types` is the model): the shim, the agent, the hypervisor layer,
+//! the controller and the node installer import them, so the controller
+//! can never emit an annotation the shim rejects, nor the installer
+//! register a runtime type the shim does not answer to. No dependencies.
+
+/// containerd's runtime type for the shim (`runtime_type` in its config;
+/// containerd derives the binary name from it).
+pub const RUNTIME_TYPE: &str = "io.containerd.podvisor.v2";
+/// The shim binary containerd runs for [`RUNTIME_TYPE`].
+pub const SHIM_BINARY: &str = "containerd-shim-podvisor-v2";
+/// The CRI runtime handler the node installer registers.
+pub const HANDLER: &str = "podvisor";
+/// The RuntimeClass pods name (`runtimeClassName`); its handler is
+/// [`HANDLER`].
+pub const RUNTIME_CLASS: &str = "podvisor";
+
+/// Pod annotations the shim reads (when the node config allows each).
+pub mod annotations {
+    /// Every podvisor annotation starts so; the installer passes them
+    /// through containerd as [`PASSED`].
+    pub const PREFIX: &str = "podvisor.io/";
+    /// containerd's `pod_annotations` pattern for them.
+    pub const PASSED: &str = "podvisor.io/*";
+    pub const VCPUS: &str = "podvisor.io/vcpus";
+    pub const MEMORY_MIB: &str = "podvisor.io/memory-mib";
+    pub const KERNEL_PARAMS: &str = "podvisor.io/kernel-params";
+    pub const HYPERVISOR: &str = "podvisor.io/hypervisor";
+    /// Every annotation above that sizes or shapes a VM.
+    pub const ALL: [&str; 4] = [VCPUS, MEMORY_MIB, KERNEL_PARAMS, HYPERVISOR];
+}
+
+/// Where podvisor lives on a node.
+pub mod paths {
+    /// Binaries (`bin/`) and the guest image (`share/guest/`).
+    pub const INSTALL_PREFIX: &str = "/opt/podvisor";
+    pub const VMM: &str = "/opt/podvisor/bin/podvisor-vmm";
+    pub const VHOST_DEVICE_VSOCK: &str = "/opt/podvisor/bin/vhost-device-vsock";
+    pub const GUEST_KERNEL: &str = "/opt/podvisor/share/guest/kernel";
+    pub const GUEST_INITRAMFS: &str = "/opt/podvisor/share/guest/initramfs";
+    /// The node's podvisor configuration.
+    pub const NODE_CONFIG: &str = "/etc/podvisor/config.toml";
+    /// Runtime state: one directory per sandbox, and host-wide caches.
+    pub const STATE_ROOT: &str = "/run/podvisor";
+}
+
+/// virtio-fs tag of a sandbox's shared directory (the hypervisor layer
+/// exports it, the agent mounts it).
+pub const SHARED_FS_TAG: &str = "podvisor";
+
+/// Smallest guest that boots the image and runs a container, MiB.
+pub const MIN_GUEST_MEMORY_MIB: u32 = 128;
+
+/// The exit status of every process of a pod whose VM ended under it (the
+/// VM died, or the agent could not say how the process ended).
+pub const VM_DIED_EXIT_STATUS: u8 = 255;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_agree_with_each_other() {
+        // containerd runs containerd-shim-<name>-<version> for io.containerd.<name>.<version>.
+        let parts: Vec<&str> = RUNTIME_TYPE.split('.').collect();
+        assert_eq!(parts.len(), 4, "{RUNTIME_TYPE}");
+        assert_eq!(
+            SHIM_BINARY,
+            format!("containerd-shim-{}-{}", parts[2], parts[3])
+        );
+        for a in annotations::ALL {
+            assert!(a.starts_with(annotations::PREFIX), "{a}");
+        }
+        assert_eq!(annotations::PASSED, format!("{}*", annotations::PREFIX));
+        for p in [
+            paths::VMM,
+            paths::VHOST_DEVICE_VSOCK,
+            paths::GUEST_KERNEL,
+            paths::GUEST_INITRAMFS,
+        ] {
+            assert!(p.starts_with(paths::INSTALL_PREFIX), "{p}");
+        }
+    }
+}
