@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-fn main() {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/agent.proto");
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let out = PathBuf::from(std::env::var("OUT_DIR").map_err(|e| format!("OUT_DIR: {e}"))?);
     ttrpc_codegen::Codegen::new()
         .out_dir(&out)
         .inputs(["proto/agent.proto"])
@@ -16,14 +16,14 @@ fn main() {
             ..Default::default()
         })
         .run()
-        .unwrap_or_else(|e| panic!("generating the agent API from proto/agent.proto: {e}"));
+        .map_err(|e| format!("generating the agent API from proto/agent.proto: {e}"))?;
 
     // `include!` rejects inner attributes (rust-lang/rust#18810); the
     // including module carries the allows instead.
     for name in ["agent.rs", "agent_ttrpc.rs"] {
         let path = out.join(name);
         let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("reading generated {}: {e}", path.display()));
+            .map_err(|e| format!("reading generated {}: {e}", path.display()))?;
         let kept: Vec<&str> = text
             .lines()
             .filter(|l| {
@@ -32,6 +32,7 @@ fn main() {
             })
             .collect();
         std::fs::write(&path, kept.join("\n"))
-            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
+    Ok(())
 }

@@ -29,11 +29,11 @@ const POD_GONE_WAIT: Duration = Duration::from_secs(60);
 const RESYNC: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub enum ReconcileError {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<ReconcileError>>),
     #[error("pod {0} is still terminating")]
     PodTerminating(String),
     #[error("pod {0} exists and is not this VirtualMachine's")]
@@ -320,9 +320,12 @@ fn now() -> String {
 }
 
 /// The controller's reconcile function.
-pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(
+    vm: Arc<VirtualMachine>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
     let _timer = ctx.metrics.reconcile_started();
-    let ns = vm.namespace().ok_or(Error::NoNamespace)?;
+    let ns = vm.namespace().ok_or(ReconcileError::NoNamespace)?;
     let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&vms, FINALIZER, vm, |event| async {
         match event {
@@ -331,11 +334,11 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    .map_err(|e| ReconcileError::Finalizer(Box::new(e)))
 }
 
-async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
-    let ns = vm.namespace().ok_or(Error::NoNamespace)?;
+async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, ReconcileError> {
+    let ns = vm.namespace().ok_or(ReconcileError::NoNamespace)?;
     let name = vm.name_any();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let last = vm.status.clone().unwrap_or_default();
@@ -382,7 +385,7 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
                          delete or rename it"
                     );
                     publish(ctx, vm, EventType::Warning, "PodConflict", note).await;
-                    return Err(Error::PodConflict(name));
+                    return Err(ReconcileError::PodConflict(name));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -444,7 +447,11 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
 
 /// The pod named after `vm` if `vm` owns it (a pod of the same name that
 /// someone else made is never touched).
-async fn owned_pod(pods: &Api<Pod>, name: &str, vm: &VirtualMachine) -> Result<Option<Pod>, Error> {
+async fn owned_pod(
+    pods: &Api<Pod>,
+    name: &str,
+    vm: &VirtualMachine,
+) -> Result<Option<Pod>, ReconcileError> {
     let pod = pods.get_opt(name).await?;
     let uid = vm.uid();
     Ok(pod.filter(|p| {
@@ -454,8 +461,8 @@ async fn owned_pod(pods: &Api<Pod>, name: &str, vm: &VirtualMachine) -> Result<O
     }))
 }
 
-async fn cleanup(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
-    let ns = vm.namespace().ok_or(Error::NoNamespace)?;
+async fn cleanup(vm: &VirtualMachine, ctx: &Context) -> Result<Action, ReconcileError> {
+    let ns = vm.namespace().ok_or(ReconcileError::NoNamespace)?;
     let name = vm.name_any();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let Some(pod) = owned_pod(&pods, &name, vm).await? else {
@@ -478,7 +485,7 @@ async fn cleanup(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
     let gone = await_condition(pods, &name, conditions::is_deleted(&uid));
     match tokio::time::timeout(POD_GONE_WAIT, gone).await {
         Ok(Ok(_)) => Ok(Action::await_change()),
-        _ => Err(Error::PodTerminating(name)),
+        _ => Err(ReconcileError::PodTerminating(name)),
     }
 }
 
@@ -497,7 +504,7 @@ async fn publish(ctx: &Context, vm: &VirtualMachine, type_: EventType, reason: &
 
 /// Failed reconciles are retried with backoff by the controller; this one
 /// counts them and says when.
-pub fn error_policy(vm: Arc<VirtualMachine>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(vm: Arc<VirtualMachine>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
     warn!(vm = %vm.name_any(), error = %error, "reconcile failed; retrying");
     ctx.metrics.reconcile_failed();
     Action::requeue(Duration::from_secs(5))

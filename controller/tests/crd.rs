@@ -1,6 +1,14 @@
 //! The committed CRD YAML (crds/ and the chart's copy) is what the Rust
 //! types generate; regenerate with `make crds` when this fails.
 
+// An integration-test crate: every function here is test code.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::tests_outside_test_module
+)]
+
 use std::path::Path;
 
 #[test]

@@ -9,6 +9,14 @@
 //! `PODVISOR_CONTAINERD_CONFIG` (the node's containerd config),
 //! `PODVISOR_CONTROLLER_IMAGE` (an image the node has).
 
+// An integration-test crate: every function here is test code.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::tests_outside_test_module
+)]
+
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 

@@ -3,6 +3,14 @@
 //! overhead and limits, deletion, failures. Runs against `KUBECONFIG` (see
 //! podvisor_e2e); `make test-e2e` brings up the local cluster for it.
 
+// An integration-test crate: every function here is test code.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::tests_outside_test_module
+)]
+
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 

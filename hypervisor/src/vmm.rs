@@ -45,7 +45,9 @@ impl Vmm {
                 .trim_end()
                 .to_string(),
             console: Some(spec.dir.join("console.log")),
-            control_socket: Some(spec.dir.join("vmm.sock")),
+            // The pod's VM ends when its guest powers off, or by SIGKILL
+            // through its supervisor: nothing would use a control socket.
+            control_socket: None,
             vsock: Some(VsockConfig {
                 cid: GUEST_CID,
                 uds: spec.vsock.clone(),

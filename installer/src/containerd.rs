@@ -11,7 +11,7 @@ use podvisor_names::{HANDLER as RUNTIME, RUNTIME_TYPE};
 const MARKER: &str = "# Added by podvisor-install; `podvisor-install uninstall` removes it.";
 
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub enum ConfigEditError {
     #[error("not TOML: {0}")]
     Parse(#[from] toml_edit::TomlError),
     #[error(
@@ -24,7 +24,7 @@ pub enum Error {
 }
 
 /// Where a config version keeps its runtimes.
-fn runtimes_path(doc: &DocumentMut) -> Result<[&'static str; 4], Error> {
+fn runtimes_path(doc: &DocumentMut) -> Result<[&'static str; 4], ConfigEditError> {
     // containerd reads a file without `version` as version 1.
     match doc.get("version").and_then(Item::as_integer).unwrap_or(1) {
         2 => Ok([
@@ -39,13 +39,13 @@ fn runtimes_path(doc: &DocumentMut) -> Result<[&'static str; 4], Error> {
             "containerd",
             "runtimes",
         ]),
-        v => Err(Error::Version(v)),
+        v => Err(ConfigEditError::Version(v)),
     }
 }
 
 /// The config with the podvisor runtime registered. Equal to `text` when it
 /// is registered already (by us, or by the operator).
-pub fn add_runtime(text: &str) -> Result<String, Error> {
+pub fn add_runtime(text: &str) -> Result<String, ConfigEditError> {
     let mut doc: DocumentMut = text.parse()?;
     let path = runtimes_path(&doc)?;
     let mut table = doc.as_table_mut();
@@ -63,7 +63,7 @@ pub fn add_runtime(text: &str) -> Result<String, Error> {
         });
         table = item
             .as_table_mut()
-            .ok_or_else(|| Error::NotATable(walked.clone()))?;
+            .ok_or_else(|| ConfigEditError::NotATable(walked.clone()))?;
     }
     let wanted = runtime_table();
     match table.get(RUNTIME) {
@@ -71,7 +71,7 @@ pub fn add_runtime(text: &str) -> Result<String, Error> {
             return Ok(text.to_string())
         }
         Some(item) if !item.is_table() => {
-            return Err(Error::NotATable(format!("{walked}.{RUNTIME}")))
+            return Err(ConfigEditError::NotATable(format!("{walked}.{RUNTIME}")))
         }
         _ => {}
     }
@@ -81,7 +81,7 @@ pub fn add_runtime(text: &str) -> Result<String, Error> {
 
 /// The config without the runtime table podvisor-install added (a table
 /// an operator wrote without our marker is left alone).
-pub fn remove_runtime(text: &str) -> Result<String, Error> {
+pub fn remove_runtime(text: &str) -> Result<String, ConfigEditError> {
     let mut doc: DocumentMut = text.parse()?;
     let path = runtimes_path(&doc)?;
     if !remove_marked(doc.as_table_mut(), &path) {
@@ -261,9 +261,12 @@ root = "/var/lib/containerd"
         let e = add_runtime("[plugins.cri]\n").unwrap_err();
         assert!(e.to_string().contains("version 1 is not supported"), "{e}");
         assert!(
-            matches!(add_runtime("version = 2\nplugins = 3\n"), Err(Error::NotATable(p)) if p == "plugins")
+            matches!(add_runtime("version = 2\nplugins = 3\n"), Err(ConfigEditError::NotATable(p)) if p == "plugins")
         );
-        assert!(matches!(add_runtime("version = = 2"), Err(Error::Parse(_))));
+        assert!(matches!(
+            add_runtime("version = = 2"),
+            Err(ConfigEditError::Parse(_))
+        ));
         assert!(remove_runtime("version = 9\n").is_err());
     }
 

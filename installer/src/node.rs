@@ -30,7 +30,7 @@ pub const FILES: &[&str] = &[
 ];
 
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub enum InstallError {
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -41,7 +41,7 @@ pub enum Error {
     Containerd {
         path: PathBuf,
         #[source]
-        source: containerd::Error,
+        source: containerd::ConfigEditError,
     },
     #[error("{path}: {source}")]
     State {
@@ -56,8 +56,8 @@ pub enum Error {
     SandboxesRunning(String),
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
-    move |source| Error::Io {
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstallError + '_ {
+    move |source| InstallError::Io {
         path: path.to_path_buf(),
         source,
     }
@@ -111,7 +111,7 @@ impl Node {
 
     /// Copies `source` (a `make install` tree) to the node, installs
     /// `node_config` as the node's podvisor config and registers the runtime.
-    pub fn install(&self, source: &Path, node_config: &str) -> Result<Outcome, Error> {
+    pub fn install(&self, source: &Path, node_config: &str) -> Result<Outcome, InstallError> {
         let state_path = self.install_state();
         let mut state = read_state(&state_path)?.unwrap_or_default();
         let prefix = self.host(INSTALL_PREFIX);
@@ -147,7 +147,7 @@ impl Node {
             state.created_containerd_config = true;
         }
         let text = before.clone().unwrap_or_else(|| "version = 2\n".into());
-        let after = containerd::add_runtime(&text).map_err(|source| Error::Containerd {
+        let after = containerd::add_runtime(&text).map_err(|source| InstallError::Containerd {
             path: cpath.clone(),
             source,
         })?;
@@ -155,7 +155,7 @@ impl Node {
         if changed {
             write_atomically(&cpath, after.as_bytes())?;
         }
-        let json = serde_json::to_vec_pretty(&state).map_err(|source| Error::State {
+        let json = serde_json::to_vec_pretty(&state).map_err(|source| InstallError::State {
             path: state_path.clone(),
             source,
         })?;
@@ -166,10 +166,10 @@ impl Node {
     }
 
     /// Undoes `install`. Refuses while podvisor sandboxes exist unless `force`.
-    pub fn uninstall(&self, force: bool) -> Result<Outcome, Error> {
+    pub fn uninstall(&self, force: bool) -> Result<Outcome, InstallError> {
         let running = self.sandboxes()?;
         if !running.is_empty() && !force {
-            return Err(Error::SandboxesRunning(running.join(", ")));
+            return Err(InstallError::SandboxesRunning(running.join(", ")));
         }
         let state_path = self.install_state();
         let state = read_state(&state_path)?.unwrap_or_default();
@@ -177,10 +177,11 @@ impl Node {
         let cpath = self.containerd_config();
         let mut changed = false;
         if let Some(text) = read_opt(&cpath)? {
-            let after = containerd::remove_runtime(&text).map_err(|source| Error::Containerd {
-                path: cpath.clone(),
-                source,
-            })?;
+            let after =
+                containerd::remove_runtime(&text).map_err(|source| InstallError::Containerd {
+                    path: cpath.clone(),
+                    source,
+                })?;
             if state.created_containerd_config && after == "version = 2\n" {
                 fs::remove_file(&cpath).map_err(io_err(&cpath))?;
                 changed = true;
@@ -214,7 +215,7 @@ impl Node {
     }
 
     /// The podvisor sandboxes the node runs (`/run/podvisor/<id>`).
-    fn sandboxes(&self) -> Result<Vec<String>, Error> {
+    fn sandboxes(&self) -> Result<Vec<String>, InstallError> {
         let dir = self.host(STATE_ROOT);
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
@@ -231,19 +232,19 @@ impl Node {
     }
 }
 
-fn read_state(path: &Path) -> Result<Option<State>, Error> {
+fn read_state(path: &Path) -> Result<Option<State>, InstallError> {
     let Some(text) = read_opt(path)? else {
         return Ok(None);
     };
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|source| Error::State {
+        .map_err(|source| InstallError::State {
             path: path.to_path_buf(),
             source,
         })
 }
 
-fn read_opt(path: &Path) -> Result<Option<String>, Error> {
+fn read_opt(path: &Path) -> Result<Option<String>, InstallError> {
     match fs::read_to_string(path) {
         Ok(s) => Ok(Some(s)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -251,14 +252,14 @@ fn read_opt(path: &Path) -> Result<Option<String>, Error> {
     }
 }
 
-fn remove_if_exists(path: &Path) -> Result<(), Error> {
+fn remove_if_exists(path: &Path) -> Result<(), InstallError> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(path)(e)),
         _ => Ok(()),
     }
 }
 
-fn mkdir_parent(path: &Path) -> Result<(), Error> {
+fn mkdir_parent(path: &Path) -> Result<(), InstallError> {
     match path.parent() {
         Some(dir) => fs::create_dir_all(dir).map_err(io_err(dir)),
         None => Ok(()),
@@ -276,14 +277,14 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 /// Copies through a temporary name and a rename, so a running shim or VMM
 /// keeps its old binary and nothing sees a half-written file.
-fn copy_atomically(from: &Path, to: &Path) -> Result<(), Error> {
+fn copy_atomically(from: &Path, to: &Path) -> Result<(), InstallError> {
     mkdir_parent(to)?;
     let tmp = to.with_extension("podvisor-install.tmp");
     fs::copy(from, &tmp).map_err(io_err(from))?;
     fs::rename(&tmp, to).map_err(io_err(to))
 }
 
-fn write_atomically(to: &Path, data: &[u8]) -> Result<(), Error> {
+fn write_atomically(to: &Path, data: &[u8]) -> Result<(), InstallError> {
     mkdir_parent(to)?;
     let tmp = to.with_extension("podvisor-install.tmp");
     fs::write(&tmp, data).map_err(io_err(&tmp))?;

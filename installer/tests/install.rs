@@ -2,6 +2,14 @@
 //! temporary directory holding copies of real containerd configs (Debian's
 //! containerd 1.6 default, v2; a kind node's containerd 2 config, v3).
 
+// An integration-test crate: every function here is test code.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::tests_outside_test_module
+)]
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

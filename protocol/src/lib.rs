@@ -9,13 +9,15 @@
 
 pub mod hybrid_vsock;
 
-#[allow(clippy::all, dead_code, unused_imports, unused_mut, unused_results)]
+#[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#[allow(dead_code, unused_imports, unused_mut, unused_results)]
 #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals)]
 mod agent {
     include!(concat!(env!("OUT_DIR"), "/agent.rs"));
 }
 
-#[allow(clippy::all, dead_code, unused_imports, unused_results)]
+#[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#[allow(dead_code, unused_imports, unused_results)]
 #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals)]
 mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));

@@ -5,6 +5,14 @@
 //! One VM serves most tests (a boot under TCG takes seconds); tests that
 //! end their VM boot their own. Run with `make test-guest`.
 
+// An integration-test crate: every function here is test code.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::tests_outside_test_module
+)]
+
 use std::future::Future;
 use std::io::Write as _;
 use std::pin::Pin;

@@ -5,6 +5,14 @@
 //! counted).
 //! Run with `make test-containerd`.
 
+// An integration-test crate: every function here is test code.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::tests_outside_test_module
+)]
+
 use std::borrow::BorrowMut;
 use std::io::Write;
 use std::path::Path;

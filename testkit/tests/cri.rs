@@ -5,6 +5,14 @@
 //! it. PODVISOR_CONTAINERD=1|2 picks one containerd; PODVISOR_CRITEST_PARALLEL
 //! sets critest's parallel nodes.
 
+// An integration-test crate: every function here is test code.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::tests_outside_test_module
+)]
+
 use std::path::Path;
 
 use anyhow::{bail, Result};

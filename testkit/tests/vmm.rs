@@ -9,6 +9,14 @@
 //! probe itself, as the shim asks it (the `podvisor-vmm --probe` binary,
 //! cached per host boot), is checked everywhere. Run with `make test-vmm`.
 
+// An integration-test crate: every function here is test code.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::tests_outside_test_module
+)]
+
 use std::time::Duration;
 
 use anyhow::{ensure, Result};

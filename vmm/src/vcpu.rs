@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use crate::arch::dump;
 use crate::devices::Bus;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::memory::GuestMemoryMmap;
 
 pub struct Vcpu {
     pub index: u8,
@@ -18,6 +20,8 @@ pub struct Vcpu {
     pub pio: Bus,
     pub mmio: Bus,
     pub exit: Arc<ExitSignal>,
+    /// Guest RAM, read only to show the code at RIP when the guest fails.
+    pub mem: GuestMemoryMmap,
     /// When the VMM began building the VM; the boot vCPU logs how long
     /// it took to reach its first `KVM_RUN`.
     pub build_started: Option<Instant>,
@@ -48,6 +52,7 @@ impl Vcpu {
             pio,
             mmio,
             exit,
+            mem,
             build_started,
         } = self;
         if let Some(t) = build_started {
@@ -57,46 +62,58 @@ impl Vcpu {
             );
         }
         while !exit.is_set() {
-            let fail =
-                |why: String| exit.trigger(ExitReason::Failed(format!("vCPU {index}: {why}")));
-            match fd.run() {
+            let failure = match fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !pio.read(u64::from(port), data) {
                         tracing::trace!("vCPU {index}: read of unclaimed port {port:#x}");
                     }
+                    None
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if !pio.write(u64::from(port), data) {
                         tracing::trace!("vCPU {index}: write to unclaimed port {port:#x}");
                     }
+                    None
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     if !mmio.read(addr, data) {
                         tracing::debug!("vCPU {index}: read of unclaimed MMIO {addr:#x}");
                     }
+                    None
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     if !mmio.write(addr, data) {
                         tracing::debug!("vCPU {index}: write to unclaimed MMIO {addr:#x}");
                     }
+                    None
                 }
-                Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => {}
-                Ok(VcpuExit::Shutdown) => fail("triple fault (KVM_EXIT_SHUTDOWN)".into()),
+                Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) => None,
+                Ok(VcpuExit::Shutdown) => Some("triple fault (KVM_EXIT_SHUTDOWN)".to_string()),
                 Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                    KVM_SYSTEM_EVENT_SHUTDOWN => exit.trigger(ExitReason::PowerOff),
-                    KVM_SYSTEM_EVENT_RESET => exit.trigger(ExitReason::Reboot),
-                    KVM_SYSTEM_EVENT_CRASH => fail("guest crash event".into()),
-                    other => fail(format!("system event {other}")),
+                    KVM_SYSTEM_EVENT_SHUTDOWN => {
+                        exit.trigger(ExitReason::PowerOff);
+                        None
+                    }
+                    KVM_SYSTEM_EVENT_RESET => {
+                        exit.trigger(ExitReason::Reboot);
+                        None
+                    }
+                    KVM_SYSTEM_EVENT_CRASH => Some("guest crash event".to_string()),
+                    other => Some(format!("system event {other}")),
                 },
-                Ok(VcpuExit::FailEntry(reason, cpu)) => fail(format!(
+                Ok(VcpuExit::FailEntry(reason, cpu)) => Some(format!(
                     "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
                 )),
-                Ok(VcpuExit::InternalError) => {
-                    fail("KVM internal error (instruction emulation failed)".into())
-                }
-                Ok(other) => fail(format!("unexpected exit {other:?}")),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-                Err(e) => fail(format!("KVM_RUN: {e}")),
+                Ok(VcpuExit::InternalError) => Some(internal_error(&mut fd)),
+                Ok(other) => Some(format!("unexpected exit {other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) => Some(format!("KVM_RUN: {e}")),
+            };
+            // A failure names itself and shows the vCPU's state, so a guest
+            // that died can be diagnosed from the VMM's log alone.
+            if let Some(why) = failure {
+                tracing::error!("vCPU {index}: {why}\n{}", dump::describe(&fd, &mem));
+                exit.trigger(ExitReason::Failed(format!("vCPU {index}: {why}")));
             }
         }
         tracing::debug!("vCPU {index} stopped");
@@ -108,6 +125,18 @@ impl Vcpu {
             .name(format!("vcpu{}", self.index))
             .spawn(move || self.run())
     }
+}
+
+/// KVM's account of a KVM_EXIT_INTERNAL_ERROR, from the run structure.
+fn internal_error(fd: &mut VcpuFd) -> String {
+    let run = fd.get_kvm_run();
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which KVM
+    // fills the `internal` member of the union.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let n = usize::try_from(internal.ndata)
+        .unwrap_or(usize::MAX)
+        .min(internal.data.len());
+    dump::internal_error(internal.suberror, &internal.data[..n])
 }
 
 /// Stops every vCPU thread: signals each until it leaves `KVM_RUN` and

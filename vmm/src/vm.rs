@@ -261,6 +261,7 @@ impl Vm {
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 exit: exit.clone(),
+                mem: mem.clone(),
                 build_started: (index == 0).then_some(build_started),
             });
         }
