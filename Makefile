@@ -90,13 +90,13 @@ uninstall:
 
 demo: deps shim guest-image
 	upstream/build.sh containerd
-	$(CARGO) run --release -q -p podvisor-testkit -- demo
+	$(CARGO) run --release -q -p podvisor-tools -- demo
 
 # The figures measurable without Kubernetes, critest's tallies, then pods
 # through the local cluster (create to Running, delete to gone; podvisor
 # beside runc).
 bench: shim guest-image install upstream
-	$(CARGO) run --release -q -p podvisor-testkit -- bench
+	$(CARGO) run --release -q -p podvisor-tools -- bench
 	$(CARGO) build --release -p podvisor-e2e --bins
 	cluster/with.sh target/release/podvisor-pod-bench
 
@@ -158,7 +158,7 @@ upstream:
 # A single-node cluster on this machine (no Docker): podvisor installed as
 # on a node, then etcd, the control plane, containerd 2.x and kubelet.
 cluster-up: install upstream
-	$(CARGO) build --release -p podvisor-testkit
+	$(CARGO) build --release -p podvisor-tools
 	cluster/up.sh
 
 cluster-down:
@@ -166,7 +166,7 @@ cluster-down:
 
 # The e2e suite on the local cluster; the cluster goes down whatever happens.
 test-e2e: install upstream
-	$(CARGO) build --release -p podvisor-testkit
+	$(CARGO) build --release -p podvisor-tools
 	$(CARGO) build -p podvisor-e2e --tests
 	cluster/with.sh $(CARGO) test -p podvisor-e2e --test e2e
 
@@ -181,9 +181,9 @@ crds:
 # The controller image for the local cluster (busybox + the static binary;
 # the Dockerfile builds the real one).
 controller-image: static
-	$(CARGO) build --release -p podvisor-testkit
+	$(CARGO) build --release -p podvisor-tools
 	mkdir -p build/cluster/images
-	target/release/podvisor-testkit image build/cluster/images/controller.tar $(CONTROLLER_IMAGE) \
+	target/release/podvisor-tools image build/cluster/images/controller.tar $(CONTROLLER_IMAGE) \
 	  --add $(MUSL_RELEASE)/podvisor-controller:/usr/local/bin/podvisor-controller podvisor-controller
 
 # The control plane on the local cluster: the node installer run on the node,

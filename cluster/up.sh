@@ -178,9 +178,9 @@ wait_for containerd 30 "$CONTAINERD_BIN/ctr" --address "$CONTAINERD_SOCK" versio
 # The test images: busybox, and the pod sandbox (pause) image, both built
 # locally from Debian's busybox-static (no registry is reached), and any the
 # tests built into images/ (make controller-image).
-testkit="${PODVISOR_TESTKIT:-$here/../target/release/podvisor-testkit}"
-"$testkit" image "$RUN/busybox.tar" "$BUSYBOX_IMAGE" sh
-"$testkit" image "$RUN/pause.tar" "$PAUSE_IMAGE" --pause
+tools="${PODVISOR_TOOLS:-$here/../target/release/podvisor-tools}"
+"$tools" image "$RUN/busybox.tar" "$BUSYBOX_IMAGE" sh
+"$tools" image "$RUN/pause.tar" "$PAUSE_IMAGE" --pause
 for archive in "$RUN/busybox.tar" "$RUN/pause.tar" "$CLUSTER_DIR"/images/*.tar; do
   [ -f "$archive" ] || continue
   "$CONTAINERD_BIN/ctr" --address "$CONTAINERD_SOCK" -n k8s.io images import "$archive" >/dev/null

@@ -31,6 +31,7 @@ use async_trait::async_trait;
 use podvisor_names::paths;
 use serde::Deserialize;
 
+pub use podvisor_vmm_config::CpuidBits;
 pub use probe::Verdict;
 pub use process::{log_tails, run_in_netns, Supervised};
 pub use qemu::Accel;
@@ -87,6 +88,9 @@ pub struct VmSpec {
     pub net: Vec<NetDevice>,
     /// The network namespace the VM process runs in (where its taps are).
     pub netns: Option<PathBuf>,
+    /// CPUID bits the guest must not see (the in-tree VMM applies them;
+    /// QEMU's backend says it cannot).
+    pub cpuid_hide: Vec<CpuidBits>,
 }
 
 /// A guest NIC: the host tap it is attached to and the MAC the guest sees.

@@ -48,6 +48,11 @@ impl Hypervisor for Qemu {
     }
 
     async fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError> {
+        if !spec.cpuid_hide.is_empty() {
+            tracing::warn!(
+                "cpuid_hide is applied by the in-tree VMM only; this VM runs on QEMU and sees KVM's (or TCG's) CPUID"
+            );
+        }
         let d = &spec.dir;
         let vhost_sock = d.join("vhost-vsock.sock");
         let vsock = spec.vsock.clone();

@@ -67,6 +67,7 @@ impl Vmm {
                 .collect(),
             rng: true,
             mmio_on_cmdline: false,
+            cpuid_hide: spec.cpuid_hide.clone(),
         })
     }
 }
@@ -143,6 +144,7 @@ mod tests {
                 mac: "02:00:00:00:00:07".into(),
             }],
             netns: None,
+            cpuid_hide: vec![],
         };
         let c = Vmm::config(&spec, std::path::Path::new("/run/podvisor/x/virtiofs.sock")).unwrap();
         c.validate().unwrap();

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use podvisor_hypervisor::{HypervisorKind, Paths};
+use podvisor_hypervisor::{CpuidBits, HypervisorKind, Paths};
 use podvisor_names::annotations::{
     self, HYPERVISOR as ANNOTATION_HYPERVISOR, KERNEL_PARAMS as ANNOTATION_KERNEL_PARAMS,
     MEMORY_MIB as ANNOTATION_MEMORY, VCPUS as ANNOTATION_VCPUS,
@@ -56,6 +56,9 @@ pub struct Config {
     /// hostPID, hostIPC) runs with the VM's instead. Off: such a pod fails
     /// to start, naming the setting.
     pub allow_host_namespaces: bool,
+    /// CPUID bits every guest on the in-tree VMM is kept from seeing
+    /// (`[[cpuid_hide]]` tables: leaf, subleaf, register, bits).
+    pub cpuid_hide: Vec<CpuidBits>,
     pub paths: Paths,
 }
 
@@ -72,6 +75,7 @@ impl Default for Config {
             kernel_params: String::new(),
             allowed_annotations: Vec::new(),
             allow_host_namespaces: false,
+            cpuid_hide: Vec::new(),
             paths: Paths::default(),
         }
     }
@@ -114,6 +118,7 @@ impl Config {
                 cfg.default_memory_mib, cfg.max_memory_mib
             )));
         }
+        CpuidBits::check_all(&cfg.cpuid_hide).map_err(invalid)?;
         for a in &cfg.allowed_annotations {
             if !annotations::ALL.contains(&a.as_str()) {
                 return Err(invalid(format!(
@@ -286,6 +291,28 @@ mod tests {
         assert_eq!(shipped.paths.vhost_device_vsock, d.paths.vhost_device_vsock);
         assert_eq!(shipped.paths.virtiofsd, d.paths.virtiofsd);
         assert_eq!(shipped.paths.vmm, d.paths.vmm);
+        assert_eq!(shipped.cpuid_hide, d.cpuid_hide);
+    }
+
+    #[test]
+    fn cpuid_filter_is_read_and_checked() {
+        let c = cfg("[[cpuid_hide]]\nleaf = 7\nregister = \"ebx\"\nbits = 0x10000\n");
+        assert_eq!(c.cpuid_hide.len(), 1);
+        assert_eq!((c.cpuid_hide[0].leaf, c.cpuid_hide[0].bits), (7, 1 << 16));
+        for (text, word) in [
+            (
+                "[[cpuid_hide]]\nleaf = 7\nregister = \"ebx\"\nbits = 0\n",
+                "hides no bits",
+            ),
+            (
+                "[[cpuid_hide]]\nleaf = 7\nregister = \"rip\"\nbits = 1\n",
+                "rip",
+            ),
+            ("[[cpuid_hide]]\nleaf = 7\nregister = \"ebx\"\n", "bits"),
+        ] {
+            let e = Config::parse(Path::new("c.toml"), text).unwrap_err();
+            assert!(e.to_string().contains(word), "{text}: {e}");
+        }
     }
 
     #[test]

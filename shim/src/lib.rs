@@ -12,16 +12,16 @@
 //! - [`config`]: `/etc/podvisor/config.toml` and VM sizing;
 //! - [`info`]: `-info`, the runtime features containerd 2.x asks for.
 
-pub mod bundle;
-pub mod config;
+mod bundle;
+mod config;
 pub mod info;
-pub mod network;
-pub mod port_forward;
+mod network;
+mod port_forward;
 mod process;
-pub mod sandbox;
-pub mod shim;
-pub mod state;
-pub mod stdio;
+mod sandbox;
+mod shim;
+mod state;
+mod stdio;
 mod task;
 
 pub use shim::{shim_config, Shim};

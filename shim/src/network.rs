@@ -375,4 +375,85 @@ mod tests {
         .unwrap();
         assert_eq!(netns_of(&spec), None);
     }
+
+    /// Against hand-made namespaces (root, `ip` and `tc`): a tap (not a
+    /// veth) is refused by name; two veths each get a tap joined by tc,
+    /// and teardown removes taps and qdiscs.
+    #[tokio::test]
+    async fn non_veth_refused_two_veths_joined() {
+        use std::process::Command;
+        let ns = format!("pvt-net-{}", std::process::id());
+        let path = PathBuf::from(format!("/var/run/netns/{ns}"));
+        let run = |prog: &str, args: &[&str]| -> String {
+            let out = Command::new(prog).args(args).output().unwrap();
+            assert!(out.status.success(), "{prog} {args:?}: {out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let ip = |args: &[&str]| run("ip", args);
+        let tc = |args: &[&str]| run("tc", args);
+        ip(&["netns", "add", &ns]);
+        struct Cleanup(String);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let ip = |args: &[&str]| Command::new("ip").args(args).output();
+                let _ = ip(&["netns", "del", &self.0]);
+                for i in 0..2 {
+                    let _ = ip(&["link", "del", &format!("pvh{i}")]);
+                }
+            }
+        }
+        let _cleanup = Cleanup(ns.clone());
+
+        ip(&["-n", &ns, "tuntap", "add", "dev", "t0", "mode", "tap"]);
+        match PodNetwork::setup(&path).await {
+            Err(NetworkError::NotVeth { name, kind, .. }) => {
+                assert!(name == "t0" && kind == "tun", "refused {name} as {kind}")
+            }
+            other => panic!("a tap in the namespace must be refused, got {other:?}"),
+        }
+        ip(&["-n", &ns, "link", "del", "t0"]);
+        for i in 0..2 {
+            let (host, guest) = (format!("pvh{i}"), format!("pvg{i}"));
+            ip(&[
+                "link", "add", &host, "type", "veth", "peer", "name", &guest, "netns", &ns,
+            ]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.99.{i}.2/24"),
+                "dev",
+                &guest,
+            ]);
+            ip(&["-n", &ns, "link", "set", &guest, "up"]);
+        }
+        let net = PodNetwork::setup(&path).await.unwrap();
+        assert_eq!(net.links.len(), 2);
+        for (i, l) in net.links.iter().enumerate() {
+            assert!(
+                l.veth == format!("pvg{i}") && l.tap == format!("pvtap{i}"),
+                "{l:?}"
+            );
+            assert_eq!(l.addresses, vec![(format!("10.99.{i}.2"), 24)], "{l:?}");
+            let filters = tc(&["-n", &ns, "filter", "show", "dev", &l.veth, "ingress"]);
+            assert!(
+                filters.contains("mirred") && filters.contains(&l.tap),
+                "filters on {}: {filters}",
+                l.veth
+            );
+            let back = tc(&["-n", &ns, "filter", "show", "dev", &l.tap, "ingress"]);
+            assert!(back.contains(&l.veth), "filters on {}: {back}", l.tap);
+        }
+        net.teardown().await;
+        let links = ip(&["-n", &ns, "link", "show"]);
+        assert!(
+            !links.contains("pvtap"),
+            "taps left after teardown:\n{links}"
+        );
+        for i in 0..2 {
+            let q = tc(&["-n", &ns, "qdisc", "show", "dev", &format!("pvg{i}")]);
+            assert!(!q.contains("ingress"), "ingress qdisc left on pvg{i}: {q}");
+        }
+    }
 }

@@ -120,6 +120,7 @@ impl Pod {
                 .map(PodNetwork::devices)
                 .unwrap_or_default(),
             netns: netns.map(ToOwned::to_owned),
+            cpuid_hide: config.cpuid_hide.clone(),
         };
         let undo = |dir: SandboxDir, network: Option<PodNetwork>| async move {
             if let Some(n) = &network {

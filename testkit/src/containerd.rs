@@ -359,7 +359,24 @@ impl Containerd {
         }
         let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
         // containerd may leave snapshots mounted under its root.
-        podvisor_shim::state::remove_tree(self.dir.path());
+        unmount_below(self.dir.path());
+    }
+}
+
+/// Detaches every mount at or below `dir`, deepest first.
+fn unmount_below(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| Path::new(p).starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        if let Ok(c) = std::ffi::CString::new(p) {
+            // SAFETY: a NUL-terminated path; umount2 touches no memory of ours.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
     }
 }
 

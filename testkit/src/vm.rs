@@ -183,6 +183,7 @@ impl TestVm {
             shared_dir: dir.path().join("shared"),
             net: cfg.net.clone(),
             netns: None,
+            cpuid_hide: vec![],
         };
         for f in [&spec.kernel, &spec.initramfs] {
             if !f.exists() {

@@ -77,10 +77,6 @@ fn main() {
             "network_ten_pod_cycles_leave_nothing",
             network_ten_pod_cycles_leave_nothing,
         ),
-        (
-            "network_non_veth_refused_two_veths_joined",
-            network_non_veth_refused_two_veths_joined,
-        ),
     ];
     BEFORE.get_or_init(host_state);
     // Each containerd in turn: Debian's 1.6, then 2.x (PODVISOR_CONTAINERD
@@ -1024,87 +1020,4 @@ fn network_ten_pod_cycles_leave_nothing(c: &Containerd) -> Result<()> {
         netns_count()
     );
     Ok(())
-}
-
-/// PodNetwork against hand-made namespaces: a tap (not a veth) is refused
-/// by name; two veths each get a tap joined by tc, and teardown removes
-/// taps and qdiscs.
-fn network_non_veth_refused_two_veths_joined(_: &Containerd) -> Result<()> {
-    use podvisor_shim::network::{NetworkError, PodNetwork};
-    let ns = format!("pvt-net-{}", std::process::id());
-    let path = std::path::PathBuf::from(format!("/var/run/netns/{ns}"));
-    let ip = |args: &[&str]| ok(Command::new("ip").args(args), 30);
-    let tc = |args: &[&str]| ok(Command::new("tc").args(args), 30);
-    ip(&["netns", "add", &ns])?;
-    let result = (|| -> Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        ip(&["-n", &ns, "tuntap", "add", "dev", "t0", "mode", "tap"])?;
-        match rt.block_on(PodNetwork::setup(&path)) {
-            Err(NetworkError::NotVeth { name, kind, .. }) => {
-                ensure!(name == "t0" && kind == "tun", "refused {name} as {kind}")
-            }
-            other => bail!("a tap in the namespace must be refused, got {other:?}"),
-        }
-        ip(&["-n", &ns, "link", "del", "t0"])?;
-
-        for i in 0..2 {
-            ip(&[
-                "link",
-                "add",
-                &format!("pvh{i}"),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &format!("pvg{i}"),
-                "netns",
-                &ns,
-            ])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("10.99.{i}.2/24"),
-                "dev",
-                &format!("pvg{i}"),
-            ])?;
-            ip(&["-n", &ns, "link", "set", &format!("pvg{i}"), "up"])?;
-        }
-        let net = rt.block_on(PodNetwork::setup(&path))?;
-        ensure!(net.links.len() == 2, "{} links", net.links.len());
-        for (i, l) in net.links.iter().enumerate() {
-            ensure!(
-                l.veth == format!("pvg{i}") && l.tap == format!("pvtap{i}"),
-                "{l:?}"
-            );
-            ensure!(l.addresses == vec![(format!("10.99.{i}.2"), 24)], "{l:?}");
-            let filters = tc(&["-n", &ns, "filter", "show", "dev", &l.veth, "ingress"])?;
-            ensure!(
-                filters.contains("mirred") && filters.contains(&l.tap),
-                "filters on {}: {filters}",
-                l.veth
-            );
-            let back = tc(&["-n", &ns, "filter", "show", "dev", &l.tap, "ingress"])?;
-            ensure!(back.contains(&l.veth), "filters on {}: {back}", l.tap);
-        }
-        rt.block_on(net.teardown());
-        let links = ip(&["-n", &ns, "link", "show"])?;
-        ensure!(
-            !links.contains("pvtap"),
-            "taps left after teardown:\n{links}"
-        );
-        for i in 0..2 {
-            let q = tc(&["-n", &ns, "qdisc", "show", "dev", &format!("pvg{i}")])?;
-            ensure!(!q.contains("ingress"), "ingress qdisc left on pvg{i}: {q}");
-        }
-        Ok(())
-    })();
-    let _ = ip(&["netns", "del", &ns]);
-    for i in 0..2 {
-        let _ = ip(&["link", "del", &format!("pvh{i}")]);
-    }
-    result
 }

@@ -19,7 +19,8 @@
 //!   "fs": [ { "socket": "/run/podvisor/x/virtiofs.sock", "tag": "podvisor" } ],
 //!   "block": [ { "path": "disk.img", "read_only": true } ],
 //!   "net": [ { "tap": "tap0", "mac": "02:00:00:00:00:01" } ],
-//!   "rng": true, "mmio_on_cmdline": false }
+//!   "rng": true, "mmio_on_cmdline": false,
+//!   "cpuid_hide": [ { "leaf": 7, "subleaf": 0, "register": "ebx", "bits": 65536 } ] }
 //! ```
 
 use std::path::PathBuf;
@@ -30,7 +31,8 @@ pub mod limits;
 pub mod probe;
 
 use limits::{
-    CMDLINE_MAX, FS_TAG_MAX, IFNAMSIZ, MAX_CPUS, MAX_MEMORY_MIB, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
+    CMDLINE_MAX, FS_TAG_MAX, IFNAMSIZ, MAX_CPUID_HIDE, MAX_CPUS, MAX_MEMORY_MIB,
+    MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +66,53 @@ pub struct VmConfig {
     /// find the devices in the DSDT and must not get both.
     #[serde(default)]
     pub mmio_on_cmdline: bool,
+    /// CPUID bits cleared on top of KVM's supported set, so that the guest
+    /// does not see (and use) those features: the same CPU on every node
+    /// of a mixed fleet, or a feature kept from untrusted guests
+    /// (Firecracker's CPU templates do the same).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpuid_hide: Vec<CpuidBits>,
+}
+
+/// Bits of one CPUID register to clear: `bits` of `register` in leaf
+/// `leaf`, subleaf `subleaf` (ignored for leaves without subleaves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuidBits {
+    pub leaf: u32,
+    #[serde(default)]
+    pub subleaf: u32,
+    pub register: CpuidRegister,
+    pub bits: u32,
+}
+
+impl CpuidBits {
+    /// Whether `list` is a filter the VMM applies: each entry clears some
+    /// bits, and there are not too many.
+    pub fn check_all(list: &[CpuidBits]) -> Result<(), String> {
+        if list.len() > MAX_CPUID_HIDE {
+            return Err(format!(
+                "cpuid_hide has {} entries; at most {MAX_CPUID_HIDE}",
+                list.len()
+            ));
+        }
+        match list.iter().find(|c| c.bits == 0) {
+            Some(c) => Err(format!(
+                "cpuid_hide: leaf {:#x} {:?} hides no bits (bits is 0)",
+                c.leaf, c.register
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuidRegister {
+    Eax,
+    Ebx,
+    Ecx,
+    Edx,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -159,6 +208,7 @@ impl VmConfig {
                 parse_mac(m).map_err(ConfigError::Invalid)?;
             }
         }
+        CpuidBits::check_all(&self.cpuid_hide).map_err(ConfigError::Invalid)?;
         let n = self.virtio_device_count();
         if n > MAX_VIRTIO_DEVICES {
             return bad(format!("{n} virtio devices; at most {MAX_VIRTIO_DEVICES}"));
@@ -204,8 +254,18 @@ mod tests {
         v["fs"] = serde_json::json!([{"socket": "/s", "tag": "podvisor"}]);
         v["net"] = serde_json::json!([{"tap": "tap0", "mac": "02:00:00:00:00:01"}]);
         v["rng"] = serde_json::json!(true);
+        v["cpuid_hide"] = serde_json::json!([{"leaf": 7, "register": "ebx", "bits": 65536}]);
         let c = parse(v).unwrap();
         assert_eq!(c.virtio_device_count(), 4);
+        assert_eq!(
+            c.cpuid_hide,
+            vec![CpuidBits {
+                leaf: 7,
+                subleaf: 0,
+                register: CpuidRegister::Ebx,
+                bits: 1 << 16
+            }]
+        );
         let round = VmConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(round, c);
     }
@@ -249,6 +309,14 @@ mod tests {
             (
                 serde_json::json!({"vcpus": -1, "memory_mib": 128, "kernel": "/k"}),
                 "-1",
+            ),
+            (
+                serde_json::json!({"vcpus": 1, "memory_mib": 128, "kernel": "/k", "cpuid_hide": [{"leaf": 7, "register": "esp", "bits": 1}]}),
+                "esp",
+            ),
+            (
+                serde_json::json!({"vcpus": 1, "memory_mib": 128, "kernel": "/k", "cpuid_hide": [{"leaf": 7, "register": "ebx", "bits": 0}]}),
+                "hides no bits",
             ),
         ];
         for (v, word) in cases {

@@ -14,5 +14,7 @@ pub const CMDLINE_MAX: usize = 4096;
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 /// Longest virtio-fs tag the config space holds.
 pub const FS_TAG_MAX: usize = 36;
+/// Entries in a VM's CPUID filter.
+pub const MAX_CPUID_HIDE: usize = 64;
 /// Linux's interface-name buffer, NUL included.
 pub const IFNAMSIZ: usize = 16;

@@ -92,204 +92,50 @@ pub struct Vm {
     mmio_devices: Vec<MmioDevice>,
 }
 
+/// The virtio devices a config asks for, by name, in slot order.
+type NamedDevices = Vec<(String, Box<dyn VirtioDevice>)>;
+
+/// The virtio devices on the MMIO bus: their transports and windows.
+struct Attached {
+    mmio: Bus,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    windows: Vec<MmioDevice>,
+}
+
 impl Vm {
+    /// Builds the VM in named steps (Firecracker's builder is the model);
+    /// every step that can fail on bad input runs before any vCPU does.
     pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
         let build_started = std::time::Instant::now();
         config.validate()?;
-        let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
-        let max = kvm.get_max_vcpus();
-        if usize::from(config.vcpus) > max {
-            return Err(BuildError::TooManyVcpus {
-                max,
-                wanted: config.vcpus,
-            });
-        }
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let (kvm, vm) = create_vm(config)?;
         // Guest RAM first: on a nested host, a memory slot added after the
         // in-kernel irqchip costs milliseconds more.
-        let mem = memory::create(config.memory_mib)?;
-        for (slot, r) in mem.iter().enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: r.start_addr().0,
-                memory_size: r.len(),
-                userspace_addr: r.as_ptr() as u64,
-            };
-            // SAFETY: the mapping lives in `mem`, which the Vm keeps until
-            // after the VM fd is closed.
-            unsafe { vm.set_user_memory_region(region) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
-
-        vm.set_tss_address(KVM_TSS as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.set_identity_map_address(KVM_IDENTITY_MAP)
-            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
+        let mem = guest_memory(&vm, config)?;
+        platform(&vm)?;
         let exit = Arc::new(ExitSignal::new().map_err(dev_err("exit eventfd".into()))?);
-        let mut pio = Bus::default();
-        let mut mmio = Bus::default();
-
-        let console: Box<dyn Write + Send> = match &config.console {
-            Some(p) => Box::new(LineWriter::new(
-                File::create(p).map_err(dev_err(format!("console {}", p.display())))?,
-            )),
-            None => Box::new(std::io::sink()),
-        };
-        let serial_irq = irqfd(&vm, layout::COM1_GSI)?;
-        let bus_err = |e| BuildError::Device {
-            what: "bus".into(),
-            source: Box::new(e),
-        };
-        pio.insert(
-            u64::from(COM1),
-            8,
-            Arc::new(Mutex::new(Serial::new(serial_irq, console))),
-        )
-        .map_err(bus_err)?;
-        pio.insert(
-            u64::from(I8042),
-            5,
-            Arc::new(Mutex::new(I8042::new(exit.clone()))),
-        )
-        .map_err(bus_err)?;
-        pio.insert(
-            u64::from(ACPI_PM),
-            2,
-            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
-        )
-        .map_err(bus_err)?;
-
-        let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
-        if let Some(v) = &config.vsock {
-            let d = Vsock::new(u64::from(v.cid), &v.uds)
-                .map_err(dev_err(format!("vsock socket {}", v.uds.display())))?;
-            devices.push(("vsock".into(), Box::new(d)));
-        }
-        for (i, f) in config.fs.iter().enumerate() {
-            let d = Fs::connect(&f.socket, &f.tag)
-                .map_err(dev_err(format!("virtio-fs backend {}", f.socket.display())))?;
-            devices.push((format!("fs{i}"), Box::new(d)));
-        }
-        for (i, b) in config.block.iter().enumerate() {
-            let d = Block::open(&b.path, b.read_only, &format!("podvisor-vd{i}"))
-                .map_err(dev_err(format!("disk {}", b.path.display())))?;
-            devices.push((format!("block{i}"), Box::new(d)));
-        }
-        for (i, n) in config.net.iter().enumerate() {
-            let mac =
-                n.mac
-                    .as_deref()
-                    .map(parse_mac)
-                    .transpose()
-                    .map_err(|e| BuildError::Device {
-                        what: format!("net{i}"),
-                        source: e.into(),
-                    })?;
-            let d = Net::open_tap(&n.tap, mac).map_err(dev_err(format!("tap {}", n.tap)))?;
-            devices.push((format!("net{i}"), Box::new(d)));
-        }
-        if config.rng {
-            devices.push(("rng".into(), Box::new(Rng::new())));
-        }
-
-        let mut transports = Vec::new();
-        let mut mmio_devices = Vec::new();
-        for (i, (name, dev)) in devices.into_iter().enumerate() {
-            let (addr, gsi) = layout::virtio_slot(i);
-            let irq = irqfd(&vm, gsi)?;
-            let t = MmioTransport::new(dev, mem.clone(), irq, name.clone())
-                .map_err(dev_err(name.clone()))?;
-            for (q, kick) in t.kick_eventfds().iter().enumerate() {
-                vm.register_ioevent(
-                    kick,
-                    &IoEventAddress::Mmio(addr + REG_QUEUE_NOTIFY),
-                    q as u32,
-                )
-                .map_err(kvm_err("KVM_IOEVENTFD"))?;
-            }
-            let t = Arc::new(Mutex::new(t));
-            mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, t.clone())
-                .map_err(bus_err)?;
-            transports.push(t);
-            mmio_devices.push(MmioDevice { addr, gsi });
-        }
-
-        let rsdp = acpi::write(&mem, config.vcpus, &mmio_devices)?;
-        let cmdline = kernel_cmdline(config, &mmio_devices);
-        mptable::write(&mem, config.vcpus)?;
-        regs::write_boot_tables(&mem)?;
-        let entry = boot::load(
-            &mem,
-            &BootSpec {
-                kernel: &config.kernel,
-                initramfs: config.initramfs.as_deref(),
-                cmdline: &cmdline,
-                rsdp,
-            },
-        )?;
-
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut vcpus = Vec::new();
-        for index in 0..config.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(index))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            fd.set_cpuid2(&cpuid::for_vcpu(&supported, index, config.vcpus))
-                .map_err(kvm_err("KVM_SET_CPUID2"))?;
-            regs::setup_msrs(&fd)?;
-            regs::setup_fpu(&fd)?;
-            regs::setup_lint(&fd)?;
-            if index == 0 {
-                // Application processors wait for INIT/SIPI from the guest.
-                regs::setup_sregs(&fd)?;
-                regs::setup_regs(&fd, entry.rip)?;
-            }
-            vcpus.push(Vcpu {
-                index,
-                fd,
-                pio: pio.clone(),
-                mmio: mmio.clone(),
-                exit: exit.clone(),
-                mem: mem.clone(),
-                build_started: (index == 0).then_some(build_started),
-            });
-        }
-
-        let control = match &config.control_socket {
-            Some(p) => Some(
-                ControlSocket::bind(
-                    p,
-                    Facts {
-                        vcpus: config.vcpus,
-                        memory_mib: config.memory_mib,
-                    },
-                    exit.clone(),
-                )
-                .map_err(dev_err(format!("control socket {}", p.display())))?,
-            ),
-            None => None,
-        };
-
+        let pio = legacy_devices(&vm, config, &exit)?;
+        let attached = attach_virtio(&vm, &mem, virtio_devices(config)?)?;
+        let rip = load_guest(config, &mem, &attached.windows)?;
+        let vcpus = create_vcpus(&kvm, &vm, config, rip, |index, fd| Vcpu {
+            index,
+            fd,
+            pio: pio.clone(),
+            mmio: attached.mmio.clone(),
+            exit: exit.clone(),
+            mem: mem.clone(),
+            build_started: (index == 0).then_some(build_started),
+        })?;
+        let control = control_socket(config, &exit)?;
         Ok(Vm {
             _kvm: kvm,
             _vm: vm,
             mem,
             vcpus,
-            transports,
+            transports: attached.transports,
             exit,
             control,
-            mmio_devices,
+            mmio_devices: attached.windows,
         })
     }
 
@@ -412,6 +258,247 @@ fn kernel_cmdline(config: &VmConfig, devices: &[MmioDevice]) -> String {
         }
     }
     c.trim().to_string()
+}
+
+/// Opens KVM and creates the VM, checking KVM allows its vCPUs.
+fn create_vm(config: &VmConfig) -> Result<(Kvm, VmFd), BuildError> {
+    let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+    let max = kvm.get_max_vcpus();
+    if usize::from(config.vcpus) > max {
+        return Err(BuildError::TooManyVcpus {
+            max,
+            wanted: config.vcpus,
+        });
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    Ok((kvm, vm))
+}
+
+/// Guest RAM, registered with KVM slot by slot.
+fn guest_memory(vm: &VmFd, config: &VmConfig) -> Result<GuestMemoryMmap, BuildError> {
+    let mem = memory::create(config.memory_mib)?;
+    for (slot, r) in mem.iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: u32::try_from(slot).map_err(|e| dev_err("memory slot".into())(e))?,
+            flags: 0,
+            guest_phys_addr: r.start_addr().0,
+            memory_size: r.len(),
+            userspace_addr: r.as_ptr() as u64,
+        };
+        // SAFETY: the mapping lives in `mem`, which the Vm keeps until
+        // after the VM fd is closed.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(mem)
+}
+
+/// KVM's platform pieces: TSS and identity map, the in-kernel IOAPIC and
+/// LAPICs, the PIT.
+fn platform(vm: &VmFd) -> Result<(), BuildError> {
+    vm.set_tss_address(KVM_TSS as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("KVM_CREATE_PIT2"))
+}
+
+fn bus_err(e: crate::devices::BusOverlap) -> BuildError {
+    BuildError::Device {
+        what: "bus".into(),
+        source: Box::new(e),
+    }
+}
+
+/// The port-I/O bus: serial console, i8042 (reset), ACPI power register.
+fn legacy_devices(vm: &VmFd, config: &VmConfig, exit: &Arc<ExitSignal>) -> Result<Bus, BuildError> {
+    let mut pio = Bus::default();
+    let console: Box<dyn Write + Send> = match &config.console {
+        Some(p) => Box::new(LineWriter::new(
+            File::create(p).map_err(dev_err(format!("console {}", p.display())))?,
+        )),
+        None => Box::new(std::io::sink()),
+    };
+    let serial_irq = irqfd(vm, layout::COM1_GSI)?;
+    pio.insert(
+        u64::from(COM1),
+        8,
+        Arc::new(Mutex::new(Serial::new(serial_irq, console))),
+    )
+    .map_err(bus_err)?;
+    pio.insert(
+        u64::from(I8042),
+        5,
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+    )
+    .map_err(bus_err)?;
+    pio.insert(
+        u64::from(ACPI_PM),
+        2,
+        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+    )
+    .map_err(bus_err)?;
+    Ok(pio)
+}
+
+/// Each virtio device the config asks for, opened (sockets bound, backends
+/// connected, disks and taps opened).
+fn virtio_devices(config: &VmConfig) -> Result<NamedDevices, BuildError> {
+    let mut devices: NamedDevices = Vec::new();
+    if let Some(v) = &config.vsock {
+        let d = Vsock::new(u64::from(v.cid), &v.uds)
+            .map_err(dev_err(format!("vsock socket {}", v.uds.display())))?;
+        devices.push(("vsock".into(), Box::new(d)));
+    }
+    for (i, f) in config.fs.iter().enumerate() {
+        let d = Fs::connect(&f.socket, &f.tag)
+            .map_err(dev_err(format!("virtio-fs backend {}", f.socket.display())))?;
+        devices.push((format!("fs{i}"), Box::new(d)));
+    }
+    for (i, b) in config.block.iter().enumerate() {
+        let d = Block::open(&b.path, b.read_only, &format!("podvisor-vd{i}"))
+            .map_err(dev_err(format!("disk {}", b.path.display())))?;
+        devices.push((format!("block{i}"), Box::new(d)));
+    }
+    for (i, n) in config.net.iter().enumerate() {
+        let mac = n
+            .mac
+            .as_deref()
+            .map(parse_mac)
+            .transpose()
+            .map_err(|e| BuildError::Device {
+                what: format!("net{i}"),
+                source: e.into(),
+            })?;
+        let d = Net::open_tap(&n.tap, mac).map_err(dev_err(format!("tap {}", n.tap)))?;
+        devices.push((format!("net{i}"), Box::new(d)));
+    }
+    if config.rng {
+        devices.push(("rng".into(), Box::new(Rng::new())));
+    }
+    Ok(devices)
+}
+
+/// Puts each device behind a virtio-mmio transport in its slot: MMIO
+/// window, interrupt, and an ioeventfd per queue.
+fn attach_virtio(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    devices: NamedDevices,
+) -> Result<Attached, BuildError> {
+    let mut attached = Attached {
+        mmio: Bus::default(),
+        transports: Vec::new(),
+        windows: Vec::new(),
+    };
+    for (i, (name, dev)) in devices.into_iter().enumerate() {
+        let (addr, gsi) = layout::virtio_slot(i);
+        let irq = irqfd(vm, gsi)?;
+        let t = MmioTransport::new(dev, mem.clone(), irq, name.clone())
+            .map_err(dev_err(name.clone()))?;
+        for (q, kick) in t.kick_eventfds().iter().enumerate() {
+            let q = u32::try_from(q).map_err(|e| dev_err(name.clone())(e))?;
+            vm.register_ioevent(kick, &IoEventAddress::Mmio(addr + REG_QUEUE_NOTIFY), q)
+                .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        }
+        let t = Arc::new(Mutex::new(t));
+        attached
+            .mmio
+            .insert(addr, layout::VIRTIO_MMIO_SIZE, t.clone())
+            .map_err(bus_err)?;
+        attached.transports.push(t);
+        attached.windows.push(MmioDevice { addr, gsi });
+    }
+    Ok(attached)
+}
+
+/// What the guest boots from: ACPI and MP tables, boot page tables and
+/// GDT, kernel, initramfs and command line. Returns the entry point.
+fn load_guest(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    windows: &[MmioDevice],
+) -> Result<u64, BuildError> {
+    let rsdp = acpi::write(mem, config.vcpus, windows)?;
+    let cmdline = kernel_cmdline(config, windows);
+    mptable::write(mem, config.vcpus)?;
+    regs::write_boot_tables(mem)?;
+    let entry = boot::load(
+        mem,
+        &BootSpec {
+            kernel: &config.kernel,
+            initramfs: config.initramfs.as_deref(),
+            cmdline: &cmdline,
+            rsdp,
+        },
+    )?;
+    Ok(entry.rip)
+}
+
+/// One vCPU per config vCPU: CPUID, MSRs, FPU, LAPIC LINTs; the boot vCPU
+/// also gets 64-bit mode at `rip` (the others wait for INIT/SIPI).
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    config: &VmConfig,
+    rip: u64,
+    make: impl Fn(u8, kvm_ioctls::VcpuFd) -> Vcpu,
+) -> Result<Vec<Vcpu>, BuildError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let amd = cpuid::is_amd(&supported);
+    let mut vcpus = Vec::new();
+    for index in 0..config.vcpus {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&cpuid::for_vcpu(
+            &supported,
+            index,
+            config.vcpus,
+            &config.cpuid_hide,
+        ))
+        .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        regs::setup_msrs(&fd)?;
+        if amd {
+            regs::setup_amd_hwcr(&fd);
+        }
+        regs::setup_fpu(&fd)?;
+        regs::setup_lint(&fd)?;
+        if index == 0 {
+            regs::setup_sregs(&fd)?;
+            regs::setup_regs(&fd, rip)?;
+        }
+        vcpus.push(make(index, fd));
+    }
+    Ok(vcpus)
+}
+
+/// The control socket, where the config names one.
+fn control_socket(
+    config: &VmConfig,
+    exit: &Arc<ExitSignal>,
+) -> Result<Option<ControlSocket>, BuildError> {
+    let Some(p) = &config.control_socket else {
+        return Ok(None);
+    };
+    ControlSocket::bind(
+        p,
+        Facts {
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+        },
+        exit.clone(),
+    )
+    .map(Some)
+    .map_err(dev_err(format!("control socket {}", p.display())))
 }
 
 /// An eventfd KVM injects as an edge on IOAPIC pin `gsi`.

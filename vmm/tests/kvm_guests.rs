@@ -83,6 +83,7 @@ fn config(kernel: PathBuf, name: &str) -> VmConfig {
         net: vec![],
         rng: false,
         mmio_on_cmdline: false,
+        cpuid_hide: vec![],
     }
 }
 

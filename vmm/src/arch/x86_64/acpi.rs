@@ -1,6 +1,6 @@
 //! ACPI tables: RSDP -> XSDT -> FADT (hardware-reduced, with a sleep
 //! control register for power-off and a reset register), MADT (LAPICs,
-//! IOAPIC, IRQ0 override) and a DSDT that declares COM1, the i8042 and
+//! IOAPIC, IRQ0 override, LAPIC NMI on LINT1) and a DSDT that declares COM1, the i8042 and
 //! every virtio-mmio device. Stock kernels such as Debian's find virtio-mmio
 //! devices only through ACPI (`LNRO0005`); they lack
 //! `VIRTIO_MMIO_CMDLINE_DEVICES`.
@@ -113,6 +113,11 @@ fn madt(cpus: u8) -> Sdt {
     body.extend_from_slice(&[2, 10, 0, 0]);
     body.extend_from_slice(&2u32.to_le_bytes());
     body.extend_from_slice(&0u16.to_le_bytes());
+    // Local APIC NMI: every processor (UID 0xff) takes NMIs on LINT1, edge
+    // triggered, active high (flags 0b0101), as firmware declares it.
+    body.extend_from_slice(&[4, 6, 0xff]);
+    body.extend_from_slice(&0x0005u16.to_le_bytes());
+    body.push(1);
     t.append_slice(&body);
     t
 }
@@ -233,7 +238,9 @@ mod tests {
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         let madt = table(&mem, madt_at);
         assert_eq!((&madt[..4], sum(&madt)), (&b"APIC"[..], 0));
-        // Two LAPIC entries, one IOAPIC, one override.
-        assert_eq!(madt.len(), 44 + 2 * 8 + 12 + 10);
+        // Two LAPIC entries, one IOAPIC, one override, one LAPIC NMI.
+        assert_eq!(madt.len(), 44 + 2 * 8 + 12 + 10 + 6);
+        let nmi = &madt[madt.len() - 6..];
+        assert_eq!(nmi, &[4, 6, 0xff, 5, 0, 1], "all CPUs, LINT1, edge, high");
     }
 }

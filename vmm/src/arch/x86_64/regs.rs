@@ -181,6 +181,27 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), RegsError> {
     Ok(())
 }
 
+/// On AMD, HWCR.TscFreqSel (bit 24): the TSC counts at the P0 frequency,
+/// as firmware leaves it. Without it Linux warns "[Firmware Bug]: TSC
+/// doesn't count with P0 frequency!" (QEMU sets it too). A host KVM that
+/// refuses the bit costs only that warning, so a refusal is logged, not an
+/// error.
+pub fn setup_amd_hwcr(vcpu: &VcpuFd) {
+    const MSR_K7_HWCR: u32 = 0xc001_0015;
+    const TSC_FREQ_SEL: u64 = 1 << 24;
+    let hwcr = kvm_msr_entry {
+        index: MSR_K7_HWCR,
+        data: TSC_FREQ_SEL,
+        ..Default::default()
+    };
+    let written = Msrs::from_entries(&[hwcr])
+        .ok()
+        .and_then(|m| vcpu.set_msrs(&m).ok());
+    if written != Some(1) {
+        tracing::debug!("KVM refused HWCR.TscFreqSel; the guest may warn about its TSC");
+    }
+}
+
 /// LINT0 as ExtINT (the legacy PIC), LINT1 as NMI, as firmware leaves them.
 pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), RegsError> {
     const LVT0: usize = 0x350;

@@ -11,11 +11,20 @@
 //! more in flight than our buffer allowance, and we send to the guest only
 //! as much as it has room for. All sockets are non-blocking and watched by
 //! the device's own epoll descriptor, which the VMM's event loop polls.
+//!
+//! - [`packet`]: the header codec;
+//! - [`connection`]: one stream and its credit;
+//! - [`muxer`]: the host sockets and the CONNECT handshake;
+//! - this module: the device and its queues.
+
+mod connection;
+mod muxer;
+mod packet;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -25,144 +34,18 @@ use virtio_queue::QueueOwnedT;
 use super::{
     complete, pop_chain, with_active, Active, DeviceError, VirtioDevice, F_VERSION_1, TYPE_VSOCK,
 };
+use connection::{header, Conn, State};
+use muxer::{Pending, FIRST_LOCAL_PORT, LISTENER};
+pub use packet::Header;
+use packet::*;
 
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 
 pub const HOST_CID: u64 = 2;
-const HDR_LEN: usize = 44;
-const TYPE_STREAM: u16 = 1;
-
-const OP_REQUEST: u16 = 1;
-const OP_RESPONSE: u16 = 2;
-const OP_RST: u16 = 3;
-const OP_SHUTDOWN: u16 = 4;
-const OP_RW: u16 = 5;
-const OP_CREDIT_UPDATE: u16 = 6;
-const OP_CREDIT_REQUEST: u16 = 7;
-
-const SHUT_RCV: u32 = 1;
-const SHUT_SEND: u32 = 2;
-
-/// What we let the guest have in flight per connection.
-const BUF_ALLOC: u32 = 256 * 1024;
 /// Largest payload per packet to the guest.
 const MAX_PKT: usize = 64 * 1024;
-/// Host ports we assign to host-initiated connections start here.
-const FIRST_LOCAL_PORT: u32 = 1 << 30;
-/// Open connections a guest may hold; more are refused with a reset.
-const MAX_CONNS: usize = 1024;
-/// A connecting client has this many bytes to say `CONNECT <port>\n`.
-const MAX_CONNECT_LINE: usize = 32;
-
-/// Tokens in the device's epoll: the listener, then connections by id.
-const LISTENER: u64 = 0;
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Header {
-    pub src_cid: u64,
-    pub dst_cid: u64,
-    pub src_port: u32,
-    pub dst_port: u32,
-    pub len: u32,
-    pub type_: u16,
-    pub op: u16,
-    pub flags: u32,
-    pub buf_alloc: u32,
-    pub fwd_cnt: u32,
-}
-
-impl Header {
-    pub fn encode(&self) -> [u8; HDR_LEN] {
-        let mut b = [0u8; HDR_LEN];
-        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
-        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
-        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
-        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
-        b[24..28].copy_from_slice(&self.len.to_le_bytes());
-        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
-        b[30..32].copy_from_slice(&self.op.to_le_bytes());
-        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
-        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
-        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
-        b
-    }
-
-    pub fn decode(b: &[u8; HDR_LEN]) -> Header {
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let u64_at = |i: usize| u64::from(u32_at(i)) | (u64::from(u32_at(i + 4)) << 32);
-        Header {
-            src_cid: u64_at(0),
-            dst_cid: u64_at(8),
-            src_port: u32_at(16),
-            dst_port: u32_at(20),
-            len: u32_at(24),
-            type_: u16::from_le_bytes([b[28], b[29]]),
-            op: u16::from_le_bytes([b[30], b[31]]),
-            flags: u32_at(32),
-            buf_alloc: u32_at(36),
-            fwd_cnt: u32_at(40),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// Host-initiated; waiting for the guest's RESPONSE.
-    Connecting,
-    Established,
-}
-
-struct Conn {
-    stream: UnixStream,
-    state: State,
-    /// Host side port (ours) and guest side port.
-    local_port: u32,
-    peer_port: u32,
-    peer_buf_alloc: u32,
-    peer_fwd_cnt: u32,
-    /// Bytes sent to the guest.
-    tx_cnt: u32,
-    /// Bytes from the guest written to the host socket.
-    fwd_cnt: u32,
-    last_fwd_cnt_sent: u32,
-    /// Guest bytes the host socket did not take yet.
-    pending: Vec<u8>,
-    /// The guest will send no more: shut the socket's write side once
-    /// `pending` is flushed.
-    peer_done_sending: bool,
-    /// The host socket reached EOF.
-    host_eof: bool,
-}
-
-impl Conn {
-    fn peer_credit(&self) -> u32 {
-        self.peer_buf_alloc
-            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
-    }
-}
-
-/// A packet header from the host side of `c`.
-fn header(cid: u64, c: &Conn, op: u16) -> Header {
-    Header {
-        src_cid: HOST_CID,
-        dst_cid: cid,
-        src_port: c.local_port,
-        dst_port: c.peer_port,
-        type_: TYPE_STREAM,
-        op,
-        buf_alloc: BUF_ALLOC,
-        fwd_cnt: c.fwd_cnt,
-        ..Default::default()
-    }
-}
-
-/// A client on `<uds>` that has not finished its CONNECT line.
-struct Pending {
-    stream: UnixStream,
-    line: Vec<u8>,
-}
 
 pub struct Vsock {
     cid: u64,
@@ -207,317 +90,6 @@ impl Vsock {
             rx_buf: Vec::new(),
             active: None,
         })
-    }
-
-    fn token(&mut self) -> u64 {
-        let t = self.next_token;
-        self.next_token += 1;
-        t
-    }
-
-    fn watch(&self, fd: RawFd, token: u64, events: EventSet) {
-        let op = ControlOperation::Add;
-        if let Err(e) = self.epoll.ctl(op, fd, EpollEvent::new(events, token)) {
-            tracing::warn!("vsock: watching a socket: {e}");
-        }
-    }
-
-    fn rewatch(&self, c: &Conn, token: u64) {
-        let mut ev = EventSet::IN | EventSet::EDGE_TRIGGERED;
-        if !c.pending.is_empty() {
-            ev |= EventSet::OUT;
-        }
-        if c.host_eof {
-            ev = if c.pending.is_empty() {
-                EventSet::empty()
-            } else {
-                EventSet::OUT | EventSet::EDGE_TRIGGERED
-            };
-        }
-        let _ = self.epoll.ctl(
-            ControlOperation::Modify,
-            c.stream.as_raw_fd(),
-            EpollEvent::new(ev, token),
-        );
-    }
-
-    fn remove(&mut self, token: u64) {
-        if let Some(c) = self.conns.remove(&token) {
-            self.ports.remove(&(c.local_port, c.peer_port));
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                c.stream.as_raw_fd(),
-                EpollEvent::default(),
-            );
-        }
-    }
-
-    /// Sends RST for (local, peer) and forgets the connection.
-    fn reset(&mut self, local_port: u32, peer_port: u32) {
-        if let Some(t) = self.ports.get(&(local_port, peer_port)).copied() {
-            self.remove(t);
-        }
-        self.control.push_back(Header {
-            src_cid: HOST_CID,
-            dst_cid: self.cid,
-            src_port: local_port,
-            dst_port: peer_port,
-            type_: TYPE_STREAM,
-            op: OP_RST,
-            buf_alloc: BUF_ALLOC,
-            ..Default::default()
-        });
-    }
-
-    fn accept(&mut self) {
-        loop {
-            match self.listener.accept() {
-                Ok((s, _)) => {
-                    if s.set_nonblocking(true).is_err() {
-                        continue;
-                    }
-                    let t = self.token();
-                    self.watch(s.as_raw_fd(), t, EventSet::IN);
-                    self.pending.insert(
-                        t,
-                        Pending {
-                            stream: s,
-                            line: Vec::new(),
-                        },
-                    );
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    tracing::warn!("vsock: accept on {}: {e}", self.uds.display());
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Reads a client's CONNECT line; on a full line asks the guest.
-    fn pending_readable(&mut self, token: u64) {
-        let Some(p) = self.pending.get_mut(&token) else {
-            return;
-        };
-        let mut b = [0u8; MAX_CONNECT_LINE];
-        let n = match p.stream.read(&mut b[..MAX_CONNECT_LINE - p.line.len()]) {
-            Ok(0) => 0,
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-            Err(_) => 0,
-        };
-        let drop_it = |me: &mut Vsock, why: &str| {
-            if let Some(p) = me.pending.remove(&token) {
-                tracing::debug!("vsock: dropping host client: {why}");
-                let _ = me.epoll.ctl(
-                    ControlOperation::Delete,
-                    p.stream.as_raw_fd(),
-                    EpollEvent::default(),
-                );
-            }
-        };
-        if n == 0 {
-            return drop_it(self, "closed before CONNECT");
-        }
-        p.line.extend_from_slice(&b[..n]);
-        let Some(end) = p.line.iter().position(|&c| c == b'\n') else {
-            if p.line.len() >= MAX_CONNECT_LINE {
-                drop_it(self, "CONNECT line too long");
-            }
-            return;
-        };
-        let line = String::from_utf8_lossy(&p.line[..end]).trim().to_string();
-        let extra = p.line[end + 1..].to_vec();
-        let port = line
-            .strip_prefix("CONNECT ")
-            .and_then(|p| p.trim().parse::<u32>().ok());
-        let Some(peer_port) = port else {
-            return drop_it(self, &format!("bad request {line:?}"));
-        };
-        let Some(p) = self.pending.remove(&token) else {
-            return;
-        };
-        let local_port = self.next_local_port;
-        self.next_local_port = self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
-        let c = Conn {
-            stream: p.stream,
-            state: State::Connecting,
-            local_port,
-            peer_port,
-            peer_buf_alloc: 0,
-            peer_fwd_cnt: 0,
-            tx_cnt: 0,
-            fwd_cnt: 0,
-            last_fwd_cnt_sent: 0,
-            pending: Vec::new(),
-            peer_done_sending: false,
-            host_eof: false,
-        };
-        if !extra.is_empty() {
-            tracing::debug!("vsock: {} bytes after CONNECT dropped", extra.len());
-        }
-        // Not readable until the guest answers.
-        let _ = self.epoll.ctl(
-            ControlOperation::Modify,
-            c.stream.as_raw_fd(),
-            EpollEvent::new(EventSet::empty(), token),
-        );
-        self.control.push_back(header(self.cid, &c, OP_REQUEST));
-        self.ports.insert((local_port, peer_port), token);
-        self.conns.insert(token, c);
-    }
-
-    /// A guest connection to host port `port`: dial `<uds>_<port>`.
-    fn guest_connect(&mut self, h: &Header) {
-        if self.conns.len() >= MAX_CONNS {
-            tracing::warn!("vsock: guest holds {MAX_CONNS} connections; refusing more");
-            return self.reset(h.dst_port, h.src_port);
-        }
-        let path = PathBuf::from(format!("{}_{}", self.uds.display(), h.dst_port));
-        let stream = match UnixStream::connect(&path) {
-            Ok(s) if s.set_nonblocking(true).is_ok() => s,
-            _ => {
-                tracing::debug!(
-                    "vsock: guest port {} -> {}: nothing listening",
-                    h.src_port,
-                    path.display()
-                );
-                return self.reset(h.dst_port, h.src_port);
-            }
-        };
-        let t = self.token();
-        let c = Conn {
-            stream,
-            state: State::Established,
-            local_port: h.dst_port,
-            peer_port: h.src_port,
-            peer_buf_alloc: h.buf_alloc,
-            peer_fwd_cnt: h.fwd_cnt,
-            tx_cnt: 0,
-            fwd_cnt: 0,
-            last_fwd_cnt_sent: 0,
-            pending: Vec::new(),
-            peer_done_sending: false,
-            host_eof: false,
-        };
-        self.watch(
-            c.stream.as_raw_fd(),
-            t,
-            EventSet::IN | EventSet::EDGE_TRIGGERED,
-        );
-        self.control.push_back(header(self.cid, &c, OP_RESPONSE));
-        self.ports.insert((c.local_port, c.peer_port), t);
-        self.conns.insert(t, c);
-    }
-
-    /// Writes what the host socket takes of `c.pending`.
-    fn flush(c: &mut Conn) -> std::io::Result<()> {
-        while !c.pending.is_empty() {
-            match c.stream.write(&c.pending) {
-                Ok(0) => return Err(ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    c.pending.drain(..n);
-                    c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if c.pending.is_empty() && c.peer_done_sending {
-            let _ = c.stream.shutdown(std::net::Shutdown::Write);
-        }
-        Ok(())
-    }
-
-    /// Tells the guest how much room it has, when it has used half of it.
-    fn maybe_credit_update(&mut self, token: u64) {
-        let Some(c) = self.conns.get_mut(&token) else {
-            return;
-        };
-        if c.fwd_cnt.wrapping_sub(c.last_fwd_cnt_sent) >= BUF_ALLOC / 2 {
-            c.last_fwd_cnt_sent = c.fwd_cnt;
-            let h = header(self.cid, &self.conns[&token], OP_CREDIT_UPDATE);
-            self.control.push_back(h);
-        }
-    }
-
-    /// One packet from the guest.
-    fn guest_packet(&mut self, h: Header, payload: &[u8]) {
-        if h.dst_cid != HOST_CID || h.src_cid != self.cid {
-            tracing::debug!(
-                "vsock: packet {}->{} not for the host; dropped",
-                h.src_cid,
-                h.dst_cid
-            );
-            return;
-        }
-        if h.type_ != TYPE_STREAM {
-            return self.reset(h.dst_port, h.src_port);
-        }
-        let key = (h.dst_port, h.src_port);
-        let Some(token) = self.ports.get(&key).copied() else {
-            match h.op {
-                OP_REQUEST => self.guest_connect(&h),
-                OP_RST => {}
-                _ => self.reset(h.dst_port, h.src_port),
-            }
-            return;
-        };
-        let Some(c) = self.conns.get_mut(&token) else {
-            return;
-        };
-        c.peer_buf_alloc = h.buf_alloc;
-        c.peer_fwd_cnt = h.fwd_cnt;
-        match (h.op, c.state) {
-            (OP_RESPONSE, State::Connecting) => {
-                c.state = State::Established;
-                let ok = format!("OK {}\n", c.local_port);
-                // A fresh socket takes a few bytes; if not, the client is gone.
-                if c.stream.write_all(ok.as_bytes()).is_err() {
-                    return self.reset(h.dst_port, h.src_port);
-                }
-                let c = &self.conns[&token];
-                self.rewatch(c, token);
-            }
-            (OP_RW, State::Established) => {
-                if c.pending.len() + payload.len() > BUF_ALLOC as usize {
-                    tracing::warn!("vsock: guest port {} overran its credit; reset", h.src_port);
-                    return self.reset(h.dst_port, h.src_port);
-                }
-                c.pending.extend_from_slice(payload);
-                if Self::flush(c).is_err() {
-                    return self.reset(h.dst_port, h.src_port);
-                }
-                let c = &self.conns[&token];
-                self.rewatch(c, token);
-                self.maybe_credit_update(token);
-            }
-            (OP_CREDIT_UPDATE, _) => {
-                // More room in the guest: the socket may be read again.
-                let c = &self.conns[&token];
-                self.rewatch(c, token);
-            }
-            (OP_CREDIT_REQUEST, _) => {
-                let h = header(self.cid, c, OP_CREDIT_UPDATE);
-                self.control.push_back(h);
-            }
-            (OP_SHUTDOWN, _) => {
-                if h.flags & SHUT_SEND != 0 {
-                    c.peer_done_sending = true;
-                    let _ = Self::flush(c);
-                }
-                if h.flags & (SHUT_SEND | SHUT_RCV) == SHUT_SEND | SHUT_RCV {
-                    self.reset(h.dst_port, h.src_port);
-                }
-            }
-            (OP_RST, _) => self.remove(token),
-            (op, state) => {
-                tracing::debug!("vsock: op {op} in state {state:?}; reset");
-                self.reset(h.dst_port, h.src_port);
-            }
-        }
     }
 
     /// Drains the TX queue (guest to host).
@@ -658,42 +230,6 @@ impl Vsock {
             )?;
         }
     }
-
-    /// Host sockets became ready.
-    fn sockets_ready(&mut self) -> Result<(), DeviceError> {
-        let mut events = vec![EpollEvent::default(); 64];
-        loop {
-            let n = self.epoll.wait(0, &mut events)?;
-            self.socket_events(&events[..n]);
-            // The VMM polls this epoll edge-triggered: drain it.
-            if n < events.len() {
-                break;
-            }
-        }
-        self.process_rx()
-    }
-
-    fn socket_events(&mut self, events: &[EpollEvent]) {
-        for ev in events {
-            let token = ev.data();
-            if token == LISTENER {
-                self.accept();
-            } else if self.pending.contains_key(&token) {
-                self.pending_readable(token);
-            } else if let Some(c) = self.conns.get_mut(&token) {
-                if ev.event_set().contains(EventSet::OUT) {
-                    if Self::flush(c).is_err() {
-                        let (l, p) = (c.local_port, c.peer_port);
-                        self.reset(l, p);
-                        continue;
-                    }
-                    let c = &self.conns[&token];
-                    self.rewatch(c, token);
-                    self.maybe_credit_update(token);
-                }
-            }
-        }
-    }
 }
 
 impl VirtioDevice for Vsock {
@@ -747,6 +283,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::testing::*;
     use crate::memory::GuestMemoryMmap;
+    use std::os::unix::net::UnixStream;
     use std::time::Duration;
 
     const GUEST_CID: u64 = 3;

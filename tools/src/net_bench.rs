@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::containerd::{text, Containerd, BUSYBOX};
-use crate::vm::tool;
+use podvisor_testkit::containerd::{text, Containerd, BUSYBOX};
+use podvisor_testkit::vm::tool;
 
 /// The CNI bridge's address on the host (see `containerd.rs`).
 const BRIDGE_IP: &str = "10.88.77.1";

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::vm::{tool, vmm_binary};
+use podvisor_testkit::vm::{tool, vmm_binary};
 
 const RUNS: usize = 10;
 const GUEST_MIB: u64 = 128;

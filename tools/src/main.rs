@@ -1,4 +1,5 @@
-//! `podvisor-testkit demo|bench|image`.
+//! `podvisor-tools demo|bench|image`: the tools built on the test harness
+//! (`podvisor-testkit`), apart from it.
 //!
 //! - `demo`: starts a private containerd with the podvisor runtime, runs a
 //!   container with `ctr run`, and shows that it ran in a VM (guest kernel
@@ -21,6 +22,9 @@ use podvisor_testkit::spec::container;
 use podvisor_testkit::vm::{image_dir, manifest};
 use podvisor_testkit::{ctx, detect_accel, Accel, StdioReq, TestVm, VmConfig};
 
+mod net_bench;
+mod vmm_bench;
+
 const BOOTS: usize = 3;
 const CONTAINER_STARTS: usize = 10;
 const CTR_RUNS: usize = 3;
@@ -34,7 +38,7 @@ fn main() -> Result<()> {
         Some("demo") => demo(),
         Some("bench") => rt.block_on(bench()),
         Some("image") => image(&std::env::args().skip(2).collect::<Vec<_>>()),
-        _ => bail!("usage: podvisor-testkit demo|bench|image ARCHIVE NAME [--pause | CMD...]"),
+        _ => bail!("usage: podvisor-tools demo|bench|image ARCHIVE NAME [--pause | CMD...]"),
     }
 }
 
@@ -44,7 +48,7 @@ fn main() -> Result<()> {
 /// --pause`: the pod sandbox image.
 fn image(args: &[String]) -> Result<()> {
     const USAGE: &str =
-        "usage: podvisor-testkit image ARCHIVE NAME [--pause | [--add FILE:PATH]... CMD...]";
+        "usage: podvisor-tools image ARCHIVE NAME [--pause | [--add FILE:PATH]... CMD...]";
     let [archive, name, rest @ ..] = args else {
         bail!(USAGE);
     };
@@ -191,7 +195,7 @@ fn critest_figures() -> Result<()> {
 
 /// The in-tree VMM beside QEMU microvm, on the same tiny guest.
 fn vmm_figures() -> Result<()> {
-    let (ours, qemu) = podvisor_testkit::vmm_bench::run()?;
+    let (ours, qemu) = vmm_bench::run()?;
     row(
         "podvisor-vmm start to guest's first I/O, wall, median (KVM)",
         ms(ours.wall),
@@ -451,8 +455,8 @@ fn containerd_figures(note: &str) -> Result<()> {
         let shim = std::fs::metadata(&shim).map(|m| m.len()).unwrap_or(0);
         row("shim binary size (release)", mib(shim), "-");
 
-        let ours = podvisor_testkit::net_bench::measure(&ctd, "podvisor")?;
-        let (base, what) = podvisor_testkit::net_bench::baseline(&ctd)?;
+        let ours = net_bench::measure(&ctd, "podvisor")?;
+        let (base, what) = net_bench::baseline(&ctd)?;
         let mbs = |v: f64| format!("{v:.0} MB/s");
         let label = format!("  baseline: {what}");
         row(
