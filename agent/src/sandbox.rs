@@ -119,7 +119,7 @@ impl Sandbox {
         lock(&self.creating).remove(id);
         let (container, ports) = result?;
         lock(&self.containers).insert(id.to_string(), Arc::new(container));
-        tracing::info!(container = id, "created");
+        tracing::info!("created");
         Ok(ports)
     }
 
@@ -191,7 +191,7 @@ impl Sandbox {
         }
         lock(&self.containers).remove(id);
         c.destroy();
-        tracing::info!(container = id, "removed");
+        tracing::info!("removed");
         Ok(())
     }
 

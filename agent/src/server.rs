@@ -1,6 +1,8 @@
 //! The agent API on vsock: each ttrpc call goes to the [`Sandbox`], and each
 //! failure comes back as a status with a code and a message. A bad request
-//! never ends the agent: it is PID 1, and its exit is the VM's.
+//! never ends the agent: it is PID 1, and its exit is the VM's. Each call
+//! about a container runs in a `request` span carrying its container (and
+//! exec) id, so every log line it leads to names them.
 
 use std::sync::Arc;
 
@@ -82,6 +84,7 @@ impl api::Agent for Service {
         Ok(self.sandbox.guest_details())
     }
 
+    #[tracing::instrument(name = "request", skip_all, fields(sandbox = %req.sandbox_id))]
     async fn create_sandbox(
         &self,
         _: &TtrpcContext,
@@ -112,6 +115,7 @@ impl api::Agent for Service {
         })
     }
 
+    #[tracing::instrument(name = "request", skip_all, fields(container = %req.container_id))]
     async fn create_container(
         &self,
         _: &TtrpcContext,
@@ -124,6 +128,7 @@ impl api::Agent for Service {
         })
     }
 
+    #[tracing::instrument(name = "request", skip_all, fields(container = %req.container_id, exec = %req.exec_id))]
     async fn start_container(
         &self,
         _: &TtrpcContext,
@@ -136,6 +141,7 @@ impl api::Agent for Service {
         .map(|()| api::Empty::new())
     }
 
+    #[tracing::instrument(name = "request", skip_all, fields(container = %req.container_id, exec = %req.exec_id))]
     async fn exec_process(
         &self,
         _: &TtrpcContext,
@@ -144,6 +150,7 @@ impl api::Agent for Service {
         log_err("ExecProcess", self.sandbox.exec(&req).await)
     }
 
+    #[tracing::instrument(name = "request", skip_all, fields(container = %req.container_id, exec = %req.exec_id))]
     async fn signal_process(
         &self,
         _: &TtrpcContext,
@@ -152,6 +159,7 @@ impl api::Agent for Service {
         log_err("SignalProcess", self.sandbox.signal(&req)).map(|()| api::Empty::new())
     }
 
+    #[tracing::instrument(name = "request", skip_all, fields(container = %req.container_id, exec = %req.exec_id))]
     async fn wait_process(
         &self,
         _: &TtrpcContext,
@@ -163,6 +171,7 @@ impl api::Agent for Service {
         )
     }
 
+    #[tracing::instrument(name = "request", skip_all, fields(container = %req.container_id, exec = %req.exec_id))]
     async fn close_stdin(&self, _: &TtrpcContext, req: api::CloseStdinRequest) -> Rpc<api::Empty> {
         log_err(
             "CloseStdin",
@@ -171,6 +180,7 @@ impl api::Agent for Service {
         .map(|()| api::Empty::new())
     }
 
+    #[tracing::instrument(name = "request", skip_all, fields(container = %req.container_id, exec = %req.exec_id))]
     async fn tty_win_resize(
         &self,
         _: &TtrpcContext,
@@ -179,6 +189,7 @@ impl api::Agent for Service {
         log_err("TtyWinResize", self.sandbox.resize(&req)).map(|()| api::Empty::new())
     }
 
+    #[tracing::instrument(name = "request", skip_all, fields(container = %req.container_id))]
     async fn list_processes(
         &self,
         _: &TtrpcContext,
@@ -191,6 +202,7 @@ impl api::Agent for Service {
         })
     }
 
+    #[tracing::instrument(name = "request", skip_all, fields(container = %req.container_id))]
     async fn stats_container(
         &self,
         _: &TtrpcContext,
@@ -199,6 +211,7 @@ impl api::Agent for Service {
         log_err("StatsContainer", self.sandbox.stats(&req.container_id))
     }
 
+    #[tracing::instrument(name = "request", skip_all, fields(container = %req.container_id))]
     async fn update_container(
         &self,
         _: &TtrpcContext,
@@ -211,6 +224,7 @@ impl api::Agent for Service {
         .map(|()| api::Empty::new())
     }
 
+    #[tracing::instrument(name = "request", skip_all, fields(container = %req.container_id, exec = %req.exec_id))]
     async fn remove_container(
         &self,
         _: &TtrpcContext,

@@ -1,26 +1,36 @@
 //! `containerd-shim-podvisor-v2`: containerd's shim v2 for podvisor. One
-//! shim process and one VM per pod.
+//! shim process and one VM per pod; the VM runs through the hypervisor
+//! layer (`podvisor-hypervisor`), never KVM directly.
 //!
-//! - [`shim`]: the process lifecycle containerd drives (start, delete);
-//! - `task`: the Task API, mapped onto the guest agent;
-//! - [`sandbox`]: one pod's VM and its agent client;
-//! - [`bundle`]: a container's OCI bundle, shared into the guest;
-//! - [`stdio`]: containerd's FIFOs bridged to the agent's streams;
-//! - [`port_forward`]: `kubectl port-forward` from the pod's namespace
-//!   into the guest;
-//! - [`state`]: `/run/podvisor/<sandbox-id>/` and crash cleanup;
-//! - [`config`]: `/etc/podvisor/config.toml` and VM sizing;
+//! - `shim`: the process lifecycle containerd drives (start, delete);
+//! - `task`: the Task API, thin over the two below;
+//! - `container`: one container's life (create with rollback, start and
+//!   exit watching, exec, signal, delete), against the `Guest` trait;
+//! - `pod`: one pod's VM, its agent and network: the real `Guest`; and the
+//!   one teardown of what a pod leaves on the host;
+//! - `error`: `ShimError`, mapped to ttrpc codes in one place;
+//! - `convert`: containerd's runtime options and metrics;
+//! - `bundle`: a container's OCI bundle, shared into the guest;
+//! - `stdio`, `process`: containerd's FIFOs bridged to the agent's
+//!   streams, and a process's state;
+//! - `network`, `port_forward`: the pod network carried into the VM, and
+//!   `kubectl port-forward` from the pod's namespace into the guest;
+//! - `sandbox_dir`: `/run/podvisor/<sandbox-id>/` and crash cleanup;
+//! - `config`: `/etc/podvisor/config.toml` and VM sizing;
 //! - [`info`]: `-info`, the runtime features containerd 2.x asks for.
 
 mod bundle;
 mod config;
+mod container;
+mod convert;
+mod error;
 pub mod info;
 mod network;
+mod pod;
 mod port_forward;
 mod process;
-mod sandbox;
+mod sandbox_dir;
 mod shim;
-mod state;
 mod stdio;
 mod task;
 

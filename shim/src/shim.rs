@@ -12,9 +12,10 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Error, Flags, StartOpts};
 
 use crate::bundle::{Bundle, Role};
+use crate::pod::remove_host_state;
 use crate::process::now;
-use crate::state::{kill_recorded, SandboxDir};
-use crate::task::{Service, TaskService};
+use crate::sandbox_dir::{kill_recorded, SandboxDir};
+use crate::task::TaskService;
 
 pub struct Shim {
     id: String,
@@ -47,7 +48,7 @@ pub fn shim_config() -> containerd_shim::Config {
 
 #[async_trait]
 impl containerd_shim::asynchronous::Shim for Shim {
-    type T = Service;
+    type T = TaskService;
 
     async fn new(_runtime_id: &str, args: &Flags, _config: &mut containerd_shim::Config) -> Self {
         Shim {
@@ -90,17 +91,13 @@ impl containerd_shim::asynchronous::Shim for Shim {
         match role {
             Role::Sandbox => {
                 let dir = SandboxDir::open(&self.id);
-                if let Some(state) = dir.read_state() {
-                    for p in &state.processes {
-                        if kill_recorded(p) {
-                            tracing::info!("killed leftover {} (pid {})", p.name, p.pid);
-                        }
-                    }
-                    if let Some(net) = &state.network {
-                        net.teardown().await;
+                let state = dir.read_state();
+                for p in state.iter().flat_map(|s| &s.processes) {
+                    if kill_recorded(p) {
+                        tracing::info!("killed leftover {} (pid {})", p.name, p.pid);
                     }
                 }
-                dir.destroy();
+                remove_host_state(&dir, state.as_ref().and_then(|s| s.network.as_ref())).await;
             }
             Role::Member { sandbox_id } => SandboxDir::open(&sandbox_id).remove_container(&self.id),
         }
@@ -119,11 +116,7 @@ impl containerd_shim::asynchronous::Shim for Shim {
         tracing::debug!("removing socket {path:?}: {r:?}");
     }
 
-    async fn create_task_service(&self, publisher: RemotePublisher) -> Service {
-        Service(TaskService::new(
-            &self.namespace,
-            publisher,
-            self.exit.clone(),
-        ))
+    async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        TaskService::new(&self.namespace, publisher, self.exit.clone())
     }
 }

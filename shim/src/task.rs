@@ -1,5 +1,7 @@
-//! containerd's Task API for one pod: each call goes to the pod's VM
-//! through the agent, and the task events are published back.
+//! containerd's Task API for one pod, thin over [`Container`] and
+//! [`Pod`]: each handler finds the container, asks it (or the pod), and
+//! publishes the task event; errors are [`ShimError`]s, mapped to ttrpc
+//! codes in one place.
 //!
 //! The pod's first container (a CRI sandbox or a plain `ctr run`
 //! container) boots the VM; later containers of the pod join it; deleting
@@ -7,75 +9,36 @@
 //! VM process's: killing it kills the pod, as with any VM runtime.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use containerd_shim::api::{self as shim_api, Status};
 use containerd_shim::asynchronous::ExitSignal;
-use containerd_shim::protos::cgroups_v2::metrics as v2;
 use containerd_shim::protos::events::task as ev;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
-use containerd_shim::protos::protobuf::{CodedInputStream, MessageDyn};
+use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::topics;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Task, TtrpcContext, TtrpcResult};
-use podvisor_protocol::api;
-use ttrpc::{Code, Error as TtrpcError};
 
-use crate::bundle::{Bundle, PodRef, Role};
+use crate::bundle::{Bundle, Role};
 use crate::config::Config;
-use crate::process::{lock, now, Proc, ProcState};
-use crate::sandbox::{ctx, Pod};
-use crate::stdio::{Bridge, StdioPaths};
-use podvisor_names::VM_DIED_EXIT_STATUS;
+use crate::container::{check_host_namespaces, Container, Exit, OnExit};
+use crate::convert::{config_path, stats_to_metrics};
+use crate::error::{Result, ShimError};
+use crate::pod::Pod;
+use crate::process::{lock, Proc, ProcState};
+use crate::stdio::StdioPaths;
 
-fn status(code: Code, msg: impl std::fmt::Display) -> TtrpcError {
-    TtrpcError::RpcStatus(ttrpc::get_status(code, msg))
-}
-
-/// Agent failures keep their code (NOT_FOUND stays "not found" for
-/// containerd); transport failures mean the VM is gone.
-fn agent_err(call: &str, e: TtrpcError) -> TtrpcError {
-    match e {
-        TtrpcError::RpcStatus(s) => status(s.code(), format!("{call}: {}", s.message())),
-        other => status(
-            Code::UNAVAILABLE,
-            format!("{call}: the VM is not reachable: {other}"),
-        ),
-    }
-}
-
-struct Container {
-    id: String,
-    bundle: String,
-    /// This container booted the pod's VM.
-    owns_pod: bool,
-    init: Arc<Proc>,
-    execs: Mutex<HashMap<String, Arc<Proc>>>,
-}
-
-impl Container {
-    fn proc(&self, exec_id: &str) -> TtrpcResult<Arc<Proc>> {
-        if exec_id.is_empty() {
-            return Ok(self.init.clone());
-        }
-        lock(&self.execs).get(exec_id).cloned().ok_or_else(|| {
-            status(
-                Code::NOT_FOUND,
-                format!("exec {exec_id} not found in {}", self.id),
-            )
-        })
-    }
-
-    fn all(&self) -> Vec<Arc<Proc>> {
-        std::iter::once(self.init.clone())
-            .chain(lock(&self.execs).values().cloned())
-            .collect()
-    }
-}
-
+/// containerd's Task service for this shim's pod: a cheap handle, cloned
+/// into the exit watchers it starts.
+#[derive(Clone)]
 pub struct TaskService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     namespace: String,
     publisher: RemotePublisher,
     exit: Arc<ExitSignal>,
@@ -84,65 +47,59 @@ pub struct TaskService {
 }
 
 impl TaskService {
-    pub fn new(
-        namespace: &str,
-        publisher: RemotePublisher,
-        exit: Arc<ExitSignal>,
-    ) -> Arc<TaskService> {
-        Arc::new(TaskService {
-            namespace: namespace.to_string(),
-            publisher,
-            exit,
-            pod: tokio::sync::Mutex::new(None),
-            containers: Mutex::new(HashMap::new()),
-        })
+    pub fn new(namespace: &str, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> TaskService {
+        TaskService {
+            inner: Arc::new(Inner {
+                namespace: namespace.to_string(),
+                publisher,
+                exit,
+                pod: tokio::sync::Mutex::new(None),
+                containers: Mutex::new(HashMap::new()),
+            }),
+        }
     }
 
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        if let Err(e) = self
+        let i = &self.inner;
+        if let Err(e) = i
             .publisher
-            .publish(Default::default(), topic, &self.namespace, event)
+            .publish(Default::default(), topic, &i.namespace, event)
             .await
         {
             tracing::warn!("publishing {topic}: {e}");
         }
     }
 
-    fn container(&self, id: &str) -> TtrpcResult<Arc<Container>> {
-        lock(&self.containers)
+    fn container(&self, id: &str) -> Result<Arc<Container>> {
+        lock(&self.inner.containers)
             .get(id)
             .cloned()
-            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {id} not found")))
+            .ok_or_else(|| ShimError::NotFound(format!("container {id} not found")))
     }
 
-    async fn pod(&self) -> TtrpcResult<Arc<Pod>> {
-        self.pod
+    async fn pod(&self) -> Result<Arc<Pod>> {
+        self.inner
+            .pod
             .lock()
             .await
             .clone()
-            .ok_or_else(|| status(Code::FAILED_PRECONDITION, "this shim has no VM"))
+            .ok_or_else(|| ShimError::FailedPrecondition("this shim has no VM".into()))
     }
 
-    /// Boots the pod's VM for its first container.
-    async fn boot(
-        self: &Arc<Self>,
-        id: &str,
-        bundle: &Bundle,
-        options: Option<&Any>,
-    ) -> TtrpcResult<Arc<Pod>> {
-        let config = Config::load(config_path(options).as_deref())
-            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+    /// The container and the pod it runs in.
+    async fn find(&self, id: &str) -> Result<(Arc<Container>, Arc<Pod>)> {
+        let c = self.container(id)?;
+        Ok((c, self.pod().await?))
+    }
+
+    /// Boots the pod's VM for its first container, and watches it.
+    async fn boot(&self, id: &str, bundle: &Bundle, options: Option<&Any>) -> Result<Arc<Pod>> {
+        let config = Config::load(config_path(options).as_deref())?;
         check_host_namespaces(bundle, config.allow_host_namespaces)?;
-        let sizing = config
-            .vm_sizing(&bundle.annotations())
-            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let sizing = config.vm_sizing(&bundle.annotations())?;
         let hostname = bundle.spec.hostname().clone().unwrap_or_default();
         let netns = crate::network::netns_of(&bundle.spec);
-        let pod = Arc::new(
-            Pod::boot(id, &config, &sizing, &hostname, netns.as_deref())
-                .await
-                .map_err(|e| status(Code::INTERNAL, format!("starting the VM: {e}")))?,
-        );
+        let pod = Arc::new(Pod::boot(id, &config, &sizing, &hostname, netns.as_deref()).await?);
         tracing::info!(
             sandbox = id,
             "VM up ({}, {} vCPU, {} MiB, pid {})",
@@ -151,8 +108,7 @@ impl TaskService {
             sizing.memory_mib,
             pod.vm_pid
         );
-        let me = self.clone();
-        let watched = pod.clone();
+        let (me, watched) = (self.clone(), pod.clone());
         tokio::spawn(async move {
             watched.exited().await;
             me.vm_died(&watched).await;
@@ -160,14 +116,47 @@ impl TaskService {
         Ok(pod)
     }
 
+    /// The pod for a new container: booted by a sandbox, joined by a
+    /// member; with whether this container owns it.
+    async fn pod_for(
+        &self,
+        id: &str,
+        bundle: &Bundle,
+        options: Option<&Any>,
+    ) -> Result<(Arc<Pod>, bool)> {
+        let mut slot = self.inner.pod.lock().await;
+        match (&*slot, bundle.role()) {
+            (Some(p), Role::Member { .. }) => {
+                check_host_namespaces(bundle, p.allow_host_namespaces)?;
+                Ok((p.clone(), false))
+            }
+            (None, Role::Member { sandbox_id }) => Err(ShimError::FailedPrecondition(format!(
+                "the sandbox {sandbox_id} of container {id} is not running in this shim"
+            ))),
+            (Some(p), Role::Sandbox) => Err(ShimError::FailedPrecondition(format!(
+                "this shim already runs sandbox {}",
+                p.id
+            ))),
+            (None, Role::Sandbox) => {
+                let pod = self.boot(id, bundle, options).await?;
+                *slot = Some(pod.clone());
+                Ok((pod, true))
+            }
+        }
+    }
+
+    /// Shuts the pod's VM down and forgets it.
+    async fn end_pod(&self, pod: &Pod) {
+        pod.shutdown().await;
+        *self.inner.pod.lock().await = None;
+    }
+
     /// The VM is gone: every process in it has exited.
     async fn vm_died(&self, pod: &Pod) {
-        let containers: Vec<_> = lock(&self.containers).values().cloned().collect();
+        let containers: Vec<_> = lock(&self.inner.containers).values().cloned().collect();
         for c in containers {
-            for p in c.all() {
-                if p.set_stopped(u32::from(VM_DIED_EXIT_STATUS)) {
-                    self.publish_exit(&c.id, &p, pod.vm_pid).await;
-                }
+            for p in c.vm_died() {
+                self.publish_exit(&c.id, &p, pod.vm_pid).await;
             }
         }
         pod.reap().await;
@@ -178,480 +167,158 @@ impl TaskService {
     }
 
     async fn publish_exit(&self, container_id: &str, p: &Proc, pid: u32) {
-        let (exit_status, exited_at) = match p.state() {
-            ProcState::Stopped { status, at } => (status, at),
-            _ => return,
+        let ProcState::Stopped { status, at } = p.state() else {
+            return;
         };
         let id = if p.exec_id.is_empty() {
             container_id.to_string()
         } else {
             p.exec_id.clone()
         };
-        self.publish(
-            topics::TASK_EXIT_EVENT_TOPIC,
-            Box::new(ev::TaskExit {
-                container_id: container_id.to_string(),
-                id,
-                pid,
-                exit_status,
-                exited_at: Some(exited_at).into(),
-                ..Default::default()
-            }),
-        )
-        .await;
+        let event = ev::TaskExit {
+            container_id: container_id.to_string(),
+            id,
+            pid,
+            exit_status: status,
+            exited_at: Some(at).into(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event))
+            .await;
     }
 
-    /// Waits for a started process in the guest, then reports its exit.
-    fn watch_exit(self: &Arc<Self>, pod: Arc<Pod>, container_id: String, p: Arc<Proc>) {
-        let me = self.clone();
-        tokio::spawn(async move {
-            let req = api::WaitProcessRequest {
-                container_id: container_id.clone(),
-                exec_id: p.exec_id.clone(),
-                ..Default::default()
-            };
-            // No timeout: a process may run for months.
-            let (status, oom) = match pod
-                .agent
-                .wait_process(ttrpc::context::Context::default(), &req)
-                .await
-            {
-                Ok(w) => (w.exit_status as u32, w.oom_killed),
-                Err(e) => {
-                    tracing::warn!(container = container_id, "WaitProcess: {e}");
-                    (u32::from(VM_DIED_EXIT_STATUS), false)
-                }
-            };
-            p.drain_output().await;
-            if oom {
-                me.publish(
-                    topics::TASK_OOM_EVENT_TOPIC,
-                    Box::new(ev::TaskOOM {
-                        container_id: container_id.clone(),
+    /// What a started process's watcher does at its end: TaskOOM first
+    /// (so CRI sees the reason before the exit), then TaskExit, once.
+    fn on_exit(&self, container_id: &str, pid: u32) -> OnExit {
+        let (me, id) = (self.clone(), container_id.to_string());
+        Box::new(move |p: Arc<Proc>, exit: Exit| {
+            Box::pin(async move {
+                if exit.oom {
+                    let event = ev::TaskOOM {
+                        container_id: id.clone(),
                         ..Default::default()
-                    }),
-                )
-                .await;
-            }
-            if p.set_stopped(status) {
-                me.publish_exit(&container_id, &p, pod.vm_pid).await;
-            }
-        });
-    }
-
-    /// Undoes a failed or finished container: its guest state, its mounts.
-    async fn remove_container(&self, pod: &Pod, id: &str) {
-        forget(pod, id, "").await;
-        pod.dir.remove_container(id);
-    }
-}
-
-/// Refuses a CRI container that asks for the node's namespaces, unless the
-/// config lets such pods run with the VM's (`allow_host_namespaces`).
-fn check_host_namespaces(bundle: &Bundle, allowed: bool) -> TtrpcResult<()> {
-    let asked = bundle.host_namespaces();
-    if asked.is_empty() || allowed {
-        return Ok(());
-    }
-    Err(status(
-        Code::INVALID_ARGUMENT,
-        format!(
-            "{} cannot be honoured: the pod runs in its own VM, which has no access to the \
-             node's namespaces (set allow_host_namespaces = true in the podvisor config to \
-             run such pods with the VM's own namespaces instead)",
-            asked.join(", ")
-        ),
-    ))
-}
-
-/// Drops a container (or, with `exec_id`, an exec) from the guest; a dead
-/// VM has nothing left to drop.
-async fn forget(pod: &Pod, id: &str, exec_id: &str) {
-    if pod.is_dead() {
-        return;
-    }
-    let req = api::RemoveContainerRequest {
-        container_id: id.to_string(),
-        exec_id: exec_id.to_string(),
-        ..Default::default()
-    };
-    if let Err(e) = pod.agent.remove_container(ctx(), &req).await {
-        tracing::debug!(container = id, exec = exec_id, "RemoveContainer: {e}");
-    }
-}
-
-/// `ConfigPath` from containerd's runtime options
-/// (runtimeoptions.v1.Options: type_url = 1, config_path = 2).
-fn config_path(options: Option<&Any>) -> Option<PathBuf> {
-    let any = options?;
-    if !any.type_url.ends_with("runtimeoptions.v1.Options") {
-        return None;
-    }
-    let mut input = CodedInputStream::from_bytes(&any.value);
-    while let Ok(Some(tag)) = input.read_raw_tag_or_eof() {
-        let (field, wire) = (tag >> 3, tag & 7);
-        if field == 2 && wire == 2 {
-            return input
-                .read_string()
-                .ok()
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from);
-        }
-        if input
-            .skip_field(containerd_shim::protos::protobuf::rt::WireType::new(wire)?)
-            .is_err()
-        {
-            return None;
-        }
-    }
-    None
-}
-
-fn stats_to_metrics(s: &api::StatsContainerResponse) -> v2::Metrics {
-    let cpu = s.cpu.clone().unwrap_or_default();
-    let mem = s.memory.clone().unwrap_or_default();
-    let pids = s.pids.clone().unwrap_or_default();
-    v2::Metrics {
-        cpu: Some(v2::CPUStat {
-            usage_usec: cpu.usage_usec,
-            user_usec: cpu.user_usec,
-            system_usec: cpu.system_usec,
-            nr_periods: cpu.nr_periods,
-            nr_throttled: cpu.nr_throttled,
-            throttled_usec: cpu.throttled_usec,
-            ..Default::default()
+                    };
+                    me.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(event))
+                        .await;
+                }
+                if p.set_stopped(exit.status) {
+                    me.publish_exit(&id, &p, pid).await;
+                }
+            })
         })
-        .into(),
-        memory: Some(v2::MemoryStat {
-            usage: mem.usage_bytes,
-            usage_limit: mem.limit_bytes,
-            anon: mem.anon_bytes,
-            file: mem.file_bytes,
-            ..Default::default()
-        })
-        .into(),
-        memory_events: Some(v2::MemoryEvents {
-            oom: mem.oom_events,
-            oom_kill: mem.oom_kill_events,
-            ..Default::default()
-        })
-        .into(),
-        pids: Some(v2::PidsStat {
-            current: pids.current,
-            limit: pids.limit,
-            ..Default::default()
-        })
-        .into(),
-        ..Default::default()
     }
-}
 
-/// The shim's TTRPC service; containerd holds one per shim process.
-pub struct Service(pub Arc<TaskService>);
-
-#[async_trait]
-impl Task for Service {
-    async fn create(
-        &self,
-        _: &TtrpcContext,
-        req: shim_api::CreateTaskRequest,
-    ) -> TtrpcResult<shim_api::CreateTaskResponse> {
-        let svc = &self.0;
+    async fn create(&self, req: shim_api::CreateTaskRequest) -> Result<u32> {
         if !req.checkpoint.is_empty() {
-            return Err(status(
-                Code::UNIMPLEMENTED,
-                "checkpoint/restore is not supported",
+            return Err(ShimError::Unimplemented(
+                "checkpoint/restore is not supported".into(),
             ));
         }
         let id = req.id.clone();
-        if lock(&svc.containers).contains_key(&id) {
-            return Err(status(
-                Code::ALREADY_EXISTS,
-                format!("container {id} already exists"),
-            ));
+        if lock(&self.inner.containers).contains_key(&id) {
+            return Err(ShimError::AlreadyExists(format!(
+                "container {id} already exists"
+            )));
         }
-        let bundle = Bundle::load(Path::new(&req.bundle))
-            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-
-        // The pod: booted by its first container, joined by the rest.
-        let (pod, owns_pod) = {
-            let mut slot = svc.pod.lock().await;
-            match (&*slot, bundle.role()) {
-                (Some(p), Role::Member { .. }) => (p.clone(), false),
-                (None, Role::Member { sandbox_id }) => {
-                    return Err(status(
-                        Code::FAILED_PRECONDITION,
-                        format!(
-                        "the sandbox {sandbox_id} of container {id} is not running in this shim"
-                    ),
-                    ))
-                }
-                (Some(p), Role::Sandbox) => {
-                    return Err(status(
-                        Code::FAILED_PRECONDITION,
-                        format!("this shim already runs sandbox {}", p.id),
-                    ))
-                }
-                (None, Role::Sandbox) => {
-                    let pod = svc.boot(&id, &bundle, req.options.as_ref()).await?;
-                    *slot = Some(pod.clone());
-                    (pod, true)
-                }
-            }
-        };
-
-        let made = async {
-            if !owns_pod {
-                check_host_namespaces(&bundle, pod.allow_host_namespaces)?;
-            }
-            let pod_ref = PodRef {
-                sandbox_id: &pod.id,
-                vm_pid: pod.vm_pid,
-            };
-            let spec = bundle
-                .share(&id, &req.rootfs, &pod.dir.container(&id), &pod_ref)
-                .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
-            let stdio = StdioPaths {
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-                terminal: req.terminal,
-            };
-            let resp = pod
-                .agent
-                .create_container(
-                    ctx(),
-                    &api::CreateContainerRequest {
-                        container_id: id.clone(),
-                        oci_spec_json: spec,
-                        stdio: Some(stdio.request()).into(),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .map_err(|e| agent_err("CreateContainer", e))?;
-            let ports = resp.ports.clone().unwrap_or_default();
-            let bridge = Bridge::connect(&pod.vsock, &ports, &stdio)
-                .await
-                .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
-            Ok::<_, TtrpcError>(Proc::new("", stdio, bridge))
-        }
-        .await;
-        let init = match made {
-            Ok(p) => Arc::new(p),
-            Err(e) => {
-                svc.remove_container(&pod, &id).await;
-                if owns_pod {
-                    pod.shutdown().await;
-                    *svc.pod.lock().await = None;
-                }
-                return Err(e);
-            }
-        };
-        lock(&svc.containers).insert(
-            id.clone(),
-            Arc::new(Container {
-                id: id.clone(),
-                bundle: req.bundle.clone(),
-                owns_pod,
-                init,
-                execs: Mutex::new(HashMap::new()),
-            }),
-        );
-        svc.publish(
-            topics::TASK_CREATE_EVENT_TOPIC,
-            Box::new(ev::TaskCreate {
-                container_id: id.clone(),
-                bundle: req.bundle.clone(),
-                rootfs: req.rootfs.clone(),
-                io: Some(ev::TaskIO {
-                    stdin: req.stdin.clone(),
-                    stdout: req.stdout.clone(),
-                    stderr: req.stderr.clone(),
-                    terminal: req.terminal,
-                    ..Default::default()
-                })
-                .into(),
-                pid: pod.vm_pid,
-                ..Default::default()
-            }),
-        )
-        .await;
-        Ok(shim_api::CreateTaskResponse {
-            pid: pod.vm_pid,
-            ..Default::default()
-        })
-    }
-
-    async fn start(
-        &self,
-        _: &TtrpcContext,
-        req: shim_api::StartRequest,
-    ) -> TtrpcResult<shim_api::StartResponse> {
-        let svc = &self.0;
-        let c = svc.container(&req.id)?;
-        let p = c.proc(&req.exec_id)?;
-        if p.state() != ProcState::Created {
-            return Err(status(
-                Code::FAILED_PRECONDITION,
-                format!("{} {} was already started", req.id, req.exec_id),
-            ));
-        }
-        let pod = svc.pod().await?;
-        pod.agent
-            .start_container(
-                ctx(),
-                &api::StartContainerRequest {
-                    container_id: req.id.clone(),
-                    exec_id: req.exec_id.clone(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| agent_err("StartContainer", e))?;
-        p.set_running();
-        svc.watch_exit(pod.clone(), req.id.clone(), p.clone());
-        if req.exec_id.is_empty() {
-            svc.publish(
-                topics::TASK_START_EVENT_TOPIC,
-                Box::new(ev::TaskStart {
-                    container_id: req.id.clone(),
-                    pid: pod.vm_pid,
-                    ..Default::default()
-                }),
-            )
-            .await;
-        } else {
-            svc.publish(
-                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
-                Box::new(ev::TaskExecStarted {
-                    container_id: req.id.clone(),
-                    exec_id: req.exec_id.clone(),
-                    pid: pod.vm_pid,
-                    ..Default::default()
-                }),
-            )
-            .await;
-        }
-        Ok(shim_api::StartResponse {
-            pid: pod.vm_pid,
-            ..Default::default()
-        })
-    }
-
-    async fn exec(
-        &self,
-        _: &TtrpcContext,
-        req: shim_api::ExecProcessRequest,
-    ) -> TtrpcResult<shim_api::Empty> {
-        let svc = &self.0;
-        let c = svc.container(&req.id)?;
-        if lock(&c.execs).contains_key(&req.exec_id) {
-            return Err(status(
-                Code::ALREADY_EXISTS,
-                format!("exec {} already exists", req.exec_id),
-            ));
-        }
-        let pod = svc.pod().await?;
-        let spec = req.spec.clone().unwrap_or_default();
+        let bundle = Bundle::load(Path::new(&req.bundle))?;
+        let (pod, owns_pod) = self.pod_for(&id, &bundle, req.options.as_ref()).await?;
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let resp = pod
-            .agent
-            .exec_process(
-                ctx(),
-                &api::ExecProcessRequest {
-                    container_id: req.id.clone(),
-                    exec_id: req.exec_id.clone(),
-                    process_json: spec.value,
-                    stdio: Some(stdio.request()).into(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| agent_err("ExecProcess", e))?;
-        let ports = resp.ports.clone().unwrap_or_default();
-        let bridge = match Bridge::connect(&pod.vsock, &ports, &stdio).await {
-            Ok(b) => b,
-            Err(e) => {
-                forget(&pod, &req.id, &req.exec_id).await;
-                return Err(status(Code::INTERNAL, e.to_string()));
-            }
-        };
-        lock(&c.execs).insert(
-            req.exec_id.clone(),
-            Arc::new(Proc::new(&req.exec_id, stdio, bridge)),
-        );
-        svc.publish(
-            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
-            Box::new(ev::TaskExecAdded {
-                container_id: req.id.clone(),
-                exec_id: req.exec_id.clone(),
-                ..Default::default()
-            }),
+        let made = Container::create(
+            pod.as_ref(),
+            &id,
+            &req.bundle,
+            &bundle,
+            &req.rootfs,
+            stdio,
+            owns_pod,
         )
         .await;
-        Ok(shim_api::Empty::new())
-    }
-
-    async fn kill(
-        &self,
-        _: &TtrpcContext,
-        req: shim_api::KillRequest,
-    ) -> TtrpcResult<shim_api::Empty> {
-        let svc = &self.0;
-        let c = svc.container(&req.id)?;
-        let p = c.proc(&req.exec_id)?;
-        if matches!(p.state(), ProcState::Stopped { .. }) {
-            return Err(status(
-                Code::NOT_FOUND,
-                format!("process {} {} already finished", req.id, req.exec_id),
-            ));
-        }
-        let pod = svc.pod().await?;
-        pod.agent
-            .signal_process(
-                ctx(),
-                &api::SignalProcessRequest {
-                    container_id: req.id.clone(),
-                    exec_id: req.exec_id.clone(),
-                    signal: req.signal,
-                    all: req.all,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| agent_err("SignalProcess", e))?;
-        Ok(shim_api::Empty::new())
-    }
-
-    async fn wait(
-        &self,
-        _: &TtrpcContext,
-        req: shim_api::WaitRequest,
-    ) -> TtrpcResult<shim_api::WaitResponse> {
-        let p = self.0.container(&req.id)?.proc(&req.exec_id)?;
-        let (exit_status, at) = p.wait().await;
-        Ok(shim_api::WaitResponse {
-            exit_status,
-            exited_at: Some(at).into(),
+        let c = match made {
+            Ok(c) => c,
+            Err(e) => {
+                if owns_pod {
+                    self.end_pod(&pod).await;
+                }
+                return Err(e);
+            }
+        };
+        lock(&self.inner.containers).insert(id.clone(), Arc::new(c));
+        let event = ev::TaskCreate {
+            container_id: id,
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: Some(ev::TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            })
+            .into(),
+            pid: pod.vm_pid,
             ..Default::default()
-        })
+        };
+        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(event))
+            .await;
+        Ok(pod.vm_pid)
     }
 
-    async fn state(
-        &self,
-        _: &TtrpcContext,
-        req: shim_api::StateRequest,
-    ) -> TtrpcResult<shim_api::StateResponse> {
-        let svc = &self.0;
-        let c = svc.container(&req.id)?;
+    async fn start(&self, req: &shim_api::StartRequest) -> Result<u32> {
+        let (c, pod) = self.find(&req.id).await?;
+        let on_exit = self.on_exit(&req.id, pod.vm_pid);
+        c.start(pod.clone(), &req.exec_id, on_exit).await?;
+        let (container_id, pid) = (req.id.clone(), pod.vm_pid);
+        if req.exec_id.is_empty() {
+            let event = ev::TaskStart {
+                container_id,
+                pid,
+                ..Default::default()
+            };
+            self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(event))
+                .await;
+        } else {
+            let event = ev::TaskExecStarted {
+                container_id,
+                exec_id: req.exec_id.clone(),
+                pid,
+                ..Default::default()
+            };
+            self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(event))
+                .await;
+        }
+        Ok(pid)
+    }
+
+    async fn exec(&self, req: shim_api::ExecProcessRequest) -> Result<()> {
+        let (c, pod) = self.find(&req.id).await?;
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let process = req.spec.clone().unwrap_or_default().value;
+        c.exec(pod.as_ref(), &req.exec_id, process, stdio).await?;
+        let event = ev::TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(event))
+            .await;
+        Ok(())
+    }
+
+    async fn state(&self, req: &shim_api::StateRequest) -> Result<shim_api::StateResponse> {
+        let c = self.container(&req.id)?;
         let p = c.proc(&req.exec_id)?;
-        let pid = svc
+        let pid = self
+            .inner
             .pod
             .lock()
             .await
@@ -682,46 +349,23 @@ impl Task for Service {
         Ok(resp)
     }
 
-    async fn delete(
-        &self,
-        _: &TtrpcContext,
-        req: shim_api::DeleteRequest,
-    ) -> TtrpcResult<shim_api::DeleteResponse> {
-        let svc = &self.0;
-        let c = svc.container(&req.id)?;
-        let p = c.proc(&req.exec_id)?;
-        if p.state() == ProcState::Running {
-            return Err(status(
-                Code::FAILED_PRECONDITION,
-                format!("{} {} is still running", req.id, req.exec_id),
-            ));
-        }
-        let (exit_status, exited_at) = match p.state() {
-            ProcState::Stopped { status, at } => (status, at),
-            _ => (0, now()),
-        };
-        let pod = svc.pod().await?;
-        if !req.exec_id.is_empty() {
-            forget(&pod, &req.id, &req.exec_id).await;
-            lock(&c.execs).remove(&req.exec_id);
-        } else {
-            svc.remove_container(&pod, &req.id).await;
-            lock(&svc.containers).remove(&req.id);
-            svc.publish(
-                topics::TASK_DELETE_EVENT_TOPIC,
-                Box::new(ev::TaskDelete {
-                    container_id: req.id.clone(),
-                    id: req.id.clone(),
-                    pid: pod.vm_pid,
-                    exit_status,
-                    exited_at: Some(exited_at.clone()).into(),
-                    ..Default::default()
-                }),
-            )
-            .await;
+    async fn delete(&self, req: &shim_api::DeleteRequest) -> Result<shim_api::DeleteResponse> {
+        let (c, pod) = self.find(&req.id).await?;
+        let (exit_status, exited_at) = c.delete(pod.as_ref(), &req.exec_id).await?;
+        if req.exec_id.is_empty() {
+            lock(&self.inner.containers).remove(&req.id);
+            let event = ev::TaskDelete {
+                container_id: req.id.clone(),
+                id: req.id.clone(),
+                pid: pod.vm_pid,
+                exit_status,
+                exited_at: Some(exited_at.clone()).into(),
+                ..Default::default()
+            };
+            self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event))
+                .await;
             if c.owns_pod {
-                pod.shutdown().await;
-                *svc.pod.lock().await = None;
+                self.end_pod(&pod).await;
             }
         }
         Ok(shim_api::DeleteResponse {
@@ -732,34 +376,127 @@ impl Task for Service {
         })
     }
 
+    async fn stats(&self, id: &str) -> Result<Any> {
+        let (_, pod) = self.find(id).await?;
+        let s = pod.stats(id).await?;
+        containerd_shim::util::convert_to_any(Box::new(stats_to_metrics(&s)))
+            .map_err(|e| ShimError::Internal(format!("encoding metrics: {e}")))
+    }
+
+    async fn update(&self, req: &shim_api::UpdateTaskRequest) -> Result<()> {
+        let (_, pod) = self.find(&req.id).await?;
+        let resources = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.clone())
+            .ok_or_else(|| ShimError::InvalidArgument("update without resources".into()))?;
+        pod.update(&req.id, resources).await
+    }
+
+    async fn close_io(&self, req: &shim_api::CloseIORequest) -> Result<()> {
+        let (c, pod) = self.find(&req.id).await?;
+        let p = c.proc(&req.exec_id)?;
+        if req.stdin {
+            p.close_stdin();
+            pod.close_stdin(&req.id, &req.exec_id).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Task for TaskService {
+    async fn create(
+        &self,
+        _: &TtrpcContext,
+        req: shim_api::CreateTaskRequest,
+    ) -> TtrpcResult<shim_api::CreateTaskResponse> {
+        let pid = TaskService::create(self, req).await?;
+        Ok(shim_api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(
+        &self,
+        _: &TtrpcContext,
+        req: shim_api::StartRequest,
+    ) -> TtrpcResult<shim_api::StartResponse> {
+        let pid = TaskService::start(self, &req).await?;
+        Ok(shim_api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn exec(
+        &self,
+        _: &TtrpcContext,
+        req: shim_api::ExecProcessRequest,
+    ) -> TtrpcResult<shim_api::Empty> {
+        TaskService::exec(self, req).await?;
+        Ok(shim_api::Empty::new())
+    }
+
+    async fn kill(
+        &self,
+        _: &TtrpcContext,
+        req: shim_api::KillRequest,
+    ) -> TtrpcResult<shim_api::Empty> {
+        let (c, pod) = self.find(&req.id).await?;
+        c.signal(pod.as_ref(), &req.exec_id, req.signal, req.all)
+            .await?;
+        Ok(shim_api::Empty::new())
+    }
+
+    async fn wait(
+        &self,
+        _: &TtrpcContext,
+        req: shim_api::WaitRequest,
+    ) -> TtrpcResult<shim_api::WaitResponse> {
+        let p = self.container(&req.id)?.proc(&req.exec_id)?;
+        let (exit_status, at) = p.wait().await;
+        Ok(shim_api::WaitResponse {
+            exit_status,
+            exited_at: Some(at).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn state(
+        &self,
+        _: &TtrpcContext,
+        req: shim_api::StateRequest,
+    ) -> TtrpcResult<shim_api::StateResponse> {
+        Ok(TaskService::state(self, &req).await?)
+    }
+
+    async fn delete(
+        &self,
+        _: &TtrpcContext,
+        req: shim_api::DeleteRequest,
+    ) -> TtrpcResult<shim_api::DeleteResponse> {
+        Ok(TaskService::delete(self, &req).await?)
+    }
+
     async fn pids(
         &self,
         _: &TtrpcContext,
         req: shim_api::PidsRequest,
     ) -> TtrpcResult<shim_api::PidsResponse> {
-        let svc = &self.0;
-        svc.container(&req.id)?;
-        let pod = svc.pod().await?;
-        let resp = pod
-            .agent
-            .list_processes(
-                ctx(),
-                &api::ListProcessesRequest {
-                    container_id: req.id.clone(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| agent_err("ListProcesses", e))?;
+        let (_, pod) = self.find(&req.id).await?;
+        let processes = pod
+            .pids(&req.id)
+            .await?
+            .into_iter()
+            .map(|pid| containerd_shim::protos::api::ProcessInfo {
+                pid,
+                ..Default::default()
+            })
+            .collect();
         Ok(shim_api::PidsResponse {
-            processes: resp
-                .pids
-                .into_iter()
-                .map(|pid| containerd_shim::protos::api::ProcessInfo {
-                    pid,
-                    ..Default::default()
-                })
-                .collect(),
+            processes,
             ..Default::default()
         })
     }
@@ -769,24 +506,9 @@ impl Task for Service {
         _: &TtrpcContext,
         req: shim_api::StatsRequest,
     ) -> TtrpcResult<shim_api::StatsResponse> {
-        let svc = &self.0;
-        svc.container(&req.id)?;
-        let pod = svc.pod().await?;
-        let s = pod
-            .agent
-            .stats_container(
-                ctx(),
-                &api::StatsContainerRequest {
-                    container_id: req.id.clone(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| agent_err("StatsContainer", e))?;
-        let any = containerd_shim::util::convert_to_any(Box::new(stats_to_metrics(&s)))
-            .map_err(|e| status(Code::INTERNAL, format!("encoding metrics: {e}")))?;
+        let stats = TaskService::stats(self, &req.id).await?;
         Ok(shim_api::StatsResponse {
-            stats: Some(any).into(),
+            stats: Some(stats).into(),
             ..Default::default()
         })
     }
@@ -796,25 +518,7 @@ impl Task for Service {
         _: &TtrpcContext,
         req: shim_api::UpdateTaskRequest,
     ) -> TtrpcResult<shim_api::Empty> {
-        let svc = &self.0;
-        svc.container(&req.id)?;
-        let pod = svc.pod().await?;
-        let resources = req
-            .resources
-            .as_ref()
-            .map(|a| a.value.clone())
-            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "update without resources"))?;
-        pod.agent
-            .update_container(
-                ctx(),
-                &api::UpdateContainerRequest {
-                    container_id: req.id.clone(),
-                    resources_json: resources,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| agent_err("UpdateContainer", e))?;
+        TaskService::update(self, &req).await?;
         Ok(shim_api::Empty::new())
     }
 
@@ -823,22 +527,10 @@ impl Task for Service {
         _: &TtrpcContext,
         req: shim_api::ResizePtyRequest,
     ) -> TtrpcResult<shim_api::Empty> {
-        let svc = &self.0;
-        svc.container(&req.id)?.proc(&req.exec_id)?;
-        let pod = svc.pod().await?;
-        pod.agent
-            .tty_win_resize(
-                ctx(),
-                &api::TtyWinResizeRequest {
-                    container_id: req.id.clone(),
-                    exec_id: req.exec_id.clone(),
-                    rows: req.height,
-                    columns: req.width,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| agent_err("TtyWinResize", e))?;
+        let (c, pod) = self.find(&req.id).await?;
+        c.proc(&req.exec_id)?;
+        pod.resize_pty(&req.id, &req.exec_id, req.height, req.width)
+            .await?;
         Ok(shim_api::Empty::new())
     }
 
@@ -847,23 +539,7 @@ impl Task for Service {
         _: &TtrpcContext,
         req: shim_api::CloseIORequest,
     ) -> TtrpcResult<shim_api::Empty> {
-        let svc = &self.0;
-        let p = svc.container(&req.id)?.proc(&req.exec_id)?;
-        if req.stdin {
-            p.close_stdin();
-            let pod = svc.pod().await?;
-            pod.agent
-                .close_stdin(
-                    ctx(),
-                    &api::CloseStdinRequest {
-                        container_id: req.id.clone(),
-                        exec_id: req.exec_id.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .map_err(|e| agent_err("CloseStdin", e))?;
-        }
+        TaskService::close_io(self, &req).await?;
         Ok(shim_api::Empty::new())
     }
 
@@ -872,12 +548,10 @@ impl Task for Service {
         _: &TtrpcContext,
         req: shim_api::ConnectRequest,
     ) -> TtrpcResult<shim_api::ConnectResponse> {
-        let svc = &self.0;
-        svc.container(&req.id)?;
-        let pid = svc.pod().await?.vm_pid;
+        let (_, pod) = self.find(&req.id).await?;
         Ok(shim_api::ConnectResponse {
             shim_pid: std::process::id(),
-            task_pid: pid,
+            task_pid: pod.vm_pid,
             version: env!("CARGO_PKG_VERSION").to_string(),
             ..Default::default()
         })
@@ -888,96 +562,10 @@ impl Task for Service {
         _: &TtrpcContext,
         _: shim_api::ShutdownRequest,
     ) -> TtrpcResult<shim_api::Empty> {
-        let svc = &self.0;
-        if lock(&svc.containers).is_empty() && svc.pod.lock().await.is_none() {
-            svc.exit.signal();
+        let i = &self.inner;
+        if lock(&i.containers).is_empty() && i.pod.lock().await.is_none() {
+            i.exit.signal();
         }
         Ok(shim_api::Empty::new())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use containerd_shim::protos::protobuf::CodedOutputStream;
-
-    fn options(type_url: &str, path: &str) -> Any {
-        let mut value = Vec::new();
-        {
-            let mut out = CodedOutputStream::vec(&mut value);
-            out.write_string(1, podvisor_names::RUNTIME_TYPE).unwrap();
-            out.write_string(2, path).unwrap();
-            out.write_bytes(3, b"").unwrap();
-            out.flush().unwrap();
-        }
-        Any {
-            type_url: type_url.into(),
-            value,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn config_path_comes_from_runtime_options() {
-        let a = options("runtimeoptions.v1.Options", "/etc/podvisor/alt.toml");
-        assert_eq!(
-            config_path(Some(&a)),
-            Some(PathBuf::from("/etc/podvisor/alt.toml"))
-        );
-        let other = options("containerd.runc.v1.Options", "/x");
-        assert_eq!(config_path(Some(&other)), None);
-        assert_eq!(config_path(None), None);
-        let garbage = Any {
-            type_url: "runtimeoptions.v1.Options".into(),
-            value: vec![0xff, 0xff, 0xff],
-            ..Default::default()
-        };
-        assert_eq!(config_path(Some(&garbage)), None);
-    }
-
-    #[test]
-    fn host_namespaces_are_refused_unless_the_config_allows_them() {
-        let spec: oci_spec::runtime::Spec = serde_json::from_str(
-            r#"{"ociVersion":"1.0.2",
-                "annotations":{"io.kubernetes.cri.container-type":"sandbox","io.kubernetes.cri.sandbox-id":"s"},
-                "linux":{"namespaces":[{"type":"ipc"},{"type":"mount"}]}}"#,
-        )
-        .unwrap();
-        let bundle = Bundle {
-            dir: "/b".into(),
-            spec,
-        };
-        let e = check_host_namespaces(&bundle, false).unwrap_err();
-        let msg = e.to_string();
-        assert!(
-            msg.contains("hostNetwork, hostPID") && msg.contains("allow_host_namespaces"),
-            "{msg}"
-        );
-        check_host_namespaces(&bundle, true).unwrap();
-    }
-
-    #[test]
-    fn metrics_carry_the_guest_figures() {
-        let s = api::StatsContainerResponse {
-            memory: Some(api::MemoryStats {
-                usage_bytes: 10,
-                limit_bytes: 20,
-                oom_kill_events: 1,
-                ..Default::default()
-            })
-            .into(),
-            pids: Some(api::PidsStats {
-                current: 2,
-                limit: 5,
-                ..Default::default()
-            })
-            .into(),
-            ..Default::default()
-        };
-        let m = stats_to_metrics(&s);
-        assert_eq!(m.memory.usage, 10);
-        assert_eq!(m.memory.usage_limit, 20);
-        assert_eq!(m.memory_events.oom_kill, 1);
-        assert_eq!(m.pids.current, 2);
     }
 }

@@ -1,18 +1,30 @@
-//! One pod's VM: its directory, the hypervisor processes, and the agent
-//! client. Booted by the pod's first container, shut down by its last.
+//! One pod's VM: its sandbox directory, the hypervisor processes, the pod
+//! network carried into it, and the agent. Booted by the pod's first
+//! container, shut down by its last; in between it offers the operations
+//! on the guest's containers ([`Guest`]), each one agent call with its
+//! error mapped once. [`remove_host_state`] is the one teardown of what a
+//! pod leaves on the host, for an orderly shutdown and for containerd's
+//! crash-cleanup `delete` alike.
 
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
+use async_trait::async_trait;
+use containerd_shim::protos::api::Mount as RootfsMount;
+use podvisor_names::VM_DIED_EXIT_STATUS;
 use podvisor_protocol::api::{self, AgentClient};
 use podvisor_protocol::hybrid_vsock::{connect_agent, ReadyListener};
 use tokio::sync::{watch, Mutex};
 
+use crate::bundle::{Bundle, PodRef};
 use crate::config::{Config, VmSizing};
+use crate::container::{Exit, Guest};
+use crate::error::{Result, ShimError};
 use crate::network::{NetworkError, PodNetwork};
 use crate::port_forward::PortForward;
-use crate::state::{process_start_time, RecordedProcess, SandboxDir, State};
+use crate::sandbox_dir::{process_start_time, RecordedProcess, SandboxDir, State};
+use crate::stdio::{Bridge, StdioPaths};
 use podvisor_hypervisor::{self as hypervisor, RunningVm, VmSpec};
 
 /// From QEMU start to the agent answering (TCG boots take seconds).
@@ -20,12 +32,12 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the guest gets to power off after DestroySandbox.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
 /// Timeout of ordinary agent calls; WaitProcess has none.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
     #[error(transparent)]
-    State(#[from] crate::state::StateError),
+    State(#[from] crate::sandbox_dir::StateError),
     #[error(transparent)]
     Hypervisor(#[from] hypervisor::HypervisorError),
     #[error(
@@ -50,9 +62,9 @@ pub enum PodError {
 
 pub struct Pod {
     pub id: String,
-    pub dir: SandboxDir,
-    pub agent: AgentClient,
-    pub vsock: PathBuf,
+    dir: SandboxDir,
+    agent: AgentClient,
+    vsock: PathBuf,
     /// pid of the VM process: the task pid containerd sees.
     pub vm_pid: u32,
     /// "qemu/tcg", ...
@@ -67,7 +79,7 @@ pub struct Pod {
     _port_forward: Option<PortForward>,
 }
 
-pub fn ctx() -> ttrpc::context::Context {
+fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(CALL_TIMEOUT.as_nanos() as i64)
 }
 
@@ -123,10 +135,7 @@ impl Pod {
             cpuid_hide: config.cpuid_hide.clone(),
         };
         let undo = |dir: SandboxDir, network: Option<PodNetwork>| async move {
-            if let Some(n) = &network {
-                n.teardown().await;
-            }
-            dir.destroy();
+            remove_host_state(&dir, network.as_ref()).await;
         };
         let ready = match ReadyListener::bind(&spec.vsock) {
             Ok(r) => r,
@@ -276,13 +285,214 @@ impl Pod {
             }
         }
         self.vm.lock().await.stop(POWEROFF_GRACE).await;
-        if let Some(n) = &self.network {
-            n.teardown().await;
-        }
-        self.dir.destroy();
+        remove_host_state(&self.dir, self.network.as_ref()).await;
         tracing::info!(
             sandbox = self.id,
             "VM stopped and sandbox directory removed"
         );
+    }
+}
+
+/// Removes what a pod left on the host once its VM's processes are gone:
+/// the taps and tc filters in the pod's network namespace, then the
+/// sandbox directory with every mount below it. An orderly shutdown, a
+/// failed boot and containerd's crash-cleanup `delete` all end here.
+pub async fn remove_host_state(dir: &SandboxDir, network: Option<&PodNetwork>) {
+    if let Some(n) = network {
+        n.teardown().await;
+    }
+    dir.destroy();
+}
+
+impl Pod {
+    pub async fn pids(&self, id: &str) -> Result<Vec<u32>> {
+        let req = api::ListProcessesRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        let resp = self
+            .agent
+            .list_processes(ctx(), &req)
+            .await
+            .map_err(Self::failed("ListProcesses"))?;
+        Ok(resp.pids)
+    }
+
+    pub async fn stats(&self, id: &str) -> Result<api::StatsContainerResponse> {
+        let req = api::StatsContainerRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        self.agent
+            .stats_container(ctx(), &req)
+            .await
+            .map_err(Self::failed("StatsContainer"))
+    }
+
+    pub async fn update(&self, id: &str, resources: Vec<u8>) -> Result<()> {
+        let req = api::UpdateContainerRequest {
+            container_id: id.to_string(),
+            resources_json: resources,
+            ..Default::default()
+        };
+        self.agent
+            .update_container(ctx(), &req)
+            .await
+            .map_err(Self::failed("UpdateContainer"))?;
+        Ok(())
+    }
+
+    pub async fn resize_pty(&self, id: &str, exec_id: &str, rows: u32, columns: u32) -> Result<()> {
+        let req = api::TtyWinResizeRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            rows,
+            columns,
+            ..Default::default()
+        };
+        self.agent
+            .tty_win_resize(ctx(), &req)
+            .await
+            .map_err(Self::failed("TtyWinResize"))?;
+        Ok(())
+    }
+
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        let req = api::CloseStdinRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        self.agent
+            .close_stdin(ctx(), &req)
+            .await
+            .map_err(Self::failed("CloseStdin"))?;
+        Ok(())
+    }
+
+    /// One agent call, its failure named after it.
+    fn failed(call: &'static str) -> impl FnOnce(ttrpc::Error) -> ShimError {
+        move |source| ShimError::Agent { call, source }
+    }
+}
+
+#[async_trait]
+impl Guest for Pod {
+    fn share(&self, id: &str, bundle: &Bundle, rootfs: &[RootfsMount]) -> Result<Vec<u8>> {
+        let pod = PodRef {
+            sandbox_id: &self.id,
+            vm_pid: self.vm_pid,
+        };
+        Ok(bundle.share(id, rootfs, &self.dir.container(id), &pod)?)
+    }
+
+    fn unshare(&self, id: &str) {
+        self.dir.remove_container(id);
+    }
+
+    async fn create(&self, id: &str, spec: Vec<u8>, stdio: &StdioPaths) -> Result<Bridge> {
+        let req = api::CreateContainerRequest {
+            container_id: id.to_string(),
+            oci_spec_json: spec,
+            stdio: Some(stdio.request()).into(),
+            ..Default::default()
+        };
+        let resp = self
+            .agent
+            .create_container(ctx(), &req)
+            .await
+            .map_err(Self::failed("CreateContainer"))?;
+        let ports = resp.ports.clone().unwrap_or_default();
+        Ok(Bridge::connect(&self.vsock, &ports, stdio).await?)
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: Vec<u8>,
+        stdio: &StdioPaths,
+    ) -> Result<Bridge> {
+        let req = api::ExecProcessRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            process_json: process,
+            stdio: Some(stdio.request()).into(),
+            ..Default::default()
+        };
+        let resp = self
+            .agent
+            .exec_process(ctx(), &req)
+            .await
+            .map_err(Self::failed("ExecProcess"))?;
+        let ports = resp.ports.clone().unwrap_or_default();
+        Ok(Bridge::connect(&self.vsock, &ports, stdio).await?)
+    }
+
+    async fn start(&self, id: &str, exec_id: &str) -> Result<()> {
+        let req = api::StartContainerRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        self.agent
+            .start_container(ctx(), &req)
+            .await
+            .map_err(Self::failed("StartContainer"))?;
+        Ok(())
+    }
+
+    async fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let req = api::SignalProcessRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.agent
+            .signal_process(ctx(), &req)
+            .await
+            .map_err(Self::failed("SignalProcess"))?;
+        Ok(())
+    }
+
+    async fn wait(&self, id: &str, exec_id: &str) -> Exit {
+        let req = api::WaitProcessRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        match self
+            .agent
+            .wait_process(ttrpc::context::Context::default(), &req)
+            .await
+        {
+            Ok(w) => Exit {
+                status: u32::try_from(w.exit_status).unwrap_or(u32::from(VM_DIED_EXIT_STATUS)),
+                oom: w.oom_killed,
+            },
+            Err(e) => {
+                tracing::warn!(container = id, exec = exec_id, "WaitProcess: {e}");
+                Exit {
+                    status: u32::from(VM_DIED_EXIT_STATUS),
+                    oom: false,
+                }
+            }
+        }
+    }
+
+    async fn remove(&self, id: &str, exec_id: &str) {
+        if self.is_dead() {
+            return;
+        }
+        let req = api::RemoveContainerRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        if let Err(e) = self.agent.remove_container(ctx(), &req).await {
+            tracing::debug!(container = id, exec = exec_id, "RemoveContainer: {e}");
+        }
     }
 }
