@@ -117,9 +117,9 @@ pub fn validate(vm: &VirtualMachine, limits: Limits) -> Result<Size, SpecError> 
     })
 }
 
-/// The pod for `vm` of `size` (as `validate` returned it); `restarts_before`
-/// carries the restarts of the pods it replaces.
-pub fn build(vm: &VirtualMachine, size: Size, restarts_before: i32) -> Pod {
+/// The pod for `vm` of `size` (as `validate` returned it), as a first
+/// start makes it ([`replacing`] makes it a replacement).
+pub fn build(vm: &VirtualMachine, size: Size) -> Pod {
     let spec = &vm.spec;
     let memory_mib = size.memory_mib;
     let mut annotations = BTreeMap::from([
@@ -134,10 +134,7 @@ pub fn build(vm: &VirtualMachine, size: Size, restarts_before: i32) -> Pod {
     }
     let labels = BTreeMap::from([
         (LABEL_VM.to_string(), vm.name_any()),
-        (
-            LABEL_RESTARTS_BEFORE.to_string(),
-            restarts_before.to_string(),
-        ),
+        (LABEL_RESTARTS_BEFORE.to_string(), "0".to_string()),
         (
             "app.kubernetes.io/managed-by".to_string(),
             "podvisor-controller".to_string(),
@@ -227,6 +224,18 @@ pub fn build(vm: &VirtualMachine, size: Size, restarts_before: i32) -> Pod {
     let hash = template_hash(&pod);
     if let Some(labels) = pod.metadata.labels.as_mut() {
         labels.insert(LABEL_TEMPLATE_HASH.to_string(), hash);
+    }
+    pod
+}
+
+/// `pod` as the replacement of pods that restarted `restarts_before` times
+/// in all (a label, outside the template hash).
+pub fn replacing(mut pod: Pod, restarts_before: i32) -> Pod {
+    if let Some(labels) = pod.metadata.labels.as_mut() {
+        labels.insert(
+            LABEL_RESTARTS_BEFORE.to_string(),
+            restarts_before.to_string(),
+        );
     }
     pod
 }
@@ -353,7 +362,7 @@ mod tests {
             persistent_volume_claim: None,
             empty_dir: None,
         });
-        let pod = build(&v, size(2, 1024), 3);
+        let pod = replacing(build(&v, size(2, 1024)), 3);
         let meta = &pod.metadata;
         assert_eq!(meta.name.as_deref(), Some("web"));
         assert_eq!(meta.namespace.as_deref(), Some("ns"));
@@ -390,11 +399,7 @@ mod tests {
 
     #[test]
     fn unset_optional_settings_add_no_annotations() {
-        let pod = build(
-            &vm(serde_json::json!({"image": "busybox"})),
-            size(1, 512),
-            0,
-        );
+        let pod = build(&vm(serde_json::json!({"image": "busybox"})), size(1, 512));
         let ann = pod.metadata.annotations.unwrap();
         assert_eq!(ann.len(), 2, "{ann:?}");
         let c = &pod.spec.unwrap().containers[0];
@@ -404,12 +409,12 @@ mod tests {
     #[test]
     fn template_hash_follows_the_spec_not_the_restarts() {
         let v = vm(serde_json::json!({"image": "busybox"}));
-        let a = build(&v, size(1, 512), 0);
-        assert!(!outdated(&build(&v, size(1, 512), 7), &a));
-        assert!(outdated(&build(&v, size(1, 640), 0), &a));
+        let a = build(&v, size(1, 512));
+        assert!(!outdated(&replacing(build(&v, size(1, 512)), 7), &a));
+        assert!(outdated(&build(&v, size(1, 640)), &a));
         let mut w = v.clone();
         w.spec.kernel_params = Some("quiet".into());
-        assert!(outdated(&build(&w, size(1, 512), 0), &a));
+        assert!(outdated(&build(&w, size(1, 512)), &a));
         assert_eq!(a.metadata.labels.unwrap()[LABEL_TEMPLATE_HASH].len(), 16);
     }
 

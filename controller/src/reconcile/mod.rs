@@ -2,6 +2,8 @@
 //! its pod (if any) whether to create, delete or leave the pod (`plan`),
 //! act, and write the status the pod implies (`observe`) by server-side
 //! apply. Deletion goes through a finalizer that waits for the pod to go.
+//! The pod's facts are gathered once ([`PodFacts`]); `api_tests.rs` runs
+//! `apply` and `cleanup` against a mocked API server.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,8 +67,9 @@ pub enum Plan {
 }
 
 /// What the controller sees of a pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum PodState {
+    #[default]
     Absent,
     Terminating,
     Pending,
@@ -77,18 +80,77 @@ pub enum PodState {
     Failed,
 }
 
-pub fn pod_state(pod: Option<&Pod>) -> PodState {
-    let Some(pod) = pod else {
-        return PodState::Absent;
-    };
-    if pod.metadata.deletion_timestamp.is_some() {
-        return PodState::Terminating;
-    }
-    match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
-        Some("Running") => PodState::Running,
-        Some("Succeeded") => PodState::Succeeded,
-        Some("Failed") => PodState::Failed,
-        _ => PodState::Pending,
+/// Everything the controller reads of a VM's pod, gathered in one place.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodFacts {
+    pub state: PodState,
+    /// Made from another spec than the VM's current one.
+    pub outdated: bool,
+    pub name: Option<String>,
+    pub node: Option<String>,
+    pub ip: Option<String>,
+    /// The restarts of the pods it replaced plus its container's.
+    pub restarts: i32,
+    /// Why its container waits (CrashLoopBackOff, ErrImagePull, ...).
+    pub waiting_reason: Option<String>,
+    /// The scheduler's message, while it cannot place the pod.
+    pub unschedulable: Option<String>,
+    pub ready: bool,
+    /// What the pod says of its failure.
+    pub failure: Option<String>,
+}
+
+impl PodFacts {
+    /// The facts of `pod` (none: absent), compared with `desired`, the pod
+    /// the VM's current spec makes (none: the spec is invalid).
+    pub fn gather(pod: Option<&Pod>, desired: Option<&Pod>) -> PodFacts {
+        let Some(pod) = pod else {
+            return PodFacts::default();
+        };
+        let status = pod.status.as_ref();
+        let containers = status
+            .and_then(|s| s.container_statuses.as_deref())
+            .unwrap_or_default();
+        let conditions = status
+            .and_then(|s| s.conditions.as_deref())
+            .unwrap_or_default();
+        let outdated = desired.is_some_and(|d| pod::outdated(pod, d));
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        let state = if pod.metadata.deletion_timestamp.is_some() {
+            PodState::Terminating
+        } else {
+            match status.and_then(|s| s.phase.as_deref()) {
+                Some("Running") => PodState::Running,
+                Some("Succeeded") => PodState::Succeeded,
+                Some("Failed") => PodState::Failed,
+                _ if node.is_none() && outdated => PodState::Stale,
+                _ => PodState::Pending,
+            }
+        };
+        let restarts_before = pod
+            .labels()
+            .get(LABEL_RESTARTS_BEFORE)
+            .and_then(|v| v.parse::<i32>().ok())
+            .unwrap_or(0);
+        PodFacts {
+            state,
+            outdated,
+            name: Some(pod.name_any()),
+            node,
+            ip: status.and_then(|s| s.pod_ip.clone()),
+            restarts: restarts_before + containers.iter().map(|c| c.restart_count).sum::<i32>(),
+            waiting_reason: containers
+                .iter()
+                .find_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone()),
+            unschedulable: conditions
+                .iter()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+                .map(|c| c.message.clone().unwrap_or_default()),
+            ready: conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True"),
+            failure: status.and_then(|s| s.message.clone().or_else(|| s.reason.clone())),
+        }
     }
 }
 
@@ -149,130 +211,117 @@ pub fn plan(
     }
 }
 
-/// The status that `pod` (after acting on the plan) implies.
-pub fn observe(
-    vm: &VirtualMachine,
-    pod: Option<&Pod>,
-    outdated: bool,
+/// How a VM stands, before it becomes conditions.
+#[derive(Debug, PartialEq, Eq)]
+struct Standing {
+    phase: Phase,
+    printable: String,
+    reason: &'static str,
+    message: String,
+}
+
+/// The VM's phase, printable status and Ready reason, from its pod.
+fn standing(
+    pod: &PodFacts,
+    strategy: RunStrategy,
     invalid: Option<&str>,
     last: &VirtualMachineStatus,
-) -> VirtualMachineStatus {
-    let generation = vm.metadata.generation;
-    let strategy = vm.spec.run_strategy;
-    let state = pod_state(pod);
-    let pod_status = pod.and_then(|p| p.status.as_ref());
-    let restarts_before = pod
-        .and_then(|p| p.labels().get(LABEL_RESTARTS_BEFORE))
-        .and_then(|v| v.parse::<i32>().ok())
-        .unwrap_or(0);
-    let container_restarts: i32 = pod_status
-        .and_then(|s| s.container_statuses.as_ref())
-        .map(|cs| cs.iter().map(|c| c.restart_count).sum())
-        .unwrap_or(0);
-    let waiting_reason = pod_status
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|cs| cs.iter().find_map(|c| c.state.as_ref()?.waiting.as_ref()))
-        .and_then(|w| w.reason.clone());
-    let unschedulable = pod_status
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| {
-            cs.iter()
-                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
-        })
-        .map(|c| c.message.clone().unwrap_or_default());
-    let pod_ready = pod_status
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| c.status == "True");
-
-    let (phase, printable, reason, message): (Phase, String, &str, String) = match state {
-        PodState::Absent => match (invalid, strategy) {
-            (Some(e), _) => (
+) -> Standing {
+    let s = |phase, printable: &str, reason, message: &str| Standing {
+        phase,
+        printable: printable.to_string(),
+        reason,
+        message: message.to_string(),
+    };
+    let standing = match pod.state {
+        PodState::Absent => match (invalid, strategy, last.phase) {
+            (Some(e), _, _) => s(Phase::Stopped, "InvalidSpec", "InvalidSpec", e),
+            (None, RunStrategy::Halted, _) => s(
                 Phase::Stopped,
-                "InvalidSpec".into(),
-                "InvalidSpec",
-                e.to_string(),
-            ),
-            (None, RunStrategy::Halted) => (
-                Phase::Stopped,
-                "Stopped".into(),
                 "Stopped",
-                "runStrategy is Halted".into(),
+                "Stopped",
+                "runStrategy is Halted",
             ),
-            (None, _) => match last.phase {
-                Some(p @ (Phase::Succeeded | Phase::Failed))
-                    if strategy == RunStrategy::Once
-                        || (strategy == RunStrategy::RerunOnFailure && p == Phase::Succeeded) =>
-                {
-                    (
-                        p,
-                        format!("{p:?}"),
-                        "Finished",
-                        "the VM ran to completion".into(),
-                    )
-                }
-                _ => (
-                    Phase::Pending,
-                    "Starting".into(),
-                    "Starting",
-                    "creating the VM's pod".into(),
-                ),
-            },
+            (None, RunStrategy::Once, Some(p @ (Phase::Succeeded | Phase::Failed)))
+            | (None, RunStrategy::RerunOnFailure, Some(p @ Phase::Succeeded)) => {
+                s(p, &format!("{p:?}"), "Finished", "the VM ran to completion")
+            }
+            _ => s(
+                Phase::Pending,
+                "Starting",
+                "Starting",
+                "creating the VM's pod",
+            ),
         },
-        PodState::Terminating => (
+        PodState::Terminating => s(
             last.phase.unwrap_or(Phase::Running),
-            "Stopping".into(),
             "Stopping",
-            "the VM's pod is terminating".into(),
+            "Stopping",
+            "the VM's pod is terminating",
         ),
         PodState::Pending | PodState::Stale => {
-            let printable = match (&unschedulable, &waiting_reason) {
-                (Some(_), _) => "Unschedulable".to_string(),
-                (None, Some(r)) if r != "ContainerCreating" => r.clone(),
-                _ => "Starting".to_string(),
+            let printable = match (&pod.unschedulable, &pod.waiting_reason) {
+                (Some(_), _) => "Unschedulable",
+                (None, Some(r)) if r != "ContainerCreating" => r,
+                _ => "Starting",
             };
-            let message = unschedulable
-                .clone()
-                .unwrap_or_else(|| "the VM is booting".into());
-            (Phase::Pending, printable, "Starting", message)
+            let message = pod.unschedulable.as_deref().unwrap_or("the VM is booting");
+            s(Phase::Pending, printable, "Starting", message)
         }
         PodState::Running => {
-            let printable = match &waiting_reason {
-                Some(r) if !pod_ready => r.clone(),
-                _ => "Running".to_string(),
+            let printable = match &pod.waiting_reason {
+                Some(r) if !pod.ready => r,
+                _ => "Running",
             };
-            let (reason, message) = if pod_ready {
-                ("Running", "the VM's pod is ready".to_string())
+            if pod.ready {
+                s(
+                    Phase::Running,
+                    printable,
+                    "Running",
+                    "the VM's pod is ready",
+                )
             } else {
-                ("NotReady", "the VM's pod is not ready".to_string())
-            };
-            (Phase::Running, printable, reason, message)
+                s(
+                    Phase::Running,
+                    printable,
+                    "NotReady",
+                    "the VM's pod is not ready",
+                )
+            }
         }
-        PodState::Succeeded => (
+        PodState::Succeeded => s(
             Phase::Succeeded,
-            "Succeeded".into(),
+            "Succeeded",
             "Finished",
-            "the VM ran to completion".into(),
+            "the VM ran to completion",
         ),
-        PodState::Failed => (
+        PodState::Failed => s(
             Phase::Failed,
-            "Failed".into(),
             "Failed",
-            pod_status
-                .and_then(|s| s.message.clone().or_else(|| s.reason.clone()))
-                .unwrap_or_else(|| "the VM's workload failed".into()),
+            "Failed",
+            pod.failure.as_deref().unwrap_or("the VM's workload failed"),
         ),
     };
     // An invalid spec is reported even while an older pod still runs.
-    let (reason, message) = match invalid {
-        Some(e) if state != PodState::Absent => (
-            "InvalidSpec",
-            format!("{e}; the running VM keeps its earlier spec"),
-        ),
-        _ => (reason, message),
-    };
-    let ready = pod_ready && state == PodState::Running && invalid.is_none();
-    let status = if ready { "True" } else { "False" };
+    match invalid {
+        Some(e) if pod.state != PodState::Absent => Standing {
+            reason: "InvalidSpec",
+            message: format!("{e}; the running VM keeps its earlier spec"),
+            ..standing
+        },
+        _ => standing,
+    }
+}
+
+/// Ready (and RestartRequired while the pod is from an older spec), each
+/// keeping its transition time while its status stays.
+fn conditions(
+    pod: &PodFacts,
+    standing: &Standing,
+    invalid: Option<&str>,
+    generation: Option<i64>,
+    last: &VirtualMachineStatus,
+) -> Vec<Condition> {
     let condition = |type_: &str, status: &str, reason: &str, message: String| {
         let previous = last.conditions.iter().find(|c| c.type_ == type_);
         let last_transition_time = match previous {
@@ -288,9 +337,15 @@ pub fn observe(
             observed_generation: generation,
         }
     };
-    let mut conditions = vec![condition("Ready", status, reason, message)];
-    if outdated && pod.is_some() {
-        conditions.push(condition(
+    let ready = pod.ready && pod.state == PodState::Running && invalid.is_none();
+    let mut all = vec![condition(
+        "Ready",
+        if ready { "True" } else { "False" },
+        standing.reason,
+        standing.message.clone(),
+    )];
+    if pod.outdated && pod.state != PodState::Absent {
+        all.push(condition(
             "RestartRequired",
             "True",
             "SpecChanged",
@@ -299,18 +354,28 @@ pub fn observe(
                 .into(),
         ));
     }
+    all
+}
+
+/// The status the VM's pod (after acting on the plan) implies.
+pub fn observe(
+    vm: &VirtualMachine,
+    pod: &PodFacts,
+    invalid: Option<&str>,
+    last: &VirtualMachineStatus,
+) -> VirtualMachineStatus {
+    let generation = vm.metadata.generation;
+    let standing = standing(pod, vm.spec.run_strategy, invalid, last);
+    let conditions = conditions(pod, &standing, invalid, generation, last);
+    let present = pod.state != PodState::Absent;
     VirtualMachineStatus {
-        printable_status: Some(printable),
-        phase: Some(phase),
+        printable_status: Some(standing.printable),
+        phase: Some(standing.phase),
         conditions,
-        pod: pod.map(|p| p.name_any()),
-        node: pod.and_then(|p| p.spec.as_ref()?.node_name.clone()),
-        ip: pod_status.and_then(|s| s.pod_ip.clone()),
-        restarts: if pod.is_some() {
-            restarts_before + container_restarts
-        } else {
-            last.restarts
-        },
+        pod: pod.name.clone(),
+        node: pod.node.clone(),
+        ip: pod.ip.clone(),
+        restarts: if present { pod.restarts } else { last.restarts },
         observed_generation: generation,
     }
 }
@@ -342,39 +407,25 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, ReconcileEr
     let name = vm.name_any();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let last = vm.status.clone().unwrap_or_default();
-    let validated = pod::validate(vm, ctx.limits);
-    let invalid = validated.as_ref().err().map(|e| e.to_string());
+    // The pod the current spec makes, built once; none for an invalid spec.
+    let (desired, invalid) = match pod::validate(vm, ctx.limits) {
+        Ok(size) => (Some(pod::build(vm, size)), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
 
     let mut current = owned_pod(&pods, &name, vm).await?;
-    // What the current spec makes, to tell whether the pod is older.
-    let desired = validated.as_ref().ok().map(|size| pod::build(vm, *size, 0));
-    let outdated = |pod: &Option<Pod>| match (pod, &desired) {
-        (Some(p), Some(d)) => pod::outdated(p, d),
-        _ => false,
-    };
-    let mut state = pod_state(current.as_ref());
-    let scheduled = current
-        .as_ref()
-        .and_then(|p| p.spec.as_ref()?.node_name.as_ref())
-        .is_some();
-    if state == PodState::Pending && !scheduled && outdated(&current) {
-        state = PodState::Stale;
-    }
-    let plan = plan(vm.spec.run_strategy, validated.is_ok(), state, &last);
-    match (plan, &validated) {
-        (Plan::Create { restarts_before }, Ok(size)) => {
-            let desired = pod::build(vm, *size, restarts_before);
-            match pods.create(&PostParams::default(), &desired).await {
+    let facts = PodFacts::gather(current.as_ref(), desired.as_ref());
+    match (
+        plan(vm.spec.run_strategy, desired.is_some(), facts.state, &last),
+        desired.as_ref(),
+    ) {
+        (Plan::Create { restarts_before }, Some(desired)) => {
+            let new = pod::replacing(desired.clone(), restarts_before);
+            match pods.create(&PostParams::default(), &new).await {
                 Ok(p) => {
                     info!(vm = %name, namespace = %ns, "created pod");
-                    publish(
-                        ctx,
-                        vm,
-                        EventType::Normal,
-                        "Started",
-                        format!("created pod {name}"),
-                    )
-                    .await;
+                    let note = format!("created pod {name}");
+                    publish(ctx, vm, EventType::Normal, "Started", note).await;
                     current = Some(p);
                 }
                 // A pod of that name that is not this VM's (owned_pod
@@ -394,14 +445,8 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, ReconcileEr
             info!(vm = %name, namespace = %ns, reason, "deleting pod");
             match pods.delete(&name, &DeleteParams::default()).await {
                 Ok(_) => {
-                    publish(
-                        ctx,
-                        vm,
-                        EventType::Normal,
-                        "Stopping",
-                        format!("deleting pod {name}: {reason}"),
-                    )
-                    .await;
+                    let note = format!("deleting pod {name}: {reason}");
+                    publish(ctx, vm, EventType::Normal, "Stopping", note).await;
                 }
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => return Err(e.into()),
@@ -410,24 +455,17 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, ReconcileEr
         }
         _ => {}
     }
-    if let (Some(e), None) = (
-        &invalid,
-        &last
-            .conditions
-            .first()
-            .filter(|c| c.reason == "InvalidSpec"),
-    ) {
+    let first_report = !last
+        .conditions
+        .first()
+        .is_some_and(|c| c.reason == "InvalidSpec");
+    if let Some(e) = invalid.as_ref().filter(|_| first_report) {
         warn!(vm = %name, namespace = %ns, error = %e, "invalid spec");
         publish(ctx, vm, EventType::Warning, "InvalidSpec", e.clone()).await;
     }
 
-    let status = observe(
-        vm,
-        current.as_ref(),
-        outdated(&current),
-        invalid.as_deref(),
-        &last,
-    );
+    let facts = PodFacts::gather(current.as_ref(), desired.as_ref());
+    let status = observe(vm, &facts, invalid.as_deref(), &last);
     if vm.status.as_ref() != Some(&status) {
         let patch = json!({
             "apiVersion": "podvisor.io/v1alpha1",
@@ -511,8 +549,24 @@ pub fn error_policy(vm: Arc<VirtualMachine>, error: &ReconcileError, ctx: Arc<Co
 }
 
 #[cfg(test)]
+mod api_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The status of a VM whose pod is `pod`, `outdated` or not.
+    fn observe(
+        vm: &VirtualMachine,
+        pod: Option<&Pod>,
+        outdated: bool,
+        invalid: Option<&str>,
+        last: &VirtualMachineStatus,
+    ) -> VirtualMachineStatus {
+        let mut facts = PodFacts::gather(pod, None);
+        facts.outdated = outdated && pod.is_some();
+        super::observe(vm, &facts, invalid, last)
+    }
     use k8s_openapi::api::core::v1::{
         ContainerState, ContainerStateWaiting, ContainerStatus, PodCondition, PodSpec, PodStatus,
     };
@@ -654,6 +708,37 @@ mod tests {
         assert_eq!(s.printable_status.as_deref(), Some("Running"));
         let s = observe(&vm("Always"), None, true, None, &Default::default());
         assert!(s.conditions.iter().all(|c| c.type_ != "RestartRequired"));
+    }
+
+    #[test]
+    fn an_unscheduled_pod_of_an_older_spec_is_stale() {
+        let v = vm("Always");
+        let desired = pod::build(&v, pod::validate(&v, limits()).unwrap());
+        let mut p = pod("Pending", false, None, 0);
+        // No template hash: made from another spec than `desired`.
+        let facts = PodFacts::gather(Some(&p), Some(&desired));
+        assert_eq!((facts.state, facts.outdated), (PodState::Pending, true));
+        p.spec.as_mut().unwrap().node_name = None;
+        assert_eq!(
+            PodFacts::gather(Some(&p), Some(&desired)).state,
+            PodState::Stale
+        );
+        // The same spec, or an invalid one (no desired pod), is not stale.
+        let current = pod::build(&v, pod::validate(&v, limits()).unwrap());
+        assert_eq!(
+            PodFacts::gather(Some(&current), Some(&desired)).state,
+            PodState::Pending
+        );
+        assert_eq!(PodFacts::gather(Some(&p), None).state, PodState::Pending);
+        assert_eq!(PodFacts::gather(None, Some(&desired)), PodFacts::default());
+    }
+
+    fn limits() -> pod::Limits {
+        pod::Limits {
+            max_cpus: 8,
+            max_memory_mib: 8192,
+            cpu_allocation_ratio: 10,
+        }
     }
 
     #[test]
