@@ -455,10 +455,10 @@ async fn apply(vm: &VirtualMachine, ctx: &Context) -> Result<Action, ReconcileEr
         }
         _ => {}
     }
-    let first_report = !last
+    let first_report = last
         .conditions
         .first()
-        .is_some_and(|c| c.reason == "InvalidSpec");
+        .is_none_or(|c| c.reason != "InvalidSpec");
     if let Some(e) = invalid.as_ref().filter(|_| first_report) {
         warn!(vm = %name, namespace = %ns, error = %e, "invalid spec");
         publish(ctx, vm, EventType::Warning, "InvalidSpec", e.clone()).await;
