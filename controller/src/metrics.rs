@@ -16,6 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+#[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     reconciles: Counter,
@@ -57,6 +58,7 @@ impl Default for Metrics {
 }
 
 /// Observes a reconcile's duration when dropped.
+#[derive(Debug)]
 pub struct Timer<'a> {
     start: Instant,
     duration: &'a Histogram,

@@ -25,6 +25,7 @@ pub const DEFAULT_IMAGE: &str = "docker.io/podvisor/busybox:latest";
 pub const NAMESPACE: &str = "podvisor-e2e";
 pub use podvisor_names::RUNTIME_CLASS;
 
+#[derive(Debug)]
 pub struct Cluster {
     kubectl: String,
     node_exec: Vec<String>,

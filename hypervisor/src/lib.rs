@@ -190,6 +190,7 @@ pub async fn select(
 }
 
 /// A started VM: the VM process and its helpers.
+#[derive(Debug)]
 pub struct RunningVm {
     /// The VM process (QEMU or podvisor-vmm).
     pub vm: Supervised,

@@ -18,6 +18,7 @@ pub const HELPER_READY: Duration = Duration::from_secs(10);
 /// A child process the hypervisor layer supervises: its exit is observable, and it is
 /// killed through the task that owns it (so a reused pid is never hit),
 /// at the latest when this handle is dropped.
+#[derive(Debug)]
 pub struct Supervised {
     pub name: &'static str,
     pub pid: u32,

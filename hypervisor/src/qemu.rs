@@ -30,6 +30,7 @@ impl Accel {
     }
 }
 
+#[derive(Debug)]
 pub struct Qemu {
     paths: Paths,
     accel: Accel,

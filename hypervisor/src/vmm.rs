@@ -23,6 +23,7 @@ const VMM_READY: Duration = Duration::from_secs(10);
 const BASE_PARAMS: &str =
     "console=ttyS0 reboot=k panic=-1 quiet i8042.noaux i8042.nomux i8042.dumbkbd";
 
+#[derive(Debug)]
 pub struct Vmm {
     paths: Paths,
 }

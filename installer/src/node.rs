@@ -64,6 +64,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstallError + '_ {
 }
 
 /// Where things go on one node.
+#[derive(Debug)]
 pub struct Node {
     pub host_root: PathBuf,
     /// containerd's config, as the host sees it.

@@ -159,6 +159,7 @@ pub async fn dial_within(uds: &Path, port: u32, within: Duration) -> Result<Unix
 
 /// Where the agent reports ready: `<uds>_1025`, bound before the VM
 /// starts.
+#[derive(Debug)]
 pub struct ReadyListener {
     path: PathBuf,
     listener: UnixListener,

@@ -17,7 +17,12 @@ mod agent {
 }
 
 #[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-#[allow(dead_code, unused_imports, unused_results)]
+#[allow(
+    dead_code,
+    unused_imports,
+    unused_results,
+    missing_debug_implementations
+)]
 #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals)]
 mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));

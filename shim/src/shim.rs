@@ -28,6 +28,15 @@ pub struct Shim {
     exit: Arc<ExitSignal>,
 }
 
+impl std::fmt::Debug for Shim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shim")
+            .field("id", &self.id)
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Removes a shim socket (`unix://` address) that nothing serves anymore.
 fn remove_socket(address: &str) {
     let path = address.strip_prefix("unix://").unwrap_or(address);

@@ -38,6 +38,16 @@ pub struct TaskService {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for TaskService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let containers: Vec<String> = lock(&self.inner.containers).keys().cloned().collect();
+        f.debug_struct("TaskService")
+            .field("namespace", &self.inner.namespace)
+            .field("containers", &containers)
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner {
     namespace: String,
     publisher: RemotePublisher,

@@ -98,11 +98,13 @@ impl Release {
 }
 
 /// A registry mirror: pulls of `hosts` go to `mirror` (plain HTTP).
+#[derive(Debug)]
 pub struct Mirror<'a> {
     pub mirror: &'a str,
     pub hosts: &'a [&'a str],
 }
 
+#[derive(Debug)]
 pub struct Containerd {
     child: Child,
     pub release: Release,

@@ -49,6 +49,7 @@ impl ImageDef {
 }
 
 /// A built image: its blobs by role.
+#[derive(Debug)]
 pub struct Built {
     pub layer: Vec<u8>,
     pub config: Vec<u8>,

@@ -63,6 +63,7 @@ impl StdioReq {
 
 /// The host ends of a process's streams; output is read to its end in
 /// the background.
+#[derive(Debug)]
 pub struct Streams {
     pub stdin: Option<UnixStream>,
     stdout: Option<JoinHandle<std::io::Result<Vec<u8>>>>,

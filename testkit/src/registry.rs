@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::image::{sha256, Built, MANIFEST};
 
+#[derive(Debug)]
 pub struct Registry {
     child: Child,
     /// `127.0.0.1:<port>`.

@@ -164,6 +164,16 @@ pub struct TestVm {
     dir: tempfile::TempDir,
 }
 
+impl std::fmt::Debug for TestVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestVm")
+            .field("vm", &self.vm)
+            .field("boot_time", &self.boot_time)
+            .field("accel", &self.accel)
+            .finish_non_exhaustive()
+    }
+}
+
 impl TestVm {
     /// Boots the guest image and waits for the agent to answer Check.
     pub async fn boot(cfg: &VmConfig) -> Result<TestVm> {

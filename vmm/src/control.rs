@@ -17,6 +17,7 @@ use serde_json::json;
 
 use crate::exit::{ExitReason, ExitSignal};
 
+#[derive(Debug)]
 pub struct ControlSocket {
     path: PathBuf,
     thread: Option<JoinHandle<()>>,

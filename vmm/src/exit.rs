@@ -44,6 +44,7 @@ impl std::fmt::Display for ExitReason {
 }
 
 /// Shared by every part that can end the VM.
+#[derive(Debug)]
 pub struct ExitSignal {
     set: AtomicBool,
     reason: Mutex<Option<ExitReason>>,

@@ -14,6 +14,7 @@ use crate::devices::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::GuestMemoryMmap;
 
+#[derive(Debug)]
 pub struct Vcpu {
     pub index: u8,
     pub fd: VcpuFd,

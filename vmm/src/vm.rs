@@ -81,6 +81,7 @@ fn dev_err<E: std::error::Error + Send + Sync + 'static>(
 }
 
 /// A built VM, ready to run.
+#[derive(Debug)]
 pub struct Vm {
     _kvm: Kvm,
     _vm: VmFd,

@@ -52,6 +52,14 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
 }
 
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What to do with a VM's pod.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Plan {

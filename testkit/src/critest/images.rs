@@ -97,6 +97,7 @@ fn nonewprivs() -> Result<Vec<u8>> {
 }
 
 /// An image and every reference it is pushed as.
+#[derive(Debug)]
 pub struct StandIn {
     pub refs: Vec<String>,
     pub def: ImageDef,

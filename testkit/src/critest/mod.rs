@@ -50,6 +50,7 @@ impl Outcome {
 }
 
 /// One critest run: a handler on a containerd.
+#[derive(Debug)]
 pub struct Run {
     pub release: Release,
     pub version: String,
@@ -97,6 +98,7 @@ pub fn by_design() -> Result<Vec<ByDesign>> {
 }
 
 /// What to run.
+#[derive(Debug)]
 pub struct Options {
     pub releases: Vec<Release>,
     /// critest's parallel nodes (each podvisor spec boots a VM).
@@ -303,6 +305,7 @@ fn wait_for_no_leftovers(ctd: &Containerd, before: &[String]) -> Result<()> {
 }
 
 /// What the runs say about podvisor.
+#[derive(Debug)]
 pub struct Verdict {
     /// Specs runc passed and podvisor failed, not on the list: the
     /// failures of the suite.

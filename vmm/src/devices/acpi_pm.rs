@@ -7,6 +7,7 @@ use super::BusDevice;
 use crate::arch::acpi::{RESET_VALUE, S5_SLEEP_VALUE};
 use crate::exit::{ExitReason, ExitSignal};
 
+#[derive(Debug)]
 pub struct AcpiPm {
     exit: Arc<ExitSignal>,
 }

@@ -15,6 +15,7 @@ const STATUS_OUT_FULL: u8 = 1;
 const STATUS_SYSTEM: u8 = 1 << 2;
 const STATUS_CMD: u8 = 1 << 3;
 
+#[derive(Debug)]
 pub struct I8042 {
     exit: Arc<ExitSignal>,
     out: VecDeque<u8>,

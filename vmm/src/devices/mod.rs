@@ -36,6 +36,17 @@ pub struct Bus {
     devices: BTreeMap<u64, (u64, SharedDevice)>,
 }
 
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ranges: Vec<String> = self
+            .devices
+            .iter()
+            .map(|(base, (len, _))| format!("{base:#x}+{len:#x}"))
+            .collect();
+        f.debug_struct("Bus").field("ranges", &ranges).finish()
+    }
+}
+
 impl Bus {
     pub fn insert(&mut self, base: u64, len: u64, dev: SharedDevice) -> Result<(), BusOverlap> {
         let end = base.checked_add(len).ok_or(BusOverlap { base, len })?;

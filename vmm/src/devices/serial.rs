@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::BusDevice;
 
 /// Raises the serial IRQ by writing the irqfd KVM routes to the IOAPIC.
+#[derive(Debug)]
 pub struct IrqTrigger(pub EventFd);
 
 impl Trigger for IrqTrigger {
@@ -22,6 +23,14 @@ impl Trigger for IrqTrigger {
 pub struct Serial {
     uart: Uart<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
     write_failed: bool,
+}
+
+impl std::fmt::Debug for Serial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serial")
+            .field("write_failed", &self.write_failed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Serial {

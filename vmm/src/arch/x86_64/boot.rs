@@ -156,6 +156,7 @@ pub fn e820_map(mem_size: u64) -> Vec<boot_e820_entry> {
 }
 
 /// Everything a boot needs besides the vCPU registers.
+#[derive(Debug)]
 pub struct BootSpec<'a> {
     pub kernel: &'a Path,
     pub initramfs: Option<&'a Path>,

@@ -40,6 +40,7 @@ struct Request {
     out_len: usize,
 }
 
+#[derive(Debug)]
 pub struct Block {
     file: File,
     sectors: u64,

@@ -32,6 +32,16 @@ pub struct Fs {
     active: Option<Active>,
 }
 
+impl std::fmt::Debug for Fs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fs")
+            .field("tag", &self.tag)
+            .field("backend_features", &self.backend_features)
+            .field("active", &self.active.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 fn backend(e: vhost::Error) -> DeviceError {
     DeviceError::Backend(format!("virtiofsd: {e}"))
 }

@@ -42,6 +42,17 @@ pub struct MmioTransport {
     name: String,
 }
 
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("name", &self.name)
+            .field("status", &self.status)
+            .field("active", &self.active)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
 impl MmioTransport {
     /// `irq` is the device's irqfd; one notify eventfd per queue is created
     /// here (the VM registers them with KVM as ioeventfds).

@@ -55,7 +55,7 @@ pub enum DeviceError {
 
 /// A device's interrupt: the INTERRUPT_STATUS bits it shares with its
 /// transport, and the irqfd KVM turns into an IOAPIC edge.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Interrupt {
     status: Arc<AtomicU32>,
     irqfd: Arc<EventFd>,
@@ -100,6 +100,7 @@ impl Interrupt {
 }
 
 /// What a device gets when the driver sets DRIVER_OK.
+#[derive(Debug)]
 pub struct Active {
     pub mem: GuestMemoryMmap,
     pub queues: Vec<Queue>,

@@ -28,6 +28,7 @@ const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 
+#[derive(Debug)]
 pub struct Net {
     tap: File,
     mac: Option<[u8; 6]>,

@@ -8,7 +8,7 @@ const QUEUE_SIZE: u16 = 256;
 /// Largest chunk served per buffer; a guest asking for more gets this much.
 const MAX_CHUNK: usize = 64 * 1024;
 
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct Rng {
     active: Option<Active>,
 }

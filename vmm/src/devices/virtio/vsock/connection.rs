@@ -18,6 +18,7 @@ pub(super) enum State {
     Established,
 }
 
+#[derive(Debug)]
 pub(super) struct Conn {
     pub(super) stream: UnixStream,
     pub(super) state: State,

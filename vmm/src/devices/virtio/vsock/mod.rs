@@ -47,6 +47,7 @@ pub const HOST_CID: u64 = 2;
 /// Largest payload per packet to the guest.
 const MAX_PKT: usize = 64 * 1024;
 
+#[derive(Debug)]
 pub struct Vsock {
     cid: u64,
     uds: PathBuf,

@@ -26,6 +26,7 @@ pub(super) const MAX_CONNECT_LINE: usize = 32;
 pub(super) const LISTENER: u64 = 0;
 
 /// A client on `<uds>` that has not finished its CONNECT line.
+#[derive(Debug)]
 pub(super) struct Pending {
     pub(super) stream: UnixStream,
     line: Vec<u8>,
