@@ -174,12 +174,12 @@ fn loopback_up() -> std::io::Result<()> {
     unsafe {
         let mut ifr: libc::ifreq = std::mem::zeroed();
         for (i, b) in b"lo\0".iter().enumerate() {
-            ifr.ifr_name[i] = *b as libc::c_char;
+            ifr.ifr_name[i] = crate::network::c_char(*b);
         }
         if libc::ioctl(raw, libc::SIOCGIFFLAGS as _, &mut ifr) < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        ifr.ifr_ifru.ifru_flags |= crate::network::IFF_UP;
         if libc::ioctl(raw, libc::SIOCSIFFLAGS as _, &ifr) < 0 {
             return Err(std::io::Error::last_os_error());
         }

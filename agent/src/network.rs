@@ -68,7 +68,7 @@ fn check_prefix(ip: IpAddr, prefix: u32, what: &str) -> Result<u8> {
     if prefix > max {
         return Err(invalid!("{what} {ip}/{prefix}: prefix beyond {max}"));
     }
-    Ok(prefix as u8)
+    u8::try_from(prefix).map_err(|_| invalid!("{what} {ip}/{prefix}: prefix beyond {max}"))
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -196,11 +196,33 @@ fn socket(family: libc::c_int) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// IFF_UP as `ifreq` holds interface flags (a compile error if it could
+/// not).
+pub(crate) const IFF_UP: libc::c_short = {
+    assert!(libc::IFF_UP >= 0 && libc::IFF_UP <= libc::c_short::MAX as libc::c_int);
+    #[allow(clippy::cast_possible_truncation)] // checked just above
+    let up = libc::IFF_UP as libc::c_short;
+    up
+};
+
+/// AF_INET as a socket address holds it.
+const AF_INET: libc::sa_family_t = {
+    assert!(libc::AF_INET >= 0 && libc::AF_INET <= libc::sa_family_t::MAX as libc::c_int);
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // checked just above
+    let family = libc::AF_INET as libc::sa_family_t;
+    family
+};
+
+/// A byte of a name or address as the kernel's `char` arrays hold it.
+pub(crate) fn c_char(b: u8) -> libc::c_char {
+    libc::c_char::from_ne_bytes([b])
+}
+
 fn ifreq(name: &str) -> libc::ifreq {
     // SAFETY: ifreq is plain data; zero is a valid value.
     let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, s) in r.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
+        *d = c_char(s);
     }
     r
 }
@@ -216,7 +238,7 @@ fn ioctl<T>(fd: &OwnedFd, req: libc::c_ulong, arg: &mut T, what: &str) -> Result
 
 fn sockaddr_in(ip: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_family: AF_INET,
         sin_port: 0,
         sin_addr: libc::in_addr {
             s_addr: u32::from(ip).to_be(),
@@ -236,7 +258,7 @@ fn ifindex(name: &str) -> Result<libc::c_int> {
     // SAFETY: a valid NUL-terminated name.
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {
         0 => Err(not_found!("no interface {name:?} in the guest")),
-        i => Ok(i as libc::c_int),
+        i => libc::c_int::try_from(i).map_err(|_| internal!("interface {name:?} has index {i}")),
     }
 }
 
@@ -251,9 +273,9 @@ fn set_flags(s: &OwnedFd, name: &str, up: bool) -> Result<()> {
     // SAFETY: the union member SIOCGIFFLAGS filled.
     let mut flags = unsafe { r.ifr_ifru.ifru_flags };
     if up {
-        flags |= libc::IFF_UP as libc::c_short;
+        flags |= IFF_UP;
     } else {
-        flags &= !(libc::IFF_UP as libc::c_short);
+        flags &= !IFF_UP;
     }
     r.ifr_ifru.ifru_flags = flags;
     ioctl(
@@ -291,7 +313,7 @@ fn configure_nic(s4: &OwnedFd, s6: &OwnedFd, current: &str, nic: &Nic) -> Result
         let mut r = ifreq(current);
         let mut newname = [0 as libc::c_char; libc::IFNAMSIZ];
         for (d, s) in newname.iter_mut().zip(nic.name.bytes()) {
-            *d = s as libc::c_char;
+            *d = c_char(s);
         }
         r.ifr_ifru.ifru_newname = newname;
         ioctl(
@@ -304,7 +326,8 @@ fn configure_nic(s4: &OwnedFd, s6: &OwnedFd, current: &str, nic: &Nic) -> Result
     let name = nic.name.as_str();
     if nic.mtu != 0 {
         let mut r = ifreq(name);
-        r.ifr_ifru.ifru_mtu = nic.mtu as libc::c_int;
+        r.ifr_ifru.ifru_mtu = libc::c_int::try_from(nic.mtu)
+            .map_err(|_| invalid!("interface {name}: MTU {} is too large", nic.mtu))?;
         ioctl(
             s4,
             libc::SIOCSIFMTU as _,
@@ -427,11 +450,11 @@ fn add_neighbor(s4: &OwnedFd, n: &Neighbor) -> Result<()> {
     a.arp_pa = sockaddr_in(n.address);
     a.arp_ha.sa_family = libc::ARPHRD_ETHER;
     for (d, s) in a.arp_ha.sa_data.iter_mut().zip(n.mac) {
-        *d = s as libc::c_char;
+        *d = c_char(s);
     }
     a.arp_flags = libc::ATF_COM | libc::ATF_PERM;
     for (d, s) in a.arp_dev.iter_mut().zip(n.device.bytes()) {
-        *d = s as libc::c_char;
+        *d = c_char(s);
     }
     ioctl(
         s4,
@@ -483,11 +506,11 @@ mod tests {
             let mut n = api::NetInterface::new();
             n.mac = i["mac"].as_str().unwrap_or_default().into();
             n.name = i["name"].as_str().unwrap_or_default().into();
-            n.mtu = i["mtu"].as_u64().unwrap_or(0) as u32;
+            n.mtu = u32::try_from(i["mtu"].as_u64().unwrap_or(0)).unwrap();
             for a in i["addresses"].as_array().into_iter().flatten() {
                 let mut ip = api::IpAddress::new();
                 ip.address = a[0].as_str().unwrap_or_default().into();
-                ip.prefix = a[1].as_u64().unwrap_or(0) as u32;
+                ip.prefix = u32::try_from(a[1].as_u64().unwrap_or(0)).unwrap();
                 n.addresses.push(ip);
             }
             r.interfaces.push(n);

@@ -169,12 +169,17 @@ mod tests {
     #[test]
     fn unclaimed_is_bounded() {
         let r = reaper();
-        for pid in 0..(UNCLAIMED_MAX as i32 + 10) {
+        for pid in 0..(i32::try_from(UNCLAIMED_MAX).unwrap() + 10) {
             r.deliver(pid, 0);
         }
         assert_eq!(r.lock().unclaimed.len(), UNCLAIMED_MAX);
         // The oldest went first.
         assert!(r.watch(0).try_recv().is_err());
-        assert_eq!(r.watch(UNCLAIMED_MAX as i32 + 9).try_recv().unwrap(), 0);
+        assert_eq!(
+            r.watch(i32::try_from(UNCLAIMED_MAX).unwrap() + 9)
+                .try_recv()
+                .unwrap(),
+            0
+        );
     }
 }

@@ -59,7 +59,8 @@ impl Sandbox {
                 .to_string(),
             memory_total_bytes: kib_field(&meminfo, "MemTotal:") * 1024,
             // SAFETY: sysconf has no preconditions.
-            online_cpus: unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(0) as u32,
+            online_cpus: u32::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) })
+                .unwrap_or(0),
             agent_rss_bytes: kib_field(&status, "VmRSS:") * 1024,
             agent_ready_ms: self.ready_ms,
             ..Default::default()
@@ -140,7 +141,7 @@ impl Sandbox {
             .await?;
         Ok(api::ExecProcessResponse {
             ports: Some(ports).into(),
-            pid: pid as u32,
+            pid: u32::try_from(pid).unwrap_or(0),
             ..Default::default()
         })
     }
@@ -222,7 +223,10 @@ fn kib_field(text: &str, key: &str) -> u64 {
 /// Milliseconds since the kernel started.
 fn boottime_ms() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .map(|t| {
+            let (s, ns) = (u64::try_from(t.tv_sec()), u64::try_from(t.tv_nsec()));
+            s.unwrap_or(0) * 1000 + ns.unwrap_or(0) / 1_000_000
+        })
         .unwrap_or(0)
 }
 

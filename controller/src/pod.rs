@@ -93,7 +93,10 @@ pub fn memory_mib(q: &Quantity) -> Result<u64, SpecError> {
     if !bytes.is_finite() || !(0.0..=1e18).contains(&bytes) {
         return Err(bad());
     }
-    Ok((bytes / (1024.0 * 1024.0)).ceil() as u64)
+    // In 0..=1e18 as checked above: the cast neither truncates nor wraps.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let mib = (bytes / (1024.0 * 1024.0)).ceil() as u64;
+    Ok(mib)
 }
 
 /// Checks the spec against `limits`; returns the VM's size.

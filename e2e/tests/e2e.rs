@@ -220,7 +220,9 @@ fn exec_logs_attach_cp(c: &Cluster) -> Result<()> {
 
     let dir = std::env::temp_dir().join(format!("podvisor-e2e-cp-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let data: Vec<u8> = (0..200_000u32)
+        .map(|i| (i * 7 + i / 251).to_le_bytes()[0])
+        .collect();
     let local = dir.join("data.bin");
     std::fs::write(&local, &data)?;
     let local_s = local.to_string_lossy().into_owned();
@@ -299,7 +301,7 @@ fn limits_size_the_vm(c: &Cluster) -> Result<()> {
         cpus1 == cpus0 + 1,
         "a 1-CPU limit should add one vCPU: {cpus0} without limits, {cpus1} with"
     );
-    let added_mib = (mem1 as i64 - mem0 as i64) / 1024;
+    let added_mib = (i64::try_from(mem1)? - i64::try_from(mem0)?) / 1024;
     ensure!(
         (240..=260).contains(&added_mib),
         "a 256Mi limit should add 256 MiB of guest memory: {mem0} KiB without, {mem1} KiB with"

@@ -10,6 +10,11 @@
 pub mod hybrid_vsock;
 
 #[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 #[allow(dead_code, unused_imports, unused_mut, unused_results)]
 #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals)]
 mod agent {
@@ -17,6 +22,11 @@ mod agent {
 }
 
 #[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
 #[allow(
     dead_code,
     unused_imports,

@@ -151,14 +151,17 @@ impl Config {
         let period =
             parse_num::<u64>(annotations, CRI_CPU_PERIOD).map_err(|r| bad(CRI_CPU_PERIOD, r))?;
         if let (Some(q), Some(p)) = (quota, period) {
-            if q > 0 && p > 0 {
-                sizing.vcpus += (q as u64).div_ceil(p) as u32;
+            if let (Ok(q), true) = (u64::try_from(q), p > 0) {
+                // Saturating: an absurd quota fails the range check below.
+                let more = u32::try_from(q.div_ceil(p)).unwrap_or(u32::MAX);
+                sizing.vcpus = sizing.vcpus.saturating_add(more);
             }
         }
         if let Some(bytes) =
             parse_num::<u64>(annotations, CRI_MEMORY).map_err(|r| bad(CRI_MEMORY, r))?
         {
-            sizing.memory_mib += bytes.div_ceil(1 << 20) as u32;
+            let more = u32::try_from(bytes.div_ceil(1 << 20)).unwrap_or(u32::MAX);
+            sizing.memory_mib = sizing.memory_mib.saturating_add(more);
         }
 
         let mut keys: Vec<&String> = annotations

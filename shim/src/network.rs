@@ -167,7 +167,10 @@ impl PodNetwork {
             veths.push((
                 name.to_string(),
                 str_of(l, "address").to_string(),
-                l.get("mtu").and_then(Value::as_u64).unwrap_or(1500) as u32,
+                l.get("mtu")
+                    .and_then(Value::as_u64)
+                    .and_then(|m| u32::try_from(m).ok())
+                    .unwrap_or(1500),
             ));
         }
         if veths.is_empty() {
@@ -186,7 +189,11 @@ impl PodNetwork {
                 .flatten()
             {
                 if str_of(a, "scope") == "global" {
-                    let prefix = a.get("prefixlen").and_then(Value::as_u64).unwrap_or(0) as u32;
+                    let prefix = a
+                        .get("prefixlen")
+                        .and_then(Value::as_u64)
+                        .and_then(|p| u32::try_from(p).ok())
+                        .unwrap_or(0);
                     addresses.push((str_of(a, "local").to_string(), prefix));
                 }
             }

@@ -80,7 +80,7 @@ pub struct Pod {
 }
 
 fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(CALL_TIMEOUT.as_nanos() as i64)
+    ttrpc::context::with_timeout(i64::try_from(CALL_TIMEOUT.as_nanos()).unwrap_or(i64::MAX))
 }
 
 impl Pod {

@@ -243,7 +243,8 @@ fn original_port(conn: &TcpStream, v6: bool) -> std::io::Result<u16> {
     };
     // SAFETY: an all-zero sockaddr_storage is valid.
     let mut sa: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_storage>())
+        .unwrap_or(libc::socklen_t::MAX);
     // SAFETY: getsockopt writes at most `len` bytes into our buffer.
     let r = unsafe {
         libc::getsockopt(

@@ -184,8 +184,11 @@ pub fn kill_recorded(p: &RecordedProcess) -> bool {
     if process_start_time(p.pid) != Some(p.start_time) {
         return false;
     }
+    let Ok(pid) = libc::pid_t::try_from(p.pid) else {
+        return false;
+    };
     // SAFETY: kill(2) with plain integers; the start time matched.
-    unsafe { libc::kill(p.pid as i32, libc::SIGKILL) == 0 }
+    unsafe { libc::kill(pid, libc::SIGKILL) == 0 }
 }
 
 #[cfg(test)]

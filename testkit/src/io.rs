@@ -215,7 +215,7 @@ impl TestVm {
                 &api::SignalProcessRequest {
                     container_id: cid.into(),
                     exec_id: exec_id.into(),
-                    signal: signal as u32,
+                    signal: u32::try_from(signal)?,
                     ..Default::default()
                 },
             )

@@ -304,5 +304,7 @@ fn diagnostics(dir: &Path) -> String {
 
 /// A call context with a generous timeout (TCG is slow, a hang is not).
 pub fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(Duration::from_secs(120).as_nanos() as i64)
+    ttrpc::context::with_timeout(
+        i64::try_from(Duration::from_secs(120).as_nanos()).unwrap_or(i64::MAX),
+    )
 }

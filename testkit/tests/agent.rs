@@ -574,7 +574,7 @@ fn stdin_bytes_then_eof(vm: &TestVm) -> BoxFut<'_> {
     Box::pin(async move {
         // 256 KiB of every byte value: more than any pipe buffer.
         let input: Vec<u8> = (0..256 * 1024u32)
-            .map(|i| (i * 7 + i / 256) as u8)
+            .map(|i| (i * 7 + i / 256).to_le_bytes()[0])
             .collect();
         let mut streams = vm
             .create("stdin", &sh("wc -c; echo eof >&2"), StdioReq::ALL)

@@ -738,7 +738,7 @@ fn vm_killed_under_a_running_task(c: &Containerd) -> Result<()> {
         "task pid {pid} is {comm:?}, not the VM"
     );
     // SAFETY: kill(2) on the VM process we just looked up.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    unsafe { libc::kill(i32::try_from(pid).unwrap(), libc::SIGKILL) };
     wait_status(c, id, "STOPPED")?;
     ok(&mut c.ctr(&["task", "delete", id]), 60)?;
     ok(&mut c.ctr(&["containers", "rm", id]), 30)?;
@@ -760,7 +760,7 @@ fn crashed_shim_is_cleaned_up_by_delete(c: &Containerd) -> Result<()> {
         "expected one shim for {id}, found {shim:?}"
     );
     // SAFETY: kill(2) on the shim we just found.
-    unsafe { libc::kill(shim[0] as i32, libc::SIGKILL) };
+    unsafe { libc::kill(i32::try_from(shim[0]).unwrap(), libc::SIGKILL) };
     // containerd notices and runs `containerd-shim-podvisor-v2 delete`.
     wait_clean()?;
     let _ = run(&mut c.ctr(&["task", "delete", id]), 30);

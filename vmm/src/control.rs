@@ -39,7 +39,7 @@ fn answer(line: &str, facts: Facts, started: Instant, exit: &ExitSignal) -> serd
             "state": if exit.is_set() { "stopping" } else { "running" },
             "vcpus": facts.vcpus,
             "memory_mib": facts.memory_mib,
-            "uptime_ms": started.elapsed().as_millis() as u64,
+            "uptime_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         }),
         Some("shutdown") => {
             exit.trigger(ExitReason::Stopped);

@@ -57,7 +57,8 @@ pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let mut regions = Vec::new();
     for (addr, len) in ram_ranges(size) {
         let f = file.try_clone().map_err(MemoryError::Memfd)?;
-        regions.push((addr, len as usize, Some(FileOffset::new(f, offset))));
+        let bytes = usize::try_from(len).map_err(|_| MemoryError::Size(mib))?;
+        regions.push((addr, bytes, Some(FileOffset::new(f, offset))));
         offset += len;
     }
     GuestMemoryMmap::from_ranges_with_files(regions)

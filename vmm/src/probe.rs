@@ -12,7 +12,7 @@ use kvm_ioctls::{Kvm, VcpuExit};
 /// Loop iterations; two instructions each.
 const ITERATIONS: u32 = 200_000;
 
-const GUEST_ADDR: u64 = 0x1000;
+const GUEST_ADDR: usize = 0x1000;
 const MEM_SIZE: usize = 0x4000;
 
 pub use podvisor_vmm_config::probe::Verdict;
@@ -42,7 +42,7 @@ fn run_loop() -> Result<Duration, String> {
     let code = guest_code();
     // SAFETY: `mem` is MEM_SIZE bytes and GUEST_ADDR + code fits inside.
     unsafe {
-        std::ptr::copy_nonoverlapping(code.as_ptr(), mem.ptr.add(GUEST_ADDR as usize), code.len());
+        std::ptr::copy_nonoverlapping(code.as_ptr(), mem.ptr.add(GUEST_ADDR), code.len());
     }
     let region = kvm_bindings::kvm_userspace_memory_region {
         slot: 0,
@@ -65,7 +65,7 @@ fn run_loop() -> Result<Duration, String> {
     vcpu.set_sregs(&sregs)
         .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
     let regs = kvm_bindings::kvm_regs {
-        rip: GUEST_ADDR,
+        rip: GUEST_ADDR as u64,
         rflags: 2,
         ..Default::default()
     };
@@ -130,7 +130,7 @@ mod tests {
         let c = guest_code();
         // jnz is at 8..10; its target (10 - 4) is the dec at offset 6.
         assert_eq!(&c[6..8], &[0x66, 0x49]);
-        assert_eq!(c[9] as i8, -4);
+        assert_eq!(i8::from_ne_bytes([c[9]]), -4);
         assert_eq!(*c.last().unwrap(), 0xF4);
     }
 

@@ -297,7 +297,7 @@ fn guest_memory(vm: &VmFd, config: &VmConfig) -> Result<GuestMemoryMmap, BuildEr
 /// KVM's platform pieces: TSS and identity map, the in-kernel IOAPIC and
 /// LAPICs, the PIT.
 fn platform(vm: &VmFd) -> Result<(), BuildError> {
-    vm.set_tss_address(KVM_TSS as usize)
+    vm.set_tss_address(KVM_TSS)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP)
         .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;

@@ -525,7 +525,7 @@ fn binary_exit_statuses() -> Result {
         std::thread::sleep(Duration::from_millis(10));
     }
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
     check(
         out.status.code() == Some(0),

@@ -87,8 +87,11 @@ impl Cgroup {
             return;
         }
         for pid in self.procs() {
+            let Ok(pid) = libc::pid_t::try_from(pid) else {
+                continue;
+            };
             // SAFETY: kill(2) with plain integers.
-            unsafe { libc::kill(pid as i32, signal) };
+            unsafe { libc::kill(pid, signal) };
         }
     }
 

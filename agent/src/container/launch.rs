@@ -167,7 +167,7 @@ fn recv(sock: &OwnedFd, deadline: Instant) -> Result<Msg> {
                 "container process did not report within {SETUP_TIMEOUT:?}"
             ));
         }
-        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+        let ms = PollTimeout::try_from(i32::try_from(left.as_millis()).unwrap_or(i32::MAX))
             .unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, ms) {

@@ -176,7 +176,7 @@ mod tests {
 
     #[test]
     fn sandbox_paths_resolve_to_the_init() {
-        let me = std::process::id() as i32;
+        let me = i32::try_from(std::process::id()).unwrap();
         let pid_of = move |id: &str| (id == "sb").then_some(me);
         let p = NamespacePlan::from_spec(
             &spec_ns(&format!(

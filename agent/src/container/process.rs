@@ -168,8 +168,12 @@ impl ProcessPlan {
                 rlim_cur: soft,
                 rlim_max: hard,
             };
+            // glibc and musl type the resource differently; the RLIMIT_*
+            // values are small and non-negative.
+            #[allow(clippy::cast_sign_loss)]
+            let res = res as _;
             // SAFETY: setrlimit with a valid pointer to a local struct.
-            if unsafe { libc::setrlimit(res as _, &lim) } != 0 {
+            if unsafe { libc::setrlimit(res, &lim) } != 0 {
                 return Err(fail("setrlimit", &std::io::Error::last_os_error()));
             }
         }
@@ -191,7 +195,8 @@ impl ProcessPlan {
             }
             ChildStdio::Fds(fds) => {
                 for (target, fd) in fds.iter().enumerate() {
-                    dup2_raw(fd, target as i32).map_err(|e| fail("dup2 stdio", &e))?;
+                    let target = i32::try_from(target).map_err(|e| fail("stdio fd", &e))?;
+                    dup2_raw(fd, target).map_err(|e| fail("dup2 stdio", &e))?;
                 }
             }
         }
@@ -285,6 +290,8 @@ fn reset_signals() {
     let _ = SigSet::all().thread_unblock();
 }
 
+// glibc types the RLIMIT_* values u32, musl c_int; they are small.
+#[allow(clippy::cast_possible_wrap)]
 fn rlimit_resource(t: PosixRlimitType) -> libc::c_int {
     (match t {
         PosixRlimitType::RlimitCpu => libc::RLIMIT_CPU,

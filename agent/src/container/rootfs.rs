@@ -388,7 +388,15 @@ fn create_devices(rootfs: &Path, extra: Option<&Vec<LinuxDevice>>) -> Result<(),
             };
             let path = secure_join(rootfs, d.path());
             let mode = d.file_mode().unwrap_or(0o666);
-            make_node(&path, kind, d.major() as u64, d.minor() as u64, mode)?;
+            let number = |n: i64| {
+                u64::try_from(n).map_err(|_| {
+                    ChildError(format!(
+                        "device {}: number {n} is negative",
+                        d.path().display()
+                    ))
+                })
+            };
+            make_node(&path, kind, number(d.major())?, number(d.minor())?, mode)?;
             let uid = d.uid().map(nix::unistd::Uid::from_raw);
             let gid = d.gid().map(nix::unistd::Gid::from_raw);
             nix::unistd::chown(&path, uid, gid)

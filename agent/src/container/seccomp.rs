@@ -38,18 +38,37 @@ const MAX_INSNS: usize = 4096;
 // seccomp_data offsets.
 const OFF_NR: u32 = 0;
 const OFF_ARCH: u32 = 4;
-const fn off_arg_lo(i: usize) -> u32 {
-    16 + 8 * i as u32
+/// The low word of argument `i` (0..6, as the OCI spec's index is).
+fn off_arg_lo(i: usize) -> u32 {
+    16 + 8 * u32::try_from(i.min(5)).unwrap_or(5)
+}
+
+/// A BPF opcode as `sock_filter` holds it; a compile error if it does not
+/// fit (used in consts).
+const fn op(code: u32) -> u16 {
+    assert!(code <= u16::MAX as u32);
+    #[allow(clippy::cast_possible_truncation)] // checked just above
+    let op = code as u16;
+    op
+}
+
+/// The low and high words of a 64-bit argument value.
+fn words(v: u64) -> (u32, u32) {
+    let [a, b, c, d, e, f, g, h] = v.to_le_bytes();
+    (
+        u32::from_le_bytes([a, b, c, d]),
+        u32::from_le_bytes([e, f, g, h]),
+    )
 }
 
 // BPF opcodes.
-const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-const JMP_JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
-const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-const JGT_K: u16 = (libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K) as u16;
-const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
-const AND_K: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
-const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+const LD_W_ABS: u16 = op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS);
+const JMP_JA: u16 = op(libc::BPF_JMP | libc::BPF_JA);
+const JEQ_K: u16 = op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K);
+const JGT_K: u16 = op(libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K);
+const JGE_K: u16 = op(libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K);
+const AND_K: u16 = op(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K);
+const RET_K: u16 = op(libc::BPF_RET | libc::BPF_K);
 
 /// x32 system calls whose numbers differ from x86_64's (512 + n in the
 /// kernel's syscall_64.tbl); every other x32 call is the x86_64 number
@@ -105,13 +124,13 @@ impl Abi {
         match self {
             Abi::X86_64 => syscalls::x86_64::Sysno::from_str(name)
                 .ok()
-                .map(|s| s.id() as u32),
+                .and_then(|s| u32::try_from(s.id()).ok()),
             Abi::X86 => syscalls::x86::Sysno::from_str(name)
                 .ok()
-                .map(|s| s.id() as u32),
+                .and_then(|s| u32::try_from(s.id()).ok()),
             Abi::X32 => {
                 if let Some(i) = X32_SPECIFIC.iter().position(|n| *n == name) {
-                    return Some(X32_SYSCALL_BIT | (512 + i as u32));
+                    return u32::try_from(512 + i).ok().map(|n| X32_SYSCALL_BIT | n);
                 }
                 // The 64-bit-only calls x32 replaced above have no x32 number.
                 let n = Abi::X86_64.number(name)?;
@@ -336,8 +355,14 @@ impl Filter {
     /// Installs the filter on the calling thread. Needs no_new_privs or
     /// CAP_SYS_ADMIN.
     pub fn install(&self) -> Result<(), ChildError> {
+        let len = u16::try_from(self.program.len()).map_err(|_| {
+            ChildError(format!(
+                "the seccomp filter has {} instructions; the kernel takes at most 4096",
+                self.program.len()
+            ))
+        })?;
         let prog = libc::sock_fprog {
-            len: self.program.len() as u16,
+            len,
             filter: self.program.as_ptr() as *mut libc::sock_filter,
         };
         // SAFETY: prog points at our program, alive for the call; the
@@ -475,7 +500,7 @@ impl Asm {
     /// Falls through when `c` holds for the call, jumps to `fail` when not.
     fn condition(&mut self, abi: Abi, c: &LinuxSeccompArg, fail: Label) {
         let i = c.index();
-        let (v_lo, v_hi) = (c.value() as u32, (c.value() >> 32) as u32);
+        let (v_lo, v_hi) = words(c.value());
         let lo = off_arg_lo(i);
         let hi = lo + 4;
         let pass = self.label();
@@ -491,7 +516,7 @@ impl Asm {
                 LinuxSeccompOperator::ScmpCmpLe => self.jump_near(JGT_K, v_lo, Some(fail), None),
                 LinuxSeccompOperator::ScmpCmpMaskedEq => {
                     self.stmt(AND_K, v_lo);
-                    let want = c.value_two().unwrap_or(0) as u32;
+                    let (want, _) = words(c.value_two().unwrap_or(0));
                     self.jump_near(JEQ_K, want, None, Some(fail));
                 }
             }
@@ -515,10 +540,11 @@ impl Asm {
                 let want = c.value_two().unwrap_or(0);
                 self.stmt(LD_W_ABS, hi);
                 self.stmt(AND_K, v_hi);
-                self.jump_near(JEQ_K, (want >> 32) as u32, None, Some(fail));
+                let (want_lo, want_hi) = words(want);
+                self.jump_near(JEQ_K, want_hi, None, Some(fail));
                 self.stmt(LD_W_ABS, lo);
                 self.stmt(AND_K, v_lo);
-                self.jump_near(JEQ_K, want as u32, None, Some(fail));
+                self.jump_near(JEQ_K, want_lo, None, Some(fail));
             }
             // Unsigned 64-bit order: the high words decide unless equal.
             op => {
@@ -580,7 +606,8 @@ impl Asm {
                     code: JMP_JA,
                     jt: 0,
                     jf: 0,
-                    k: forward(l)? as u32,
+                    k: u32::try_from(forward(l)?)
+                        .map_err(|_| invalid!("seccomp compiler: jump too far"))?,
                 },
             });
         }

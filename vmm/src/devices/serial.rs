@@ -44,10 +44,9 @@ impl Serial {
 
 impl BusDevice for Serial {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let v = if offset < 8 {
-            self.uart.read(offset as u8)
-        } else {
-            0xff
+        let v = match u8::try_from(offset) {
+            Ok(reg) if reg < 8 => self.uart.read(reg),
+            _ => 0xff,
         };
         data.fill(0);
         if let Some(b) = data.first_mut() {
@@ -56,10 +55,10 @@ impl BusDevice for Serial {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let (Some(&v), true) = (data.first(), offset < 8) else {
+        let (Some(&v), Ok(reg @ 0..8)) = (data.first(), u8::try_from(offset)) else {
             return;
         };
-        if let Err(e) = self.uart.write(offset as u8, v) {
+        if let Err(e) = self.uart.write(reg, v) {
             if !self.write_failed {
                 tracing::warn!("console output failed (further failures not logged): {e:?}");
                 self.write_failed = true;

@@ -17,7 +17,8 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
-    ACPI, ACPI_END, ACPI_PM, COM1, COM1_GSI, I8042, I8042_GSI, IOAPIC, LAPIC, VIRTIO_MMIO_SIZE,
+    low32, ACPI, ACPI_END, ACPI_PM, COM1, COM1_GSI, I8042, I8042_GSI, IOAPIC, LAPIC,
+    VIRTIO_MMIO_SIZE,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -33,9 +34,13 @@ pub const RESET_VALUE: u8 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
     #[error("ACPI tables need {0} bytes, more than the {ACPI_END:#x} boundary allows")]
-    TooLarge(usize),
+    TooLarge(u64),
     #[error("writing ACPI tables: {0}")]
     Memory(vm_memory::GuestMemoryError),
+    #[error("{0} virtio devices; the DSDT numbers at most 256")]
+    TooManyDevices(usize),
+    #[error("virtio-mmio window {0:#x} is above 4 GiB")]
+    Above4G(u64),
 }
 
 /// A virtio-mmio device as the DSDT declares it.
@@ -45,7 +50,7 @@ pub struct MmioDevice {
     pub gsi: u32,
 }
 
-fn dsdt(devices: &[MmioDevice]) -> Sdt {
+fn dsdt(devices: &[MmioDevice]) -> Result<Sdt, AcpiError> {
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1);
     let uid0 = 0u8;
     let com1_io = IO::new(COM1, COM1, 1, 8);
@@ -77,8 +82,9 @@ fn dsdt(devices: &[MmioDevice]) -> Sdt {
     .to_aml_bytes(&mut t);
 
     for (i, d) in devices.iter().enumerate() {
-        let uid = i as u8;
-        let mem = Memory32Fixed::new(true, d.addr as u32, VIRTIO_MMIO_SIZE as u32);
+        let uid = u8::try_from(i).map_err(|_| AcpiError::TooManyDevices(devices.len()))?;
+        let addr = u32::try_from(d.addr).map_err(|_| AcpiError::Above4G(d.addr))?;
+        let mem = Memory32Fixed::new(true, addr, const { low32(VIRTIO_MMIO_SIZE) });
         let irq = Interrupt::new(true, true, false, false, d.gsi);
         let crs = ResourceTemplate::new(vec![&mem, &irq]);
         let path = format!("_SB_.V{i:03}");
@@ -94,20 +100,20 @@ fn dsdt(devices: &[MmioDevice]) -> Sdt {
     }
     let s5_type = 5u8;
     Name::new("_S5_".into(), &Package::new(vec![&s5_type])).to_aml_bytes(&mut t);
-    t
+    Ok(t)
 }
 
 fn madt(cpus: u8) -> Sdt {
     let mut t = Sdt::new(*b"APIC", 36, 6, OEM_ID, OEM_TABLE, 1);
     let mut body = Vec::new();
-    body.extend_from_slice(&(LAPIC as u32).to_le_bytes());
+    body.extend_from_slice(&const { low32(LAPIC) }.to_le_bytes());
     body.extend_from_slice(&0u32.to_le_bytes()); // no dual 8259 to mask
     for id in 0..cpus {
         body.extend_from_slice(&[0, 8, id, id]);
         body.extend_from_slice(&1u32.to_le_bytes()); // enabled
     }
     body.extend_from_slice(&[1, 12, cpus, 0]);
-    body.extend_from_slice(&(IOAPIC as u32).to_le_bytes());
+    body.extend_from_slice(&const { low32(IOAPIC) }.to_le_bytes());
     body.extend_from_slice(&0u32.to_le_bytes());
     // ISA IRQ 0 (the PIT) arrives on GSI 2, as KVM routes it.
     body.extend_from_slice(&[2, 10, 0, 0]);
@@ -157,7 +163,7 @@ fn align8(x: u64) -> u64 {
 /// Writes every table; returns the RSDP's address (for the zero page).
 pub fn write(mem: &GuestMemoryMmap, cpus: u8, devices: &[MmioDevice]) -> Result<u64, AcpiError> {
     let rsdp_addr = ACPI;
-    let dsdt = dsdt(devices);
+    let dsdt = dsdt(devices)?;
     let dsdt_addr = align8(rsdp_addr + Rsdp::len() as u64);
     let fadt_addr = align8(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(dsdt_addr);
@@ -171,7 +177,7 @@ pub fn write(mem: &GuestMemoryMmap, cpus: u8, devices: &[MmioDevice]) -> Result<
     xsdt.to_aml_bytes(&mut xsdt_bytes);
     let end = xsdt_addr + xsdt_bytes.len() as u64;
     if end > ACPI_END {
-        return Err(AcpiError::TooLarge((end - ACPI) as usize));
+        return Err(AcpiError::TooLarge(end - ACPI));
     }
     let mut rsdp = Vec::new();
     Rsdp::new(OEM_ID, xsdt_addr).to_aml_bytes(&mut rsdp);

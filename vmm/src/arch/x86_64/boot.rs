@@ -11,7 +11,9 @@ use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{bzimage::BzImage, elf::Elf, load_cmdline, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::layout::{CMDLINE, CMDLINE_MAX, EBDA, HIMEM, MMIO_GAP_END, MMIO_GAP_START, ZERO_PAGE};
+use super::layout::{
+    low32, CMDLINE, CMDLINE_MAX, EBDA, HIMEM, MMIO_GAP_END, MMIO_GAP_START, ZERO_PAGE,
+};
 use crate::memory::{ram_ranges, GuestMemoryMmap};
 
 const E820_RAM: u32 = 1;
@@ -192,8 +194,9 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<Entry, BootError> 
     })?;
     load_cmdline(mem, GuestAddress(CMDLINE), &cmdline)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
-    params.hdr.cmd_line_ptr = CMDLINE as u32;
-    params.hdr.cmdline_size = spec.cmdline.len() as u32;
+    params.hdr.cmd_line_ptr = const { low32(CMDLINE) };
+    // Below CMDLINE_MAX, which the Cmdline above enforced.
+    params.hdr.cmdline_size = u32::try_from(spec.cmdline.len()).unwrap_or(u32::MAX);
 
     if let Some(path) = spec.initramfs {
         let addr_max = match params.hdr.initrd_addr_max {
@@ -201,13 +204,19 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<Entry, BootError> 
             n => u64::from(n),
         };
         let (addr, size) = load_initramfs(mem, path, kernel.end, addr_max)?;
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
+        // load_initramfs places it below addr_max, itself below 4 GiB.
+        let too_large = || BootError::InitramfsTooLarge {
+            size,
+            kernel_end: kernel.end,
+            top: addr_max,
+        };
+        params.hdr.ramdisk_image = u32::try_from(addr).map_err(|_| too_large())?;
+        params.hdr.ramdisk_size = u32::try_from(size).map_err(|_| too_large())?;
     }
 
     let mem_size: u64 = mem.iter().map(vm_memory::GuestMemoryRegion::len).sum();
     let map = e820_map(mem_size);
-    params.e820_entries = map.len() as u8;
+    params.e820_entries = u8::try_from(map.len()).unwrap_or(u8::MAX);
     params.e820_table[..map.len()].copy_from_slice(&map);
     params.acpi_rsdp_addr = spec.rsdp;
     mem.write_obj(params, GuestAddress(ZERO_PAGE))
@@ -275,7 +284,7 @@ mod tests {
         assert_eq!(mem.read_obj::<u8>(GuestAddress(HIMEM)).unwrap(), 0xf4);
         let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE)).unwrap();
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
-        assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE as u32);
+        assert_eq!(u64::from(p.hdr.cmd_line_ptr), CMDLINE);
         let mut cl = [0u8; 20];
         mem.read_slice(&mut cl, GuestAddress(CMDLINE)).unwrap();
         assert_eq!(&cl, b"console=ttyS0 hello\0");

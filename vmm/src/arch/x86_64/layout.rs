@@ -47,14 +47,28 @@ pub const VIRTIO_GSI_LAST: u32 = 23;
 pub use podvisor_vmm_config::limits::MAX_VIRTIO_DEVICES;
 const _: () = assert!((VIRTIO_GSI_LAST - VIRTIO_GSI_FIRST + 1) as usize == MAX_VIRTIO_DEVICES);
 
+/// The 32-bit form of an address below 4 GiB, as the zero page and the
+/// firmware tables hold it. Used in `const { }` blocks, so an address that
+/// does not fit is a compile error, never a runtime truncation.
+pub const fn low32(addr: u64) -> u32 {
+    assert!(
+        addr <= u32::MAX as u64,
+        "address above 4 GiB in a 32-bit field"
+    );
+    #[allow(clippy::cast_possible_truncation)] // checked just above
+    let low = addr as u32;
+    low
+}
+
 /// Guest address and GSI of the `i`th virtio-mmio device.
 pub fn virtio_slot(i: usize) -> (u64, u32) {
     (
         VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE,
-        VIRTIO_GSI_FIRST + i as u32,
+        // Callers number at most MAX_VIRTIO_DEVICES (the config checks).
+        VIRTIO_GSI_FIRST.saturating_add(u32::try_from(i).unwrap_or(u32::MAX)),
     )
 }
 
 /// Where KVM keeps its TSS and identity map (3 pages below the IOAPIC-free top).
-pub const KVM_TSS: u64 = 0xfffb_d000;
+pub const KVM_TSS: usize = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP: u64 = 0xfffb_c000;

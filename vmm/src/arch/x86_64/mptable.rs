@@ -5,7 +5,7 @@
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::layout::{EBDA, IOAPIC, LAPIC};
+use super::layout::{low32, EBDA, IOAPIC, LAPIC};
 use crate::memory::GuestMemoryMmap;
 
 pub use podvisor_vmm_config::limits::MAX_CPUS;
@@ -39,7 +39,7 @@ fn config_table(cpus: u8) -> Vec<u8> {
     entries.extend_from_slice(&[1, 0]);
     entries.extend_from_slice(b"ISA   ");
     entries.extend_from_slice(&[2, ioapic_id, 0x11, 1]);
-    entries.extend_from_slice(&(IOAPIC as u32).to_le_bytes());
+    entries.extend_from_slice(&const { low32(IOAPIC) }.to_le_bytes());
     count += 2;
     for pin in 0..IOAPIC_PINS {
         // Type 3 (I/O interrupt): INT, default polarity and trigger, ISA irq -> pin.
@@ -53,13 +53,15 @@ fn config_table(cpus: u8) -> Vec<u8> {
 
     let mut t = Vec::with_capacity(44 + entries.len());
     t.extend_from_slice(b"PCMP");
-    t.extend_from_slice(&((44 + entries.len()) as u16).to_le_bytes());
+    // At most MAX_CPUS + 28 entries of 20 bytes or less: far below 64 KiB.
+    let len = u16::try_from(44 + entries.len()).unwrap_or(u16::MAX);
+    t.extend_from_slice(&len.to_le_bytes());
     t.extend_from_slice(&[4, 0]); // spec 1.4, checksum
     t.extend_from_slice(b"PODVISOR");
     t.extend_from_slice(b"microVM     ");
     t.extend_from_slice(&[0; 6]); // OEM table pointer and size
     t.extend_from_slice(&count.to_le_bytes());
-    t.extend_from_slice(&(LAPIC as u32).to_le_bytes());
+    t.extend_from_slice(&const { low32(LAPIC) }.to_le_bytes());
     t.extend_from_slice(&[0; 4]); // extended table length, checksum, reserved
     t.extend_from_slice(&entries);
     t[7] = checksum(&t);
@@ -74,7 +76,7 @@ pub fn write(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), MpTableError> {
     let table_addr = EBDA + 16;
     let mut fp = Vec::with_capacity(16);
     fp.extend_from_slice(b"_MP_");
-    fp.extend_from_slice(&(table_addr as u32).to_le_bytes());
+    fp.extend_from_slice(&const { low32(EBDA + 16) }.to_le_bytes());
     fp.extend_from_slice(&[1, 4, 0, 0, 0, 0, 0, 0]);
     fp[10] = checksum(&fp);
     mem.write_slice(&fp, GuestAddress(EBDA))

@@ -103,7 +103,12 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
 pub fn setup_sregs(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let mut s = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     s.gdt.base = BOOT_GDT;
-    s.gdt.limit = (std::mem::size_of_val(&GDT) - 1) as u16;
+    s.gdt.limit = const {
+        assert!(std::mem::size_of::<[u64; 4]>() == std::mem::size_of_val(&GDT));
+        #[allow(clippy::cast_possible_truncation)] // 31
+        let limit = (std::mem::size_of::<[u64; 4]>() - 1) as u16;
+        limit
+    };
     s.idt.base = BOOT_IDT;
     s.idt.limit = 7;
     let data = segment(2, GDT[2]);
@@ -212,11 +217,11 @@ pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), RegsError> {
     for (reg, mode) in [(LVT0, EXTINT), (LVT1, NMI)] {
         let mut b = [0u8; 4];
         for (i, x) in b.iter_mut().enumerate() {
-            *x = lapic.regs[reg + i] as u8;
+            *x = lapic.regs[reg + i].to_ne_bytes()[0];
         }
         let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
         for (i, x) in v.to_le_bytes().iter().enumerate() {
-            lapic.regs[reg + i] = *x as _;
+            lapic.regs[reg + i] = i8::from_ne_bytes([*x]);
         }
     }
     vcpu.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))

@@ -179,7 +179,8 @@ impl Block {
             );
             self.buf = buf;
             status_w.write_all(&[status])?;
-            complete(&mut a.queues[0], &a.mem, &a.irq, head, written as u32 + 1)?;
+            let used = u32::try_from(written).unwrap_or(u32::MAX).saturating_add(1);
+            complete(&mut a.queues[0], &a.mem, &a.irq, head, used)?;
         }
         Ok(())
     }
@@ -229,7 +230,7 @@ mod tests {
         let f = tempfile::NamedTempFile::new().unwrap();
         let mut content = vec![0u8; 8 * 512];
         for (i, b) in content.iter_mut().enumerate() {
-            *b = (i / 512) as u8;
+            *b = u8::try_from(i / 512).unwrap();
         }
         std::fs::write(f.path(), &content).unwrap();
         (Block::open(f.path(), ro, "podvisor-disk0").unwrap(), f)

@@ -232,7 +232,13 @@ mod tests {
             revents: 0,
         };
         // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut p, 1, within.as_millis() as i32) == 1 }
+        unsafe {
+            libc::poll(
+                &mut p,
+                1,
+                i32::try_from(within.as_millis()).unwrap_or(i32::MAX),
+            ) == 1
+        }
     }
 
     /// A FUSE_INIT request from "the guest" reaches the real virtiofsd

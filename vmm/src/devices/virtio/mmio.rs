@@ -7,7 +7,7 @@ use std::os::fd::RawFd;
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Active, DeviceError, Interrupt, Queue, VirtioDevice, F_VERSION_1};
+use super::{lo32, Active, DeviceError, Interrupt, Queue, VirtioDevice, F_VERSION_1};
 use crate::devices::BusDevice;
 use crate::memory::GuestMemoryMmap;
 
@@ -233,7 +233,7 @@ impl MmioTransport {
             0x08 => self.device.device_type(),
             0x0c => VENDOR,
             0x10 => match self.device_features_select {
-                0 => features as u32,
+                0 => lo32(features),
                 1 => (features >> 32) as u32,
                 _ => 0,
             },
@@ -280,7 +280,9 @@ impl MmioTransport {
             0x30 => self.queue_select = v,
             0x38 => {
                 if let Some(q) = self.selected() {
-                    q.set_size(v as u16);
+                    // A size beyond 16 bits is no size: the queue then
+                    // fails its checks when the driver enables it.
+                    q.set_size(u16::try_from(v).unwrap_or(0));
                 }
             }
             0x44 => {
@@ -319,7 +321,7 @@ impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
             let config = self.device.config();
-            let start = (offset - CONFIG_SPACE) as usize;
+            let start = usize::try_from(offset - CONFIG_SPACE).unwrap_or(usize::MAX);
             for (i, b) in data.iter_mut().enumerate() {
                 *b = start
                     .checked_add(i)
@@ -424,14 +426,14 @@ pub(crate) mod tests {
         wr(t, 0x70, S_ACKNOWLEDGE);
         wr(t, 0x70, S_ACKNOWLEDGE | S_DRIVER);
         wr(t, 0x24, 0);
-        wr(t, 0x20, features as u32);
+        wr(t, 0x20, lo32(features));
         wr(t, 0x24, 1);
         wr(t, 0x20, (features >> 32) as u32);
         wr(t, 0x70, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
         assert_ne!(rd(t, 0x70) & S_FEATURES_OK, 0, "features refused");
         for i in 0..t.queues.len() {
             let m = mock(mem, i as u64);
-            wr(t, 0x30, i as u32);
+            wr(t, 0x30, u32::try_from(i).unwrap());
             assert_eq!(rd(t, 0x34), u32::from(QSIZE));
             wr(t, 0x38, u32::from(QSIZE));
             for (reg, a) in [
@@ -439,7 +441,7 @@ pub(crate) mod tests {
                 (0x90, m.avail_addr()),
                 (0xa0, m.used_addr()),
             ] {
-                wr(t, reg, a.0 as u32);
+                wr(t, reg, lo32(a.0));
                 wr(t, reg + 4, (a.0 >> 32) as u32);
             }
             wr(t, 0x44, 1);

@@ -178,6 +178,19 @@ pub fn complete(
     Ok(())
 }
 
+/// The low 32 bits of a 64-bit register pair (feature words, queue
+/// addresses as the MMIO transport splits them).
+pub fn lo32(v: u64) -> u32 {
+    let [a, b, c, d, ..] = v.to_le_bytes();
+    u32::from_le_bytes([a, b, c, d])
+}
+
+/// Bytes a device wrote into a chain, as the used ring records them:
+/// bounded by the chain's buffers, whose lengths are 32-bit.
+pub fn used_bytes(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     //! Driving a device as a guest driver would: real guest memory, split
@@ -189,8 +202,10 @@ pub(crate) mod testing {
     use super::*;
 
     pub const QSIZE: u16 = 16;
-    pub const F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
-    pub const F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    pub const F_WRITE: u16 = 2; // VRING_DESC_F_WRITE
+    pub const F_NEXT: u16 = 1; // VRING_DESC_F_NEXT
+    const _: () = assert!(F_WRITE as u32 == virtio_bindings::virtio_ring::VRING_DESC_F_WRITE);
+    const _: () = assert!(F_NEXT as u32 == virtio_bindings::virtio_ring::VRING_DESC_F_NEXT);
 
     pub fn mem() -> GuestMemoryMmap {
         crate::memory::create(16).unwrap()
@@ -231,9 +246,9 @@ pub(crate) mod testing {
         pub fn create_queue(&self) -> Result<Queue, virtio_queue::Error> {
             let mut q = Queue::new(QSIZE)?;
             q.set_size(QSIZE);
-            q.set_desc_table_address(Some(self.desc as u32), Some(0));
-            q.set_avail_ring_address(Some(self.avail as u32), Some(0));
-            q.set_used_ring_address(Some(self.used as u32), Some(0));
+            q.set_desc_table_address(Some(lo32(self.desc)), Some(0));
+            q.set_avail_ring_address(Some(lo32(self.avail)), Some(0));
+            q.set_used_ring_address(Some(lo32(self.used)), Some(0));
             q.set_ready(true);
             Ok(q)
         }

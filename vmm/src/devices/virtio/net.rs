@@ -9,7 +9,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use super::{
-    complete, pop_chain, with_active, Active, DeviceError, VirtioDevice, F_VERSION_1, TYPE_NET,
+    complete, pop_chain, used_bytes, with_active, Active, DeviceError, VirtioDevice, F_VERSION_1,
+    TYPE_NET,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -68,7 +69,7 @@ impl Net {
         if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let size: libc::c_int = HDR_LEN as libc::c_int;
+        let size = libc::c_int::try_from(HDR_LEN).unwrap_or(libc::c_int::MAX);
         // SAFETY: TUNSETVNETHDRSZ reads an int.
         if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETVNETHDRSZ, &size) } < 0 {
             return Err(std::io::Error::last_os_error());
@@ -143,7 +144,13 @@ impl Net {
             let mut frame = frame;
             frame[10..12].copy_from_slice(&1u16.to_le_bytes()); // num_buffers
             w.write_all(&frame)?;
-            complete(&mut a.queues[RX], &a.mem, &a.irq, head, frame.len() as u32)?;
+            complete(
+                &mut a.queues[RX],
+                &a.mem,
+                &a.irq,
+                head,
+                used_bytes(frame.len()),
+            )?;
         }
     }
 
@@ -216,7 +223,7 @@ mod tests {
 
     fn frame(tag: u8, len: usize) -> Vec<u8> {
         let mut f = vec![0u8; HDR_LEN];
-        f.extend((0..len).map(|i| tag.wrapping_add(i as u8)));
+        f.extend((0..len).map(|i| tag.wrapping_add(i.to_le_bytes()[0])));
         f
     }
 

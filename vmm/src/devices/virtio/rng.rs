@@ -2,7 +2,9 @@
 
 use std::io::Write;
 
-use super::{complete, pop_chain, Active, DeviceError, VirtioDevice, F_VERSION_1, TYPE_RNG};
+use super::{
+    complete, pop_chain, used_bytes, Active, DeviceError, VirtioDevice, F_VERSION_1, TYPE_RNG,
+};
 
 const QUEUE_SIZE: u16 = 256;
 /// Largest chunk served per buffer; a guest asking for more gets this much.
@@ -32,7 +34,7 @@ fn fill(buf: &mut [u8]) -> std::io::Result<()> {
             }
             return Err(e);
         }
-        done += n as usize;
+        done += usize::try_from(n).unwrap_or(0);
     }
     Ok(())
 }
@@ -71,7 +73,7 @@ impl VirtioDevice for Rng {
             let n = w.available_bytes().min(MAX_CHUNK);
             fill(&mut buf[..n])?;
             w.write_all(&buf[..n])?;
-            complete(&mut a.queues[0], &a.mem, &a.irq, head, n as u32)?;
+            complete(&mut a.queues[0], &a.mem, &a.irq, head, used_bytes(n))?;
         }
         Ok(())
     }

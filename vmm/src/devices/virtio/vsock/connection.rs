@@ -7,6 +7,7 @@ use std::os::unix::net::UnixStream;
 
 use super::packet::{Header, TYPE_STREAM};
 use super::HOST_CID;
+use crate::devices::virtio::used_bytes;
 
 /// What we let the guest have in flight per connection.
 pub(super) const BUF_ALLOC: u32 = 256 * 1024;
@@ -55,7 +56,7 @@ impl Conn {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     c.pending.drain(..n);
-                    c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
+                    c.fwd_cnt = c.fwd_cnt.wrapping_add(used_bytes(n));
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}

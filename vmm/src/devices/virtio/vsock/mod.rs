@@ -32,7 +32,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use virtio_queue::QueueOwnedT;
 
 use super::{
-    complete, pop_chain, with_active, Active, DeviceError, VirtioDevice, F_VERSION_1, TYPE_VSOCK,
+    complete, pop_chain, used_bytes, with_active, Active, DeviceError, VirtioDevice, F_VERSION_1,
+    TYPE_VSOCK,
 };
 use connection::{header, Conn, State};
 use muxer::{Pending, FIRST_LOCAL_PORT, LISTENER};
@@ -187,8 +188,8 @@ impl Vsock {
                 match c.stream.read(&mut buf[..want]) {
                     Ok(n) if n > 0 => {
                         let mut h = header(self.cid, c, OP_RW);
-                        h.len = n as u32;
-                        c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+                        h.len = used_bytes(n);
+                        c.tx_cnt = c.tx_cnt.wrapping_add(used_bytes(n));
                         c.last_fwd_cnt_sent = c.fwd_cnt;
                         if c.peer_credit() == 0 {
                             ready.pop();
@@ -227,7 +228,7 @@ impl Vsock {
                 &a.mem,
                 &a.irq,
                 head,
-                (HDR_LEN + data_len) as u32,
+                used_bytes(HDR_LEN + data_len),
             )?;
         }
     }
@@ -355,7 +356,11 @@ mod tests {
             b.extend_from_slice(payload);
             write(&self.mem, addr, &b);
             let q = self.q(1);
-            add_chain(&q, &[(d, desc(addr, b.len() as u32, 0, 0))], d);
+            add_chain(
+                &q,
+                &[(d, desc(addr, u32::try_from(b.len()).unwrap(), 0, 0))],
+                d,
+            );
             self.dev.queue_event(TX)
         }
 
@@ -529,8 +534,11 @@ mod tests {
         let chunk = vec![0u8; 0x10000];
         let mut reset = false;
         for _ in 0..64 {
-            r.tx(guest(OP_RW, 40000, 7, chunk.len() as u32), &chunk)
-                .unwrap();
+            r.tx(
+                guest(OP_RW, 40000, 7, u32::try_from(chunk.len()).unwrap()),
+                &chunk,
+            )
+            .unwrap();
             if r.dev.conns.is_empty() {
                 reset = true;
                 break;
