@@ -39,6 +39,15 @@ pub use qemu::Accel;
 /// The guest CID; each VM has its own vsock device, so one value serves all.
 const GUEST_CID: u32 = 3;
 
+/// Kernel parameters every podvisor guest gets, on either backend: the
+/// serial console; and a guest kernel that oopses or panics ends its VM at
+/// once (panic, then reboot, which ends the VM process), so the pod's
+/// containers are reported dead instead of hanging in a kernel that can no
+/// longer finish them. (Seen here: Debian 6.1's "Busy inodes after
+/// unmount of virtiofs" BUG when a pod is stopped right after it started
+/// left the pause process unkillable and StopPodSandbox hanging.)
+const GUEST_PARAMS: &str = "console=ttyS0 panic=-1 oops=panic quiet";
+
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
     #[error("starting {name} ({program}): {source}")]

@@ -10,7 +10,9 @@ use tokio::process::Command;
 use podvisor_names::SHARED_FS_TAG;
 
 use crate::process::{run_in_netns, wait_for_socket, Supervised, HELPER_READY};
-use crate::{virtiofsd, Hypervisor, HypervisorError, Paths, RunningVm, VmSpec, GUEST_CID};
+use crate::{
+    virtiofsd, Hypervisor, HypervisorError, Paths, RunningVm, VmSpec, GUEST_CID, GUEST_PARAMS,
+};
 
 /// TCG translation cache per VM, MiB.
 const TCG_TB_MIB: u32 = 64;
@@ -140,7 +142,7 @@ impl Hypervisor for Qemu {
         .arg("-initrd")
         .arg(&spec.initramfs)
         .arg("-append")
-        .arg(format!("console=ttyS0 panic=-1 quiet {}", spec.kernel_params).trim_end());
+        .arg(format!("{GUEST_PARAMS} {}", spec.kernel_params).trim_end());
         let vm = match run_in_netns(&mut qemu, spec.netns.as_deref())
             .and_then(|()| Supervised::spawn("qemu", &mut qemu, &d.join("qemu.log")))
         {

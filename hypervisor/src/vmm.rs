@@ -11,17 +11,18 @@ use podvisor_vmm_config::{FsConfig, NetConfig, VmConfig, VsockConfig};
 use tokio::process::Command;
 
 use crate::process::{run_in_netns, wait_for_socket, Supervised};
-use crate::{virtiofsd, Hypervisor, HypervisorError, Paths, RunningVm, VmSpec, GUEST_CID};
+use crate::{
+    virtiofsd, Hypervisor, HypervisorError, Paths, RunningVm, VmSpec, GUEST_CID, GUEST_PARAMS,
+};
 
 /// How long the VMM may take to build the VM (it binds the vsock socket
 /// when the VM is built, before any vCPU runs).
 const VMM_READY: Duration = Duration::from_secs(10);
 
-/// Kernel parameters for a podvisor guest on this VMM: serial console,
+/// Kernel parameters for a podvisor guest on this VMM: the common ones,
 /// reboot through the i8042 (which ends the VMM), no PS/2 probing beyond
 /// what the VMM emulates.
-const BASE_PARAMS: &str =
-    "console=ttyS0 reboot=k panic=-1 quiet i8042.noaux i8042.nomux i8042.dumbkbd";
+const BASE_PARAMS: &str = "reboot=k i8042.noaux i8042.nomux i8042.dumbkbd";
 
 #[derive(Debug)]
 pub struct Vmm {
@@ -42,7 +43,7 @@ impl Vmm {
             memory_mib: u64::from(spec.memory_mib),
             kernel: spec.kernel.clone(),
             initramfs: Some(spec.initramfs.clone()),
-            cmdline: format!("{BASE_PARAMS} {}", spec.kernel_params)
+            cmdline: format!("{GUEST_PARAMS} {BASE_PARAMS} {}", spec.kernel_params)
                 .trim_end()
                 .to_string(),
             console: Some(spec.dir.join("console.log")),
@@ -150,7 +151,8 @@ mod tests {
         let c = Vmm::config(&spec, std::path::Path::new("/run/podvisor/x/virtiofs.sock")).unwrap();
         c.validate().unwrap();
         assert_eq!((c.vcpus, c.memory_mib), (2, 512));
-        assert!(c.cmdline.starts_with("console=ttyS0 reboot=k") && c.cmdline.ends_with(" foo=1"));
+        assert!(c.cmdline.starts_with(GUEST_PARAMS) && c.cmdline.ends_with(" foo=1"));
+        assert!(c.cmdline.contains(" reboot=k "));
         assert_eq!(c.vsock.as_ref().unwrap().uds, spec.vsock);
         assert_eq!(c.fs[0].tag, "podvisor");
         assert_eq!(c.net[0].tap, "tap0");

@@ -87,6 +87,10 @@ fn main() {
         ("oom_kill_is_reported", oom_kill_is_reported),
         ("uname_is_the_guest_kernel", uname_is_the_guest_kernel),
         (
+            "guest_kernel_oops_ends_the_vm",
+            guest_kernel_oops_ends_the_vm,
+        ),
+        (
             "env_cwd_user_hostname_from_spec",
             env_cwd_user_hostname_from_spec,
         ),
@@ -805,6 +809,29 @@ fn uname_is_the_guest_kernel(vm: &TestVm) -> BoxFut<'_> {
             out.stdout
         );
         ensure!(out.stdout.trim() != host, "uname -r is the host's ({host})");
+        Ok(())
+    })
+}
+
+/// A guest kernel that oopses panics, and a panic ends the VM (so its
+/// containers are reported dead rather than left hanging).
+fn guest_kernel_oops_ends_the_vm(vm: &TestVm) -> BoxFut<'_> {
+    Box::pin(async move {
+        let out = vm
+            .run(
+                "oops",
+                &container(&[
+                    "cat",
+                    "/proc/sys/kernel/panic_on_oops",
+                    "/proc/sys/kernel/panic",
+                ]),
+            )
+            .await?;
+        ensure!(
+            out.stdout == "1\n-1\n",
+            "panic_on_oops, panic: {:?}",
+            out.stdout
+        );
         Ok(())
     })
 }
