@@ -43,6 +43,30 @@ pub(super) struct Conn {
 }
 
 impl Conn {
+    /// A connection between `local_port` (ours) and the guest's
+    /// `peer_port`, with the credit the guest has announced so far.
+    pub(super) fn new(
+        stream: UnixStream,
+        state: State,
+        (local_port, peer_port): (u32, u32),
+        (peer_buf_alloc, peer_fwd_cnt): (u32, u32),
+    ) -> Conn {
+        Conn {
+            stream,
+            state,
+            local_port,
+            peer_port,
+            peer_buf_alloc,
+            peer_fwd_cnt,
+            tx_cnt: 0,
+            fwd_cnt: 0,
+            last_fwd_cnt_sent: 0,
+            pending: Vec::new(),
+            peer_done_sending: false,
+            host_eof: false,
+        }
+    }
+
     pub(super) fn peer_credit(&self) -> u32 {
         self.peer_buf_alloc
             .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))

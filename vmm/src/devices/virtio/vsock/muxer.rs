@@ -164,20 +164,7 @@ impl Vsock {
         };
         let local_port = self.next_local_port;
         self.next_local_port = self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
-        let c = Conn {
-            stream: p.stream,
-            state: State::Connecting,
-            local_port,
-            peer_port,
-            peer_buf_alloc: 0,
-            peer_fwd_cnt: 0,
-            tx_cnt: 0,
-            fwd_cnt: 0,
-            last_fwd_cnt_sent: 0,
-            pending: Vec::new(),
-            peer_done_sending: false,
-            host_eof: false,
-        };
+        let c = Conn::new(p.stream, State::Connecting, (local_port, peer_port), (0, 0));
         if !extra.is_empty() {
             tracing::debug!("vsock: {} bytes after CONNECT dropped", extra.len());
         }
@@ -211,20 +198,12 @@ impl Vsock {
             }
         };
         let t = self.token();
-        let c = Conn {
+        let c = Conn::new(
             stream,
-            state: State::Established,
-            local_port: h.dst_port,
-            peer_port: h.src_port,
-            peer_buf_alloc: h.buf_alloc,
-            peer_fwd_cnt: h.fwd_cnt,
-            tx_cnt: 0,
-            fwd_cnt: 0,
-            last_fwd_cnt_sent: 0,
-            pending: Vec::new(),
-            peer_done_sending: false,
-            host_eof: false,
-        };
+            State::Established,
+            (h.dst_port, h.src_port),
+            (h.buf_alloc, h.fwd_cnt),
+        );
         self.watch(
             c.stream.as_raw_fd(),
             t,
