@@ -21,7 +21,8 @@ USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/podvisor-controller"]
 
 # The node image: the installer and the tree `make install` made under
-# /opt/podvisor (shim, VMM, vhost-device-vsock, guest kernel + initramfs).
+# /opt/podvisor (shim, VMM, vhost-device-vsock, guest kernel: bzImage and
+# vmlinux, initramfs).
 # Debian's nsenter (util-linux) restarts containerd in the host's namespaces.
 FROM debian:bookworm-slim AS node
 COPY --from=build /opt/podvisor /opt/podvisor

@@ -4,6 +4,10 @@ CARGO        ?= cargo
 AGENT_TARGET := x86_64-unknown-linux-musl
 AGENT_BIN    := target/$(AGENT_TARGET)/release/podvisor-agent
 GUEST_DIR    := build/guest
+KERNEL_DIR   := build/kernel
+# podvisor (our kernel, guest/kernel/) or debian (Debian's cloud kernel).
+GUEST_KERNEL ?= podvisor
+export GUEST_KERNEL
 PREFIX       ?= /opt/podvisor
 CONFIG_DIR   ?= /etc/podvisor
 
@@ -13,10 +17,12 @@ CONFIG_DIR   ?= /etc/podvisor
 # openssl, curl and iptables for the local Kubernetes cluster (cluster/up.sh)
 # and port forwarding, musl-tools for the static controller and installer
 # binaries, docker-registry for critest's images (make test-cri).
+# linux-source-6.12 and its build tools for podvisor's guest kernel.
 DEB_PACKAGES := qemu-system-x86 qemu-system-common seabios busybox-static \
                 containerd containernetworking-plugins iproute2 bsdutils \
                 cpio kmod zstd file ca-certificates binutils openssl curl \
-                iptables musl-tools docker-registry
+                iptables musl-tools docker-registry \
+                linux-source-6.12 xz-utils make gcc flex bison bc libelf-dev patch
 VHOST_DEVICE_VSOCK_VERSION := 0.3.0
 MUSL_RELEASE := target/$(AGENT_TARGET)/release
 # The controller image the local cluster imports (cluster/up.sh loads
@@ -30,7 +36,7 @@ SHELL        := /bin/bash
 # containerd 2.x in build/upstream/, where upstream/build.sh links them).
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: help deps build agent guest-image shim install uninstall demo bench \
+.PHONY: guest-image-debian test-guest-kernel test-vmm-linux test-guest-debian help deps build agent guest-kernel guest-image shim install uninstall demo bench \
         test lint test-unit test-vmm test-guest test-containerd test-network \
         test-cri upstream cluster-up cluster-down test-e2e e2e-kind clean \
         static crds controller-image test-controller
@@ -38,7 +44,8 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 help:
 	@echo "make deps             install what the build and tests need (as root)"
 	@echo "make build            build the workspace (release)"
-	@echo "make guest-image      build the guest kernel + initramfs into $(GUEST_DIR)/"
+	@echo "make guest-kernel     podvisor's guest kernel from Debian's linux-source-6.12 (cached)"
+	@echo "make guest-image      the guest image (kernel + initramfs) in $(GUEST_DIR)/ (GUEST_KERNEL=debian: Debian's)"
 	@echo "make install          install the shim, guest image and config under $(PREFIX), $(CONFIG_DIR)"
 	@echo "make demo             start a private containerd and run a container in a VM"
 	@echo "make test             lint, unit tests, VMM, guest, containerd, network, CRI, e2e and controller tests"
@@ -65,8 +72,17 @@ build:
 agent:
 	$(CARGO) build --release --target $(AGENT_TARGET) -p podvisor-agent
 
-guest-image: agent
+# Built once per source version and fragment, in the cache outside the
+# checkout (guest/kernel/build.sh), linked as $(KERNEL_DIR).
+guest-kernel:
+	guest/kernel/build.sh $(KERNEL_DIR)
+
+guest-image: agent $(if $(filter podvisor,$(GUEST_KERNEL)),guest-kernel)
 	guest/build-image.sh $(AGENT_BIN) $(GUEST_DIR)
+
+# Debian's cloud kernel beside it (test-guest-debian, bench).
+guest-image-debian: agent
+	GUEST_KERNEL=debian guest/build-image.sh $(AGENT_BIN) build/guest-debian
 
 # The shim and the in-tree VMM it starts.
 shim:
@@ -78,6 +94,8 @@ install: shim guest-image
 	install -D -m 0755 target/release/podvisor-vmm $(PREFIX)/bin/podvisor-vmm
 	install -D -m 0755 $$(command -v vhost-device-vsock) $(PREFIX)/bin/vhost-device-vsock
 	install -D -m 0644 $(GUEST_DIR)/kernel $(PREFIX)/share/guest/kernel
+	if [ -f $(GUEST_DIR)/vmlinux ]; then install -D -m 0644 $(GUEST_DIR)/vmlinux $(PREFIX)/share/guest/vmlinux; \
+	else rm -f $(PREFIX)/share/guest/vmlinux; fi
 	install -D -m 0644 $(GUEST_DIR)/initramfs $(PREFIX)/share/guest/initramfs
 	install -D -m 0644 $(GUEST_DIR)/manifest $(PREFIX)/share/guest/manifest
 	ln -sf $(PREFIX)/bin/containerd-shim-podvisor-v2 /usr/local/bin/containerd-shim-podvisor-v2
@@ -92,16 +110,17 @@ demo: deps shim guest-image
 	upstream/build.sh containerd
 	$(CARGO) run --release -q -p podvisor-tools -- demo
 
-# The figures measurable without Kubernetes, critest's tallies, then pods
+# The figures measurable without Kubernetes (the guest kernel: ours beside
+# Debian's), critest's tallies, then pods
 # through the local cluster (create to Running, delete to gone; podvisor
 # beside runc).
-bench: shim guest-image install upstream
+bench: shim guest-image guest-image-debian install upstream
 	$(CARGO) run --release -q -p podvisor-tools -- bench
 	$(CARGO) build --release -p podvisor-e2e --bins
 	cluster/with.sh target/release/podvisor-pod-bench
 
 # test-controller last: it ends with the node installer's uninstall.
-test: lint test-unit test-vmm test-guest test-containerd test-network test-cri test-e2e test-controller
+test: lint test-unit test-guest-kernel test-vmm test-vmm-linux test-guest test-guest-debian test-containerd test-network test-cri test-e2e test-controller
 
 # Crates only the VMM may link: the shim and the hypervisor layer know
 # nothing of KVM ioctls (they run podvisor-vmm, and its probe, as programs).
@@ -127,6 +146,30 @@ test-vmm: guest-image
 
 test-guest: guest-image
 	$(CARGO) test -p podvisor-testkit --test agent
+
+# Debian's stock kernel keeps working: its image (modules loaded at boot
+# and on demand) through the same agent suite.
+test-guest-debian: guest-image-debian
+	PODVISOR_GUEST_DIR=$(CURDIR)/build/guest-debian $(CARGO) test -p podvisor-testkit --test agent
+
+# Every option the fragments ask for is in the resolved configs, and the
+# check fails (naming it) when one is dropped.
+test-guest-kernel: guest-kernel
+	guest/kernel/check-config.sh $(KERNEL_DIR)/config guest/kernel/podvisor.config
+	guest/kernel/check-config.sh $(KERNEL_DIR)/emulated/config guest/kernel/podvisor.config guest/kernel/emulated.config
+	@dropped=$$(mktemp); grep -v '^CONFIG_VIRTIO_VSOCKETS=' $(KERNEL_DIR)/config > $$dropped; \
+	if guest/kernel/check-config.sh $$dropped guest/kernel/podvisor.config 2>$$dropped.err; then \
+	  echo "check-config passed a config without CONFIG_VIRTIO_VSOCKETS"; rm -f $$dropped $$dropped.err; exit 1; fi; \
+	grep -q 'CONFIG_VIRTIO_VSOCKETS: fragment wants' $$dropped.err || { cat $$dropped.err; exit 1; }; \
+	rm -f $$dropped $$dropped.err; echo "check-config: a dropped CONFIG_VIRTIO_VSOCKETS fails, named"
+
+# podvisor's kernel (its test-only `emulated` variant) booted by podvisor-vmm
+# with 2 vCPUs and every device, read from its console, under the /dev/kvm
+# there is (where KVM runs at hardware speed, test-vmm's full boot runs
+# instead); and the same kernel under QEMU TCG up to the agent.
+test-vmm-linux: guest-kernel guest-image
+	$(CARGO) build -p podvisor-vmm --bins
+	PODVISOR_KERNEL_DIR=$(CURDIR)/$(KERNEL_DIR) $(CARGO) test -p podvisor-testkit --test vmm_linux
 
 # The shim under Debian's containerd 1.6, then under 2.x.
 test-containerd: guest-image

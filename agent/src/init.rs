@@ -17,7 +17,9 @@ use podvisor_protocol::GUEST_SHARED_DIR;
 use crate::container::cgroup;
 use crate::modules;
 
-/// The list of modules to load, written by the guest image build.
+/// The list of modules to load, written by the guest image build for a
+/// modular kernel (Debian's); podvisor's own kernel has everything built in
+/// and its image has no list.
 const MODULE_LIST: &str = "/etc/podvisor/modules";
 
 /// Brings the guest up. Errors on the way that leave the agent able to
@@ -73,11 +75,15 @@ fn mount_fs(
 }
 
 fn load_modules() {
+    let list = match fs::read_to_string(MODULE_LIST) {
+        Ok(list) => list,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => return tracing::warn!("reading {MODULE_LIST}: {e}"),
+    };
     let release = match nix::sys::utsname::uname() {
         Ok(u) => u.release().to_string_lossy().into_owned(),
         Err(e) => return tracing::warn!("uname: {e}"),
     };
-    let list = fs::read_to_string(MODULE_LIST).unwrap_or_default();
     let names: Vec<&str> = list
         .lines()
         .map(str::trim)

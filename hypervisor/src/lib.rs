@@ -80,7 +80,12 @@ pub enum HypervisorError {
 /// What a VM is made of.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
+    /// The kernel QEMU boots (a bzImage).
     pub kernel: PathBuf,
+    /// The same kernel uncompressed (an ELF vmlinux), which the in-tree VMM
+    /// boots instead, without the bzImage's decompressor; none: it boots
+    /// `kernel`.
+    pub vmlinux: Option<PathBuf>,
     pub initramfs: PathBuf,
     pub vcpus: u32,
     pub memory_mib: u32,

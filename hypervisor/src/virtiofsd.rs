@@ -10,10 +10,7 @@ use crate::{HypervisorError, Paths, VmSpec};
 
 /// Starts virtiofsd on the VM's shared directory; returns it once its
 /// vhost-user socket exists, with the socket's path.
-pub(crate) async fn start(
-    paths: &Paths,
-    spec: &VmSpec,
-) -> Result<(Supervised, PathBuf), HypervisorError> {
+pub async fn start(paths: &Paths, spec: &VmSpec) -> Result<(Supervised, PathBuf), HypervisorError> {
     let sock = spec.dir.join("virtiofs.sock");
     let log = spec.dir.join("virtiofsd.log");
     let mut fs = Supervised::spawn(

@@ -41,7 +41,7 @@ impl Vmm {
             vcpus: u8::try_from(spec.vcpus)
                 .map_err(|_| unavailable("more vCPUs than the VMM supports"))?,
             memory_mib: u64::from(spec.memory_mib),
-            kernel: spec.kernel.clone(),
+            kernel: spec.vmlinux.clone().unwrap_or_else(|| spec.kernel.clone()),
             initramfs: Some(spec.initramfs.clone()),
             cmdline: format!("{GUEST_PARAMS} {BASE_PARAMS} {}", spec.kernel_params)
                 .trim_end()
@@ -134,6 +134,7 @@ mod tests {
     fn config_carries_the_spec() {
         let spec = VmSpec {
             kernel: "/k".into(),
+            vmlinux: None,
             initramfs: "/i".into(),
             vcpus: 2,
             memory_mib: 512,
@@ -151,6 +152,13 @@ mod tests {
         let c = Vmm::config(&spec, std::path::Path::new("/run/podvisor/x/virtiofs.sock")).unwrap();
         c.validate().unwrap();
         assert_eq!((c.vcpus, c.memory_mib), (2, 512));
+        assert_eq!(c.kernel, spec.kernel, "no vmlinux: the bzImage");
+        let elf = VmSpec {
+            vmlinux: Some("/vmlinux".into()),
+            ..spec.clone()
+        };
+        let c2 = Vmm::config(&elf, std::path::Path::new("/s")).unwrap();
+        assert_eq!(c2.kernel, std::path::Path::new("/vmlinux"));
         assert!(c.cmdline.starts_with(GUEST_PARAMS) && c.cmdline.ends_with(" foo=1"));
         assert!(c.cmdline.contains(" reboot=k "));
         assert_eq!(c.vsock.as_ref().unwrap().uds, spec.vsock);

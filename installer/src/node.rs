@@ -25,6 +25,7 @@ pub const FILES: &[&str] = &[
     "bin/podvisor-vmm",
     "bin/vhost-device-vsock",
     "share/guest/kernel",
+    "share/guest/vmlinux",
     "share/guest/initramfs",
     "share/guest/manifest",
 ];

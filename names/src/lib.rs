@@ -36,7 +36,12 @@ pub mod paths {
     pub const INSTALL_PREFIX: &str = "/opt/podvisor";
     pub const VMM: &str = "/opt/podvisor/bin/podvisor-vmm";
     pub const VHOST_DEVICE_VSOCK: &str = "/opt/podvisor/bin/vhost-device-vsock";
+    /// The guest kernel QEMU boots (a bzImage).
     pub const GUEST_KERNEL: &str = "/opt/podvisor/share/guest/kernel";
+    /// The same kernel uncompressed (ELF), which podvisor-vmm boots
+    /// without running the bzImage's decompressor; only podvisor's own
+    /// kernel has one.
+    pub const GUEST_VMLINUX: &str = "/opt/podvisor/share/guest/vmlinux";
     pub const GUEST_INITRAMFS: &str = "/opt/podvisor/share/guest/initramfs";
     /// The node's podvisor configuration.
     pub const NODE_CONFIG: &str = "/etc/podvisor/config.toml";
@@ -76,6 +81,7 @@ mod tests {
             paths::VMM,
             paths::VHOST_DEVICE_VSOCK,
             paths::GUEST_KERNEL,
+            paths::GUEST_VMLINUX,
             paths::GUEST_INITRAMFS,
         ] {
             assert!(p.starts_with(paths::INSTALL_PREFIX), "{p}");

@@ -43,6 +43,9 @@ pub struct Config {
     pub hypervisor: HypervisorKind,
     /// Guest kernel (bzImage) and initramfs.
     pub kernel: PathBuf,
+    /// The kernel uncompressed (vmlinux), for the in-tree VMM; when the
+    /// file is absent (Debian's kernel has none) the VMM boots `kernel`.
+    pub vmm_kernel: PathBuf,
     pub initramfs: PathBuf,
     pub default_vcpus: u32,
     pub default_memory_mib: u32,
@@ -67,6 +70,7 @@ impl Default for Config {
         Config {
             hypervisor: HypervisorKind::Auto,
             kernel: paths::GUEST_KERNEL.into(),
+            vmm_kernel: paths::GUEST_VMLINUX.into(),
             initramfs: paths::GUEST_INITRAMFS.into(),
             default_vcpus: 1,
             default_memory_mib: 512,
@@ -275,7 +279,10 @@ mod tests {
         let shipped = cfg(include_str!("../config.toml"));
         let d = Config::default();
         assert_eq!(shipped.hypervisor, d.hypervisor);
-        assert_eq!((shipped.kernel, shipped.initramfs), (d.kernel, d.initramfs));
+        assert_eq!(
+            (shipped.kernel, shipped.vmm_kernel, shipped.initramfs),
+            (d.kernel, d.vmm_kernel, d.initramfs)
+        );
         assert_eq!(
             (
                 shipped.default_vcpus,

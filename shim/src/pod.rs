@@ -120,6 +120,7 @@ impl Pod {
         };
         let spec = VmSpec {
             kernel: config.kernel.clone(),
+            vmlinux: Some(config.vmm_kernel.clone()).filter(|k| k.exists()),
             initramfs: config.initramfs.clone(),
             vcpus: sizing.vcpus,
             memory_mib: sizing.memory_mib,

@@ -152,19 +152,28 @@ impl Containerd {
 
     /// With pulls from the registries `mirror` names going to it.
     pub fn start_with(release: Release, mirror: Option<&Mirror<'_>>) -> Result<Containerd> {
+        Self::start_in(release, mirror, &image_dir())
+    }
+
+    /// With the guest image in `image` (`image_dir()` otherwise).
+    pub fn start_with_image(release: Release, image: &Path) -> Result<Containerd> {
+        Self::start_in(release, None, image)
+    }
+
+    fn start_in(release: Release, mirror: Option<&Mirror<'_>>, image: &Path) -> Result<Containerd> {
         let dir = tempfile::Builder::new()
             .prefix("podvisor-containerd-")
             .tempdir()?;
         let d = dir.path().to_owned();
         let address = d.join("containerd.sock");
-        let image = image_dir();
         let p = paths();
         let podvisor_config = d.join("podvisor.toml");
         std::fs::write(
             &podvisor_config,
             format!(
-                "kernel = {:?}\ninitramfs = {:?}\nallowed_annotations = [\"podvisor.io/vcpus\", \"podvisor.io/memory-mib\"]\nmax_vcpus = 4\n\n[paths]\nqemu = {:?}\nvirtiofsd = {:?}\nvhost_device_vsock = {:?}\n",
+                "kernel = {:?}\nvmm_kernel = {:?}\ninitramfs = {:?}\nallowed_annotations = [\"podvisor.io/vcpus\", \"podvisor.io/memory-mib\"]\nmax_vcpus = 4\n\n[paths]\nqemu = {:?}\nvirtiofsd = {:?}\nvhost_device_vsock = {:?}\n",
                 image.join("kernel"),
+                image.join("vmlinux"),
                 image.join("initramfs"),
                 p.qemu,
                 p.virtiofsd,

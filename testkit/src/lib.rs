@@ -7,13 +7,17 @@
 //! - [`rootfs`]: busybox root filesystems for test containers;
 //! - [`spec`]: containerd-like OCI specs;
 //! - [`image`], [`registry`]: busybox-based images, a registry on loopback;
-//! - [`critest`]: the CRI validation suite, podvisor beside runc.
+//! - [`critest`]: the CRI validation suite, podvisor beside runc;
+//! - [`console_boot`]: podvisor's kernel on the in-tree VMM, read from its
+//!   console (where KVM emulates guest code and runs no user space).
 //!
 //! Tests: `tests/agent.rs` (the agent in a real guest), `tests/vmm.rs`
 //! (the guest on the in-tree VMM, where KVM is fast),
-//! `tests/containerd.rs` (the shim under containerd), `tests/cri.rs`
-//! (critest). The guest image itself is built by `guest/build-image.sh`.
+//! `tests/vmm_linux.rs` (Linux's view of the VMM's platform, and the same
+//! kernel under QEMU), `tests/containerd.rs` (the shim under containerd),
+//! `tests/cri.rs` (critest). The guest image itself is built by `guest/build-image.sh`.
 
+pub mod console_boot;
 pub mod containerd;
 pub mod critest;
 pub mod image;

@@ -115,6 +115,19 @@ pub fn vmm_binary() -> PathBuf {
         .join("podvisor-vmm")
 }
 
+/// Runs `ip ARGS...` on the host; its stderr is the error.
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("ip").args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// The binaries a VM needs, as found on this machine.
 pub fn paths() -> Paths {
     Paths {
@@ -138,6 +151,10 @@ pub struct VmConfig {
     pub boot_timeout: Duration,
     /// NICs on existing host taps.
     pub net: Vec<NetDevice>,
+    /// The guest image (kernel, initramfs, manifest): `image_dir()`.
+    pub image: PathBuf,
+    /// A kernel other than the image's (QEMU: a bzImage).
+    pub kernel: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -150,6 +167,8 @@ impl VmConfig {
             kernel_params: String::new(),
             boot_timeout: Duration::from_secs(120),
             net: Vec::new(),
+            image: image_dir(),
+            kernel: None,
         }
     }
 }
@@ -177,13 +196,16 @@ impl std::fmt::Debug for TestVm {
 impl TestVm {
     /// Boots the guest image and waits for the agent to answer Check.
     pub async fn boot(cfg: &VmConfig) -> Result<TestVm> {
-        let image = image_dir();
+        let image = &cfg.image;
         let dir = tempfile::Builder::new()
             .prefix("podvisor-test-")
             .tempdir()?;
         std::fs::create_dir(dir.path().join("shared"))?;
         let spec = VmSpec {
-            kernel: image.join("kernel"),
+            kernel: cfg.kernel.clone().unwrap_or_else(|| image.join("kernel")),
+            // The in-tree VMM boots the image's vmlinux where it has one,
+            // as a pod's would.
+            vmlinux: Some(image.join("vmlinux")).filter(|k| cfg.kernel.is_none() && k.exists()),
             initramfs: image.join("initramfs"),
             vcpus: cfg.vcpus,
             memory_mib: cfg.memory_mib,

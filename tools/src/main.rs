@@ -4,8 +4,9 @@
 //! - `demo`: starts a private containerd with the podvisor runtime, runs a
 //!   container with `ctr run`, and shows that it ran in a VM (guest kernel
 //!   release and boot id next to the host's).
-//! - `bench`: prints the figures of DESIGN.md's target table that this
-//!   machine can measure, each with the backend and accelerator used.
+//! - `bench [kernel]`: prints the figures of DESIGN.md's target table that
+//!   this machine can measure, each with the backend and accelerator used
+//!   (`kernel`: only the guest kernel's, podvisor's beside Debian's).
 //! - `image ARCHIVE NAME [--add FILE:PATH]... CMD...`: writes the busybox
 //!   test image (plus FILEs) as an OCI archive (the local cluster imports
 //!   it; no registry is reached).
@@ -18,9 +19,10 @@ use anyhow::{bail, Context, Result};
 use podvisor_protocol::api;
 use podvisor_testkit::containerd::{text, Containerd, Release};
 use podvisor_testkit::spec::container;
-use podvisor_testkit::vm::{image_dir, manifest};
+use podvisor_testkit::vm::manifest;
 use podvisor_testkit::{ctx, detect_accel, Accel, StdioReq, TestVm, VmConfig};
 
+mod kernel_bench;
 mod net_bench;
 mod vmm_bench;
 
@@ -35,9 +37,15 @@ fn main() -> Result<()> {
         .build()?;
     match std::env::args().nth(1).as_deref() {
         Some("demo") => demo(),
-        Some("bench") => rt.block_on(bench()),
+        Some("bench") => match std::env::args().nth(2).as_deref() {
+            None => rt.block_on(bench()),
+            Some("kernel") => rt.block_on(bench_kernel()),
+            Some(other) => bail!("bench {other:?}: no such part (kernel, or none for all)"),
+        },
         Some("image") => image(&std::env::args().skip(2).collect::<Vec<_>>()),
-        _ => bail!("usage: podvisor-tools demo|bench|image ARCHIVE NAME [--pause | CMD...]"),
+        _ => {
+            bail!("usage: podvisor-tools demo|bench [kernel]|image ARCHIVE NAME [--pause | CMD...]")
+        }
     }
 }
 
@@ -135,7 +143,8 @@ fn row(name: &str, value: String, target: &str) {
     println!("{name:<66} {value:>11}  {target}");
 }
 
-async fn bench() -> Result<()> {
+/// The backend's note and the table's head.
+fn bench_head() -> Result<(Accel, &'static str)> {
     let (accel, why) = detect_accel();
     let note = match accel {
         Accel::Kvm => "qemu/kvm",
@@ -145,8 +154,20 @@ async fn bench() -> Result<()> {
     println!("guest kernel {}", manifest("kernel_release")?);
     println!();
     println!("{:<66} {:>11}  target (DESIGN.md)", "figure", "measured");
+    Ok((accel, note))
+}
+
+/// `bench kernel`: the guest kernel's part alone (ours beside Debian's).
+async fn bench_kernel() -> Result<()> {
+    let (accel, note) = bench_head()?;
+    kernel_bench::figures(accel, note).await
+}
+
+async fn bench() -> Result<()> {
+    let (accel, note) = bench_head()?;
     vmm_figures()?;
     guest_figures(accel, note).await?;
+    kernel_bench::figures(accel, note).await?;
     containerd_figures(note)?;
     critest_figures()
 }
@@ -233,7 +254,6 @@ fn vmm_figures() -> Result<()> {
 async fn guest_figures(accel: Accel, note: &str) -> Result<()> {
     let cfg = VmConfig::new(accel);
     let mut boots = Vec::new();
-    let mut ready = Vec::new();
     let mut rss_idle = 0;
     for _ in 0..BOOTS {
         let vm = TestVm::boot(&cfg).await?;
@@ -242,7 +262,6 @@ async fn guest_figures(accel: Accel, note: &str) -> Result<()> {
             .agent
             .get_guest_details(ctx(), &api::GuestDetailsRequest::new())
             .await?;
-        ready.push(Duration::from_millis(d.agent_ready_ms));
         rss_idle = d.agent_rss_bytes;
         vm.shutdown().await;
     }
@@ -268,21 +287,10 @@ async fn guest_figures(accel: Accel, note: &str) -> Result<()> {
         .agent_rss_bytes;
     vm.shutdown().await;
 
-    let size = |f: &str| -> Result<u64> {
-        let p = image_dir().join(f);
-        Ok(std::fs::metadata(&p)
-            .with_context(|| p.display().to_string())?
-            .len())
-    };
     row(
         &format!("QEMU start to agent ready, median of {BOOTS} ({note})"),
         ms(median(boots)),
         "-",
-    );
-    row(
-        &format!("guest kernel start to agent serving, median ({note})"),
-        ms(median(ready)),
-        "<= 100 ms on real KVM",
     );
     row(
         &format!("container create+start in a running VM, median of {CONTAINER_STARTS} ({note})"),
@@ -293,12 +301,6 @@ async fn guest_figures(accel: Accel, note: &str) -> Result<()> {
     row(
         &format!("agent RSS after {CONTAINER_STARTS} containers"),
         mib(rss_busy),
-        "-",
-    );
-    row("initramfs size (zstd)", mib(size("initramfs")?), "-");
-    row(
-        "kernel size (Debian cloud bzImage)",
-        mib(size("kernel")?),
         "-",
     );
     Ok(())
@@ -385,31 +387,37 @@ fn probe_times() -> Result<(Duration, Duration)> {
     Ok((median(probed), median(cached)))
 }
 
+/// `ctr run --rm` to the container's first byte of output, median of
+/// CTR_RUNS.
+fn ctr_first_output(ctd: &Containerd) -> Result<Duration> {
+    let mut firsts = Vec::new();
+    for i in 0..CTR_RUNS {
+        let mut child = ctd
+            .ctr_run(&["--rm"], &format!("first-{i}"), &["echo", "first"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let t = Instant::now();
+        let mut byte = [0u8; 1];
+        let mut stdout = child.stdout.take().context("ctr stdout")?;
+        if stdout.read(&mut byte)? != 1 {
+            bail!(
+                "ctr run printed nothing: {}",
+                text(&child.wait_with_output()?)
+            );
+        }
+        firsts.push(t.elapsed());
+        child.wait()?;
+    }
+    Ok(median(firsts))
+}
+
 fn containerd_figures(note: &str) -> Result<()> {
     let ctd = Containerd::start(Release::V2)?;
     let result = (|| -> Result<()> {
-        let mut firsts = Vec::new();
-        for i in 0..CTR_RUNS {
-            let mut child = ctd
-                .ctr_run(&["--rm"], &format!("first-{i}"), &["echo", "first"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()?;
-            let t = Instant::now();
-            let mut byte = [0u8; 1];
-            let mut stdout = child.stdout.take().context("ctr stdout")?;
-            if stdout.read(&mut byte)? != 1 {
-                bail!(
-                    "ctr run printed nothing: {}",
-                    text(&child.wait_with_output()?)
-                );
-            }
-            firsts.push(t.elapsed());
-            child.wait()?;
-        }
         row(
             &format!("ctr run to the container's first output, median of {CTR_RUNS} ({note})"),
-            ms(median(firsts)),
+            ms(ctr_first_output(&ctd)?),
             "-",
         );
 
