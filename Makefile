@@ -37,7 +37,7 @@ SHELL        := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: guest-image-debian test-guest-kernel test-vmm-linux test-guest-debian help deps build agent guest-kernel guest-image shim install uninstall demo bench \
-        test lint test-unit test-vmm test-guest test-containerd test-network \
+        test lint test-unit test-vmm test-guest test-containerd test-network test-warm \
         test-cri upstream cluster-up cluster-down test-e2e e2e-kind clean \
         static crds controller-image test-controller
 
@@ -120,7 +120,7 @@ bench: shim guest-image guest-image-debian install upstream
 	cluster/with.sh target/release/podvisor-pod-bench
 
 # test-controller last: it ends with the node installer's uninstall.
-test: lint test-unit test-guest-kernel test-vmm test-vmm-linux test-guest test-guest-debian test-containerd test-network test-cri test-e2e test-controller
+test: lint test-unit test-guest-kernel test-vmm test-vmm-linux test-guest test-guest-debian test-containerd test-network test-warm test-cri test-e2e test-controller
 
 # Crates only the VMM may link: the shim and the hypervisor layer know
 # nothing of KVM ioctls (they run podvisor-vmm, and its probe, as programs).
@@ -175,7 +175,7 @@ test-vmm-linux: guest-kernel guest-image
 test-containerd: guest-image
 	upstream/build.sh containerd cri-tools
 	$(CARGO) build -p podvisor-shim --bins
-	$(CARGO) test -p podvisor-testkit --test containerd -- --skip network_
+	$(CARGO) test -p podvisor-testkit --test containerd -- --skip network_ --skip warm_
 
 # Pod networking under containerd 2.x's CRI with Debian's CNI plugins
 # (bridge, host-local, portmap, loopback): pod IP reachable, port-forward,
@@ -184,6 +184,14 @@ test-network: guest-image
 	upstream/build.sh containerd cri-tools
 	$(CARGO) build -p podvisor-shim --bins
 	$(CARGO) test -p podvisor-testkit --test containerd -- network_
+
+# Warm start under containerd 2.x: two clones of one template are distinct
+# guests (kernel, RNG reseed, clock, hostname, IP, files); a changed input
+# makes a new template; a damaged one is removed and the pod boots cold.
+test-warm: guest-image
+	upstream/build.sh containerd cri-tools
+	$(CARGO) build -p podvisor-shim --bins
+	$(CARGO) test -p podvisor-testkit --test containerd -- warm_
 
 # critest for the runc handler (the baseline) and podvisor on containerd
 # 1.6 and 2.x, images from a registry on loopback; fails when podvisor

@@ -3,7 +3,7 @@
 //! which containers need, refuses to run from the initramfs itself) that
 //! keeps the image's modules for loading on demand with the agent as
 //! `/sbin/modprobe`, cgroups, loopback, and the shared directory from the
-//! host. Also the power-off at the end.
+//! host (a warm-start template's clones mount theirs later). Also the power-off at the end.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -50,16 +50,25 @@ pub fn boot() -> Result<()> {
     if let Err(e) = loopback_up() {
         tracing::warn!("bringing lo up: {e}");
     }
-    if let Err(e) = mount_fs(
+    // A template has no shared directory: each clone gets its own
+    // hot-plugged, mounted at its CreateSandbox.
+    if !crate::warm::is_template() {
+        if let Err(e) = mount_shared() {
+            tracing::warn!("no shared directory from the host, containers cannot start: {e:#}");
+        }
+    }
+    Ok(())
+}
+
+/// Mounts the host's shared directory (virtio-fs tag `podvisor`).
+pub fn mount_shared() -> Result<()> {
+    mount_fs(
         SHARED_FS_TAG,
         GUEST_SHARED_DIR,
         "virtiofs",
         MsFlags::empty(),
         None,
-    ) {
-        tracing::warn!("no shared directory from the host, containers cannot start: {e:#}");
-    }
-    Ok(())
+    )
 }
 
 fn mount_fs(

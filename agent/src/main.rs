@@ -19,6 +19,7 @@ mod port_forward;
 mod reaper;
 mod sandbox;
 mod server;
+mod warm;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 

@@ -3,6 +3,7 @@
 //! power-off at the end.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use crate::container::{sysctl, validate_id, Container};
 use crate::error::{internal, invalid, not_found, precondition, AgentError, Result};
 use crate::lock;
 use crate::reaper::Reaper;
+use crate::warm;
 
 /// Delay between answering DestroySandbox and powering off, so the answer
 /// leaves the guest first.
@@ -25,6 +27,8 @@ pub struct Sandbox {
     /// Whether DestroySandbox powers the machine off (the agent is PID 1).
     owns_machine: bool,
     ready_ms: u64,
+    /// Set once a clone of a warm-start template has finished its restore.
+    restored: AtomicBool,
 }
 
 impl Sandbox {
@@ -35,6 +39,7 @@ impl Sandbox {
             creating: Mutex::new(HashSet::new()),
             owns_machine,
             ready_ms: boottime_ms(),
+            restored: AtomicBool::new(false),
         }
     }
 
@@ -67,7 +72,16 @@ impl Sandbox {
         }
     }
 
-    pub fn create_sandbox(&self, req: &api::CreateSandboxRequest) -> Result<()> {
+    pub async fn create_sandbox(&self, req: &api::CreateSandboxRequest) -> Result<()> {
+        if let Err(e) = warm::set_clock(req.host_time_ns) {
+            tracing::warn!("setting the clock from the host's: {e}");
+        }
+        if let Err(e) = warm::mix_host_entropy(&req.host_entropy) {
+            tracing::warn!("mixing in the host's entropy: {e}");
+        }
+        if self.owns_machine && warm::is_template() {
+            self.finish_restore().await?;
+        }
         if !req.hostname.is_empty() {
             nix::unistd::sethostname(&req.hostname)
                 .map_err(|e| invalid!("hostname {:?}: {e}", req.hostname))?;
@@ -94,6 +108,31 @@ impl Sandbox {
         for (key, value) in &req.sysctls {
             sysctl::write(key, value).map_err(|e| invalid!("{}", e.0))?;
         }
+        Ok(())
+    }
+
+    /// A clone's first sandbox: the kernel's RNG reseed on the new VM
+    /// generation, and the shared directory hot-plugged after restore.
+    async fn finish_restore(&self) -> Result<()> {
+        if self.restored.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if warm::kernel_reseeded().await {
+            tracing::info!(
+                "restored from a template: the kernel reseeded its RNG (new VM generation ID)"
+            );
+        } else {
+            tracing::warn!("restored from a template, but the kernel reported no RNG reseed (no vmgenid?); the host's entropy was mixed in");
+        }
+        // Until virtio-fs has bound, the tag is unknown: EINVAL.
+        warm::retry(
+            "mounting the hot-plugged shared directory",
+            |_| true,
+            crate::init::mount_shared,
+        )
+        .await
+        .map_err(|e| internal!("mounting the shared directory after restore: {e:#}"))?;
+        self.restored.store(true, Ordering::Release);
         Ok(())
     }
 

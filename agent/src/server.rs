@@ -30,7 +30,13 @@ pub async fn serve(sandbox: Arc<Sandbox>, port: u32) -> anyhow::Result<()> {
         .register_service(api::create_agent(service));
     server.start().await?;
     tracing::info!("agent API serving on vsock port {port}");
-    tokio::spawn(report_ready());
+    if crate::warm::is_template() {
+        // No vsock device until a clone's is hot-plugged.
+        crate::warm::announce_ready();
+        tokio::spawn(crate::warm::report_ready_once_plugged());
+    } else {
+        tokio::spawn(report_ready());
+    }
     std::future::pending::<()>().await;
     Ok(())
 }
@@ -38,7 +44,7 @@ pub async fn serve(sandbox: Arc<Sandbox>, port: u32) -> anyhow::Result<()> {
 /// Tells the host the API serves: a connection to host port READY_PORT.
 /// Without a listener there (a host that dials blindly) it is refused;
 /// that is fine.
-async fn report_ready() {
+pub async fn report_ready() {
     let addr = VsockAddr::new(libc::VMADDR_CID_HOST, podvisor_protocol::READY_PORT);
     match tokio::time::timeout(
         std::time::Duration::from_secs(10),
@@ -90,7 +96,8 @@ impl api::Agent for Service {
         _: &TtrpcContext,
         req: api::CreateSandboxRequest,
     ) -> Rpc<api::Empty> {
-        log_err("CreateSandbox", self.sandbox.create_sandbox(&req)).map(|()| api::Empty::new())
+        log_err("CreateSandbox", self.sandbox.create_sandbox(&req).await)
+            .map(|()| api::Empty::new())
     }
 
     async fn destroy_sandbox(
@@ -108,7 +115,18 @@ impl api::Agent for Service {
         _: &TtrpcContext,
         req: api::ConfigureNetworkRequest,
     ) -> Rpc<api::ConfigureNetworkResponse> {
-        log_err("ConfigureNetwork", crate::network::configure(&req)).map(|names| {
+        let configured = if crate::warm::is_template() {
+            // A clone's NICs are hot-plugged as it resumes.
+            crate::warm::retry(
+                "waiting for the hot-plugged NICs",
+                |e| matches!(e, AgentError::NotFound(_)),
+                || crate::network::configure(&req),
+            )
+            .await
+        } else {
+            crate::network::configure(&req)
+        };
+        log_err("ConfigureNetwork", configured).map(|names| {
             let mut r = api::ConfigureNetworkResponse::new();
             r.interfaces = names;
             r

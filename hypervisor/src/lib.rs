@@ -14,6 +14,8 @@
 //! - [`qemu`]: QEMU `-M q35`, KVM when the probe finds it fast, TCG
 //!   otherwise, vsock through `vhost-device-vsock`;
 //! - [`virtiofsd`]: the shared directory, for both;
+//! - [`template`]: warm start, VMs restored from a saved template (QEMU;
+//!   [`qmp`] drives it);
 //! - [`process`]: supervision of every process above;
 //! - [`probe`]: the KVM probe's verdict, cached once per host boot;
 //! - [`select`]: which backend a VM gets, and why.
@@ -21,6 +23,8 @@
 pub mod probe;
 pub mod process;
 pub mod qemu;
+mod qmp;
+pub mod template;
 pub mod virtiofsd;
 pub mod vmm;
 
@@ -70,6 +74,10 @@ pub enum HypervisorError {
     },
     #[error("{0}")]
     Unavailable(String),
+    #[error("QMP {command}: {desc}")]
+    Qmp { command: String, desc: String },
+    #[error("template {dir}: {reason}")]
+    Template { dir: PathBuf, reason: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -122,6 +130,35 @@ pub trait Hypervisor: Send + Sync {
     /// Starts the VM and its helpers; returns once they run (not once the
     /// guest has booted: dial the agent for that).
     async fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError>;
+
+    /// The program the VM process runs (part of a template's key).
+    fn program(&self) -> &Path;
+
+    /// Boots `spec` as a warm-start template (no vsock, shared directory
+    /// or NIC: each clone gets its own hot-plugged) up to its agent
+    /// serving, and saves it into `spec.dir` ([`template::MEMORY`],
+    /// [`template::STATE`]).
+    async fn save_template(&self, spec: &VmSpec) -> Result<(), HypervisorError> {
+        let _ = spec;
+        Err(HypervisorError::Unavailable(format!(
+            "{} has no warm start yet",
+            self.describe()
+        )))
+    }
+
+    /// Starts a clone of `template` with `spec`'s vsock, shared directory
+    /// and NICs, resumed; its agent reports ready as a cold boot's does.
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        template: &template::Template,
+    ) -> Result<RunningVm, HypervisorError> {
+        let _ = (spec, template);
+        Err(HypervisorError::Unavailable(format!(
+            "{} has no warm start yet",
+            self.describe()
+        )))
+    }
 }
 
 /// Which backend runs a VM, as the node config or a pod's annotation says.

@@ -6,9 +6,8 @@
 //! starts serialise on a lock so the probe runs once, unloaded by its
 //! siblings.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -70,7 +69,10 @@ pub async fn verdict_for(key: &HostKey, vmm: &Path, state_root: &Path) -> Verdic
         return v;
     }
     // One prober at a time; whoever waited finds the cache written.
-    let _lock = match lock(&state_root.join(LOCK)).await {
+    let _lock = match crate::process::lock_file(&state_root.join(LOCK))
+        .await
+        .map_err(|e| format!("locking the KVM probe: {e}"))
+    {
         Ok(l) => l,
         Err(e) => return Verdict::Unavailable(e),
     };
@@ -131,36 +133,11 @@ async fn run_probe(vmm: &Path) -> Verdict {
     }
 }
 
-/// An exclusive lock on `path`, held until the file is dropped.
-async fn lock(path: &Path) -> Result<std::fs::File, String> {
-    let path: PathBuf = path.to_owned();
-    let locked = tokio::task::spawn_blocking(move || {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)?;
-        // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(f)
-    })
-    .await;
-    match locked {
-        Ok(Ok(f)) => Ok(f),
-        Ok(Err(e)) => Err(format!("locking the KVM probe: {e}")),
-        Err(e) => Err(format!("locking the KVM probe: {e}")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
 
     fn key(boot: &str) -> HostKey {
         HostKey {

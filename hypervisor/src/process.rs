@@ -1,7 +1,7 @@
 //! The processes a VM is made of, supervised: spawning with the output in
 //! a log, exit watching, killing through the owner (never a reused pid),
 //! waiting for a helper's socket, entering the pod's network namespace,
-//! and the log tails that explain a failure.
+//! file locks between processes, and the log tails that explain a failure.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -143,6 +143,29 @@ pub fn run_in_netns(cmd: &mut Command, netns: Option<&Path>) -> Result<(), Hyper
         });
     }
     Ok(())
+}
+
+/// An exclusive lock on `path` (created, with its directory, if missing),
+/// held until the file is dropped; waits for another holder.
+pub async fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let path: PathBuf = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(f)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// The last `lines` lines of the guest console and of every helper's log

@@ -3,19 +3,42 @@
 //! `vhost-device-vsock` (whose UDS speaks the same hybrid-vsock protocol as
 //! the in-tree VMM), and the shared directory through `vhost-user-fs-pci`
 //! served by virtiofsd. KVM where the probe finds it fast, TCG elsewhere.
+//!
+//! Warm start: a template VM has empty PCIe root ports, a vmgenid device
+//! and its RAM in a shared file; it is saved by migrating to a file with
+//! `x-ignore-shared` (RAM stays in the file). A clone gets the template's
+//! RAM copied into its own memfd, loads the state paused, has its
+//! vhost-user devices and NICs hot-plugged into the root ports (QEMU 7.2
+//! cannot migrate vhost-user devices) and resumes; its new vmgenid tells
+//! the guest kernel to reseed.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use podvisor_names::{template as names_template, SHARED_FS_TAG};
+use serde_json::json;
 use tokio::process::Command;
 
-use podvisor_names::SHARED_FS_TAG;
-
 use crate::process::{run_in_netns, wait_for_socket, Supervised, HELPER_READY};
+use crate::qmp::Qmp;
+use crate::template::{self, Template};
 use crate::{
     virtiofsd, Hypervisor, HypervisorError, Paths, RunningVm, VmSpec, GUEST_CID, GUEST_PARAMS,
 };
 
 /// TCG translation cache per VM, MiB.
 const TCG_TB_MIB: u32 = 64;
+/// PCIe root ports a template keeps free for a clone's devices: vsock,
+/// virtio-fs, and the NICs.
+const HOTPLUG_PORTS: usize = 4;
+/// Slots of those ports taken before the NICs.
+const FIRST_NIC_PORT: usize = 2;
+/// How long a template VM may take to boot to its agent.
+const TEMPLATE_BOOT: Duration = Duration::from_secs(120);
+/// How long saving or loading a template's state may take.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -38,54 +61,72 @@ pub struct Qemu {
     accel: Accel,
 }
 
+/// The helpers a VM's vhost-user devices are served by, and their sockets.
+struct Helpers {
+    vsock: Supervised,
+    fs: Supervised,
+    vsock_sock: std::path::PathBuf,
+    fs_sock: std::path::PathBuf,
+}
+
+impl Helpers {
+    async fn kill(mut self) {
+        self.vsock.kill().await;
+        self.fs.kill().await;
+    }
+}
+
 impl Qemu {
     pub fn new(paths: Paths, accel: Accel) -> Qemu {
         Qemu { paths, accel }
     }
-}
 
-#[async_trait]
-impl Hypervisor for Qemu {
-    fn describe(&self) -> String {
-        format!("qemu/{}", self.accel.name())
-    }
-
-    async fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError> {
-        if !spec.cpuid_hide.is_empty() {
-            tracing::warn!(
-                "cpuid_hide is applied by the in-tree VMM only; this VM runs on QEMU and sees KVM's (or TCG's) CPUID"
-            );
-        }
+    /// Starts vhost-device-vsock and virtiofsd for `spec`; returns once
+    /// both sockets exist.
+    async fn helpers(&self, spec: &VmSpec) -> Result<Helpers, HypervisorError> {
         let d = &spec.dir;
-        let vhost_sock = d.join("vhost-vsock.sock");
-        let vsock = spec.vsock.clone();
-
+        let vsock_sock = d.join("vhost-vsock.sock");
         let vsock_log = d.join("vhost-device-vsock.log");
-        let mut vsock_helper = Supervised::spawn(
+        // A VM that came before in this directory (a clone that did not
+        // come up) may have left its sockets: a stale one would pass for
+        // the new helper's.
+        for stale in [&vsock_sock, &spec.vsock] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let mut vsock = Supervised::spawn(
             "vhost-device-vsock",
             Command::new(&self.paths.vhost_device_vsock)
                 .arg("--vm")
                 .arg(format!(
                     "guest-cid={GUEST_CID},socket={},uds-path={}",
-                    vhost_sock.display(),
-                    vsock.display()
+                    vsock_sock.display(),
+                    spec.vsock.display()
                 )),
             &vsock_log,
         )?;
-        let (mut fs_helper, fs_sock) = match virtiofsd::start(&self.paths, spec).await {
+        let (mut fs, fs_sock) = match virtiofsd::start(&self.paths, spec).await {
             Ok(fs) => fs,
             Err(e) => {
-                vsock_helper.kill().await;
+                vsock.kill().await;
                 return Err(e);
             }
         };
-        if let Err(e) = wait_for_socket(&vhost_sock, &vsock_helper, &vsock_log, HELPER_READY).await
-        {
-            vsock_helper.kill().await;
-            fs_helper.kill().await;
+        if let Err(e) = wait_for_socket(&vsock_sock, &vsock, &vsock_log, HELPER_READY).await {
+            vsock.kill().await;
+            fs.kill().await;
             return Err(e);
         }
+        Ok(Helpers {
+            vsock,
+            fs,
+            vsock_sock,
+            fs_sock,
+        })
+    }
 
+    /// The machine every VM of `spec` gets: board, accelerator, CPU,
+    /// memory from `memory_backend`, console, kernel; no devices.
+    fn machine(&self, spec: &VmSpec, memory_backend: &str, extra_params: &str) -> Command {
         let mem = spec.memory_mib;
         let mut qemu = Command::new(&self.paths.qemu);
         // TCG's translation cache defaults to 1 GiB of host memory per VM;
@@ -107,22 +148,147 @@ impl Hypervisor for Qemu {
             .args(["-nodefaults", "-nographic", "-no-reboot"])
             .args([
                 "-object",
-                &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+                &format!("{memory_backend},id=mem,size={mem}M,share=on"),
             ])
             .args(["-numa", "node,memdev=mem"])
             .args([
-                "-chardev",
-                &format!("socket,id=vsock,path={}", vhost_sock.display()),
+                "-serial",
+                &format!("file:{}", spec.dir.join("console.log").display()),
             ])
-            .args(["-device", "vhost-user-vsock-pci,chardev=vsock"])
-            .args([
-                "-chardev",
-                &format!("socket,id=fs,path={}", fs_sock.display()),
-            ])
-            .args([
+            .arg("-kernel")
+            .arg(&spec.kernel)
+            .arg("-initrd")
+            .arg(&spec.initramfs)
+            .arg("-append")
+            .arg(
+                format!("{GUEST_PARAMS} {} {extra_params}", spec.kernel_params)
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        qemu
+    }
+
+    /// What a template and its clones add to the machine: the root ports
+    /// the clone's devices are plugged into, vmgenid, the monitor.
+    fn warm_devices(qemu: &mut Command, dir: &Path) {
+        for i in 0..HOTPLUG_PORTS {
+            qemu.args([
                 "-device",
-                &format!("vhost-user-fs-pci,chardev=fs,tag={SHARED_FS_TAG}"),
+                &format!(
+                    "pcie-root-port,id=rp{i},bus=pcie.0,chassis={},addr=0x{:x}",
+                    i + 1,
+                    i + 8
+                ),
             ]);
+        }
+        qemu.args(["-device", "vmgenid,guid=auto"]).args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
+        ]);
+    }
+
+    async fn spawn_vm(
+        qemu: &mut Command,
+        spec: &VmSpec,
+        helpers: Helpers,
+    ) -> Result<(Supervised, Helpers), HypervisorError> {
+        match run_in_netns(qemu, spec.netns.as_deref())
+            .and_then(|()| Supervised::spawn("qemu", qemu, &spec.dir.join("qemu.log")))
+        {
+            Ok(vm) => Ok((vm, helpers)),
+            Err(e) => {
+                helpers.kill().await;
+                Err(e)
+            }
+        }
+    }
+
+    fn running(&self, spec: &VmSpec, vm: Supervised, helpers: Helpers) -> RunningVm {
+        RunningVm {
+            vm,
+            helpers: vec![helpers.vsock, helpers.fs],
+            vsock: spec.vsock.clone(),
+            describe: self.describe(),
+        }
+    }
+
+    /// Hot-plugs a clone's devices (it is paused, its state loaded) and
+    /// resumes it.
+    async fn plug_and_resume(
+        qmp: &mut Qmp,
+        spec: &VmSpec,
+        helpers: &Helpers,
+    ) -> Result<(), HypervisorError> {
+        for (id, path) in [("vsock", &helpers.vsock_sock), ("fs", &helpers.fs_sock)] {
+            qmp.execute(
+                "chardev-add",
+                json!({"id": id, "backend": {"type": "socket", "data": {
+                    "addr": {"type": "unix", "data": {"path": path}}, "server": false}}}),
+            )
+            .await?;
+        }
+        qmp.execute(
+            "device_add",
+            json!({"driver": "vhost-user-vsock-pci", "id": "vsock0", "chardev": "vsock", "bus": "rp0"}),
+        )
+        .await?;
+        qmp.execute(
+            "device_add",
+            json!({"driver": "vhost-user-fs-pci", "id": "fs0", "chardev": "fs",
+                   "tag": SHARED_FS_TAG, "bus": "rp1"}),
+        )
+        .await?;
+        for (i, n) in spec.net.iter().enumerate() {
+            let id = format!("net{i}");
+            qmp.execute(
+                "netdev_add",
+                json!({"type": "tap", "id": id, "ifname": n.tap, "script": "no", "downscript": "no"}),
+            )
+            .await?;
+            qmp.execute(
+                "device_add",
+                json!({"driver": "virtio-net-pci", "id": format!("nic{i}"), "netdev": id,
+                       "mac": n.mac, "bus": format!("rp{}", FIRST_NIC_PORT + i)}),
+            )
+            .await?;
+        }
+        qmp.execute("cont", json!({})).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    fn describe(&self) -> String {
+        format!("qemu/{}", self.accel.name())
+    }
+
+    fn program(&self) -> &Path {
+        &self.paths.qemu
+    }
+
+    async fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError> {
+        if !spec.cpuid_hide.is_empty() {
+            tracing::warn!(
+                "cpuid_hide is applied by the in-tree VMM only; this VM runs on QEMU and sees KVM's (or TCG's) CPUID"
+            );
+        }
+        let helpers = self.helpers(spec).await?;
+        let mut qemu = self.machine(spec, "memory-backend-memfd", "");
+        qemu.args([
+            "-chardev",
+            &format!("socket,id=vsock,path={}", helpers.vsock_sock.display()),
+        ])
+        .args(["-device", "vhost-user-vsock-pci,chardev=vsock"])
+        .args([
+            "-chardev",
+            &format!("socket,id=fs,path={}", helpers.fs_sock.display()),
+        ])
+        .args([
+            "-device",
+            &format!("vhost-user-fs-pci,chardev=fs,tag={SHARED_FS_TAG}"),
+        ]);
         for (i, n) in spec.net.iter().enumerate() {
             qemu.args([
                 "-netdev",
@@ -133,31 +299,145 @@ impl Hypervisor for Qemu {
                 &format!("virtio-net-pci,netdev=net{i},mac={}", n.mac),
             ]);
         }
-        qemu.args([
-            "-serial",
-            &format!("file:{}", d.join("console.log").display()),
-        ])
-        .arg("-kernel")
-        .arg(&spec.kernel)
-        .arg("-initrd")
-        .arg(&spec.initramfs)
-        .arg("-append")
-        .arg(format!("{GUEST_PARAMS} {}", spec.kernel_params).trim_end());
-        let vm = match run_in_netns(&mut qemu, spec.netns.as_deref())
-            .and_then(|()| Supervised::spawn("qemu", &mut qemu, &d.join("qemu.log")))
+        let (vm, helpers) = Self::spawn_vm(&mut qemu, spec, helpers).await?;
+        Ok(self.running(spec, vm, helpers))
+    }
+
+    async fn save_template(&self, spec: &VmSpec) -> Result<(), HypervisorError> {
+        let d = &spec.dir;
+        let memory = d.join(template::MEMORY);
+        let mut qemu = self.machine(
+            spec,
+            &format!("memory-backend-file,mem-path={}", memory.display()),
+            names_template::KERNEL_PARAM,
+        );
+        Self::warm_devices(&mut qemu, d);
+        let mut vm = Supervised::spawn("qemu", &mut qemu, &d.join("qemu.log"))?;
+        let saved = async {
+            wait_for_console(&d.join("console.log"), names_template::READY_LINE, &vm).await?;
+            let mut qmp = Qmp::connect(&d.join("qmp.sock"), HELPER_READY).await?;
+            qmp.execute(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+            )
+            .await?;
+            qmp.execute("stop", json!({})).await?;
+            let state = d.join(template::STATE);
+            qmp.execute(
+                "migrate",
+                json!({"uri": format!("exec:cat > '{}'", state.display())}),
+            )
+            .await?;
+            qmp.wait_migration(MIGRATION_TIMEOUT).await?;
+            let _ = qmp.execute("quit", json!({})).await;
+            Ok::<_, HypervisorError>(())
+        }
+        .await;
+        if tokio::time::timeout(Duration::from_secs(5), vm.wait())
+            .await
+            .is_err()
         {
-            Ok(vm) => vm,
-            Err(e) => {
-                vsock_helper.kill().await;
-                fs_helper.kill().await;
-                return Err(e);
-            }
-        };
-        Ok(RunningVm {
-            vm,
-            helpers: vec![vsock_helper, fs_helper],
-            vsock,
-            describe: self.describe(),
+            vm.kill().await;
+        }
+        saved.map_err(|e| HypervisorError::Template {
+            dir: d.clone(),
+            reason: format!("saving: {e}; logs:\n{}", crate::log_tails(d, 20)),
         })
+    }
+
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        template: &Template,
+    ) -> Result<RunningVm, HypervisorError> {
+        if spec.net.len() > HOTPLUG_PORTS - FIRST_NIC_PORT {
+            return Err(HypervisorError::Unavailable(format!(
+                "{} NICs; a template has ports for {}",
+                spec.net.len(),
+                HOTPLUG_PORTS - FIRST_NIC_PORT
+            )));
+        }
+        let state = template::read_state(template)?;
+        let memfd = template::clone_memory(template)?;
+        let state_file = spec.dir.join("template-state");
+        std::fs::write(&state_file, &state).map_err(|source| HypervisorError::Io {
+            what: format!("writing {}", state_file.display()),
+            source,
+        })?;
+        let helpers = self.helpers(spec).await?;
+        let fd = memfd.as_raw_fd();
+        let mut qemu = self.machine(
+            spec,
+            &format!("memory-backend-file,mem-path=/proc/self/fd/{fd}"),
+            names_template::KERNEL_PARAM,
+        );
+        Self::warm_devices(&mut qemu, &spec.dir);
+        qemu.args(["-S", "-incoming", "defer"]);
+        // SAFETY: fcntl on a descriptor the closure keeps open.
+        unsafe {
+            qemu.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let (mut vm, helpers) = Self::spawn_vm(&mut qemu, spec, helpers).await?;
+        drop(memfd);
+        let resumed = async {
+            let mut qmp = Qmp::connect(&spec.dir.join("qmp.sock"), HELPER_READY).await?;
+            qmp.execute(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+            )
+            .await?;
+            qmp.execute(
+                "migrate-incoming",
+                json!({"uri": format!("exec:cat '{}'", state_file.display())}),
+            )
+            .await?;
+            qmp.wait_migration(MIGRATION_TIMEOUT).await?;
+            Self::plug_and_resume(&mut qmp, spec, &helpers).await
+        }
+        .await;
+        let _ = std::fs::remove_file(&state_file);
+        match resumed {
+            Ok(()) => Ok(self.running(spec, vm, helpers)),
+            Err(e) => {
+                vm.kill().await;
+                helpers.kill().await;
+                // Not the template's fault (its checksums held): kept.
+                Err(HypervisorError::Unavailable(format!(
+                    "restoring a clone of {}: {e}; logs:\n{}",
+                    template.dir.display(),
+                    crate::log_tails(&spec.dir, 20)
+                )))
+            }
+        }
+    }
+}
+
+/// Waits for `line` on the console log while `vm` runs.
+async fn wait_for_console(log: &Path, line: &str, vm: &Supervised) -> Result<(), HypervisorError> {
+    let deadline = tokio::time::Instant::now() + TEMPLATE_BOOT;
+    loop {
+        if std::fs::read_to_string(log).is_ok_and(|t| t.contains(line)) {
+            return Ok(());
+        }
+        if let Some(st) = vm.exited() {
+            return Err(HypervisorError::EarlyExit {
+                name: vm.name,
+                status: st.to_string(),
+                log: log.to_owned(),
+            });
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(HypervisorError::NotReady {
+                name: vm.name,
+                path: log.to_owned(),
+                after: TEMPLATE_BOOT,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -13,6 +13,7 @@ use crate::{HypervisorError, Paths, VmSpec};
 pub async fn start(paths: &Paths, spec: &VmSpec) -> Result<(Supervised, PathBuf), HypervisorError> {
     let sock = spec.dir.join("virtiofs.sock");
     let log = spec.dir.join("virtiofsd.log");
+    let _ = std::fs::remove_file(&sock); // a stale one would pass for ours
     let mut fs = Supervised::spawn(
         "virtiofsd",
         Command::new(&paths.virtiofsd)

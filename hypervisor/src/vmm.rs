@@ -80,6 +80,10 @@ impl Hypervisor for Vmm {
         "vmm/kvm".into()
     }
 
+    fn program(&self) -> &std::path::Path {
+        &self.paths.vmm
+    }
+
     async fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError> {
         let (mut fs_helper, fs_sock) = virtiofsd::start(&self.paths, spec).await?;
         let io = |what: String| move |source| HypervisorError::Io { what, source };

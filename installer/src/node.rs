@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::containerd;
 
-use podvisor_names::paths::{INSTALL_PREFIX, NODE_CONFIG, STATE_ROOT};
+use podvisor_names::paths::{INSTALL_PREFIX, NODE_CONFIG, STATE_ROOT, TEMPLATE_ROOT};
 use podvisor_names::SHIM_BINARY;
 
 /// Where the shim is linked, on containerd's PATH.
@@ -210,6 +210,14 @@ impl Node {
         let prefix = self.host(INSTALL_PREFIX);
         if prefix.exists() {
             fs::remove_dir_all(&prefix).map_err(io_err(&prefix))?;
+        }
+        // Warm-start templates the shims saved (no sandbox uses them now).
+        let templates = self.host(TEMPLATE_ROOT);
+        if templates.exists() {
+            fs::remove_dir_all(&templates).map_err(io_err(&templates))?;
+        }
+        if let Some(dir) = templates.parent() {
+            let _ = fs::remove_dir(dir); // only if empty
         }
         Ok(Outcome {
             containerd_config_changed: changed,

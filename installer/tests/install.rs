@@ -132,11 +132,20 @@ fn install_twice_then_uninstall(original: &str, expected: &str) {
         "second install rewrote an unchanged file"
     );
 
+    // A shim saved a warm-start template meanwhile.
+    let template = host.root.join("var/lib/podvisor/templates/0123abcd");
+    fs::create_dir_all(&template).unwrap();
+    fs::write(template.join("memory"), "guest memory").unwrap();
+
     host.ok("uninstall");
     assert_eq!(
         host.containerd().as_deref(),
         Some(original),
         "uninstall did not restore it"
+    );
+    assert!(
+        !host.root.join("var/lib/podvisor").exists(),
+        "uninstall left the templates"
     );
     assert!(!host.root.join("opt/podvisor").exists());
     assert!(

@@ -47,11 +47,24 @@ pub mod paths {
     pub const NODE_CONFIG: &str = "/etc/podvisor/config.toml";
     /// Runtime state: one directory per sandbox, and host-wide caches.
     pub const STATE_ROOT: &str = "/run/podvisor";
+    /// Warm-start templates: one directory per VM shape, kept across host
+    /// restarts (a template is rebuilt only when its inputs change).
+    pub const TEMPLATE_ROOT: &str = "/var/lib/podvisor/templates";
 }
 
 /// virtio-fs tag of a sandbox's shared directory (the hypervisor layer
 /// exports it, the agent mounts it).
 pub const SHARED_FS_TAG: &str = "podvisor";
+
+/// Warm start: the kernel parameter that boots a guest as a template (the
+/// kernel hands it to the agent as an environment variable), and the
+/// console line the agent writes once it serves and is idle, which tells
+/// the template builder to save the VM.
+pub mod template {
+    pub const ENV: &str = "PODVISOR_TEMPLATE";
+    pub const KERNEL_PARAM: &str = "PODVISOR_TEMPLATE=1";
+    pub const READY_LINE: &str = "podvisor-agent: template ready to save";
+}
 
 /// Smallest guest that boots the image and runs a container, MiB.
 pub const MIN_GUEST_MEMORY_MIB: u32 = 128;

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use podvisor_hypervisor::{CpuidBits, HypervisorKind, Paths};
+use podvisor_hypervisor::{CpuidBits, HypervisorKind, Paths, VmSpec};
 use podvisor_names::annotations::{
     self, HYPERVISOR as ANNOTATION_HYPERVISOR, KERNEL_PARAMS as ANNOTATION_KERNEL_PARAMS,
     MEMORY_MIB as ANNOTATION_MEMORY, VCPUS as ANNOTATION_VCPUS,
@@ -63,6 +63,30 @@ pub struct Config {
     /// (`[[cpuid_hide]]` tables: leaf, subleaf, register, bits).
     pub cpuid_hide: Vec<CpuidBits>,
     pub paths: Paths,
+    pub warm: Warm,
+}
+
+/// `[warm]`: warm start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Warm {
+    /// Restore each VM from the saved template of its shape (built on the
+    /// first need) instead of booting it; cold boot where none can serve.
+    pub templates: bool,
+    pub template_dir: PathBuf,
+    /// Templates kept on disk (each holds the guest memory its VM used,
+    /// sparse); a new one removes those used least recently.
+    pub max_templates: usize,
+}
+
+impl Default for Warm {
+    fn default() -> Self {
+        Warm {
+            templates: true,
+            template_dir: paths::TEMPLATE_ROOT.into(),
+            max_templates: 4,
+        }
+    }
 }
 
 impl Default for Config {
@@ -81,6 +105,7 @@ impl Default for Config {
             allow_host_namespaces: false,
             cpuid_hide: Vec::new(),
             paths: Paths::default(),
+            warm: Warm::default(),
         }
     }
 }
@@ -122,6 +147,12 @@ impl Config {
                 cfg.default_memory_mib, cfg.max_memory_mib
             )));
         }
+        if cfg.warm.max_templates == 0 {
+            return Err(invalid(
+                "[warm] max_templates must be at least 1 (templates = false turns warm start off)"
+                    .into(),
+            ));
+        }
         CpuidBits::check_all(&cfg.cpuid_hide).map_err(invalid)?;
         for a in &cfg.allowed_annotations {
             if !annotations::ALL.contains(&a.as_str()) {
@@ -131,6 +162,25 @@ impl Config {
             }
         }
         Ok(cfg)
+    }
+
+    /// The VM of `sizing`, its sockets and logs in `dir` (its shared
+    /// directory `dir/shared`), without a network.
+    pub fn vm_spec(&self, sizing: &VmSizing, dir: &Path) -> VmSpec {
+        VmSpec {
+            kernel: self.kernel.clone(),
+            vmlinux: Some(self.vmm_kernel.clone()).filter(|k| k.exists()),
+            initramfs: self.initramfs.clone(),
+            vcpus: sizing.vcpus,
+            memory_mib: sizing.memory_mib,
+            kernel_params: sizing.kernel_params.clone(),
+            dir: dir.to_owned(),
+            vsock: dir.join("vm.vsock"),
+            shared_dir: dir.join("shared"),
+            net: Vec::new(),
+            netns: None,
+            cpuid_hide: self.cpuid_hide.clone(),
+        }
     }
 
     /// The VM for a pod with `annotations`.
@@ -302,6 +352,14 @@ mod tests {
         assert_eq!(shipped.paths.virtiofsd, d.paths.virtiofsd);
         assert_eq!(shipped.paths.vmm, d.paths.vmm);
         assert_eq!(shipped.cpuid_hide, d.cpuid_hide);
+        assert_eq!(
+            (
+                shipped.warm.templates,
+                shipped.warm.template_dir,
+                shipped.warm.max_templates
+            ),
+            (d.warm.templates, d.warm.template_dir, d.warm.max_templates)
+        );
     }
 
     #[test]
@@ -337,6 +395,10 @@ mod tests {
         assert!(e.to_string().contains("unknown field"), "{e}");
         let e = Config::parse(Path::new("c.toml"), "hypervisor = \"xen\"").unwrap_err();
         assert!(e.to_string().contains("c.toml"), "{e}");
+        let e = Config::parse(Path::new("c.toml"), "[warm]\nmax_templates = 0").unwrap_err();
+        assert!(e.to_string().contains("max_templates"), "{e}");
+        let e = Config::parse(Path::new("c.toml"), "[warm]\npool = 3").unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
         let e = Config::parse(Path::new("c.toml"), "default_memory_mib = 64").unwrap_err();
         assert!(e.to_string().contains("default_memory_mib 64"), "{e}");
         let e = Config::parse(

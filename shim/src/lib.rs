@@ -17,6 +17,8 @@
 //!   `kubectl port-forward` from the pod's namespace into the guest;
 //! - `sandbox_dir`: `/run/podvisor/<sandbox-id>/` and crash cleanup;
 //! - `config`: `/etc/podvisor/config.toml` and VM sizing;
+//! - [`warm`]: a VM restored from its shape's template, or why it boots
+//!   cold; the `template` subcommand;
 //! - [`info`]: `-info`, the runtime features containerd 2.x asks for.
 
 mod bundle;
@@ -33,5 +35,6 @@ mod sandbox_dir;
 mod shim;
 mod stdio;
 mod task;
+pub mod warm;
 
 pub use shim::{shim_config, Shim};

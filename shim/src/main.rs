@@ -22,6 +22,19 @@ fn main() {
         }
         return;
     }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "template") {
+        let done = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(Into::into)
+            .and_then(|rt| rt.block_on(podvisor_shim::warm::cli(&args[1..])));
+        if let Err(e) = done {
+            eprintln!("{}: template: {e}", podvisor_names::RUNTIME_TYPE);
+            std::process::exit(1);
+        }
+        return;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -25,10 +25,14 @@ use crate::network::{NetworkError, PodNetwork};
 use crate::port_forward::PortForward;
 use crate::sandbox_dir::{process_start_time, RecordedProcess, SandboxDir, State};
 use crate::stdio::{Bridge, StdioPaths};
+use crate::warm;
 use podvisor_hypervisor::{self as hypervisor, RunningVm, VmSpec};
 
 /// From QEMU start to the agent answering (TCG boots take seconds).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// From resuming a clone to its agent answering (under TCG here: under a
+/// second); beyond it the pod boots cold.
+const CLONE_READY: Duration = Duration::from_secs(20);
 /// How long the guest gets to power off after DestroySandbox.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
 /// Timeout of ordinary agent calls; WaitProcess has none.
@@ -119,21 +123,12 @@ impl Pod {
             None => None,
         };
         let spec = VmSpec {
-            kernel: config.kernel.clone(),
-            vmlinux: Some(config.vmm_kernel.clone()).filter(|k| k.exists()),
-            initramfs: config.initramfs.clone(),
-            vcpus: sizing.vcpus,
-            memory_mib: sizing.memory_mib,
-            kernel_params: sizing.kernel_params.clone(),
-            dir: dir.root().to_owned(),
-            vsock: dir.root().join("vm.vsock"),
-            shared_dir: dir.shared(),
             net: network
                 .as_ref()
                 .map(PodNetwork::devices)
                 .unwrap_or_default(),
             netns: netns.map(ToOwned::to_owned),
-            cpuid_hide: config.cpuid_hide.clone(),
+            ..config.vm_spec(sizing, dir.root())
         };
         let undo = |dir: SandboxDir, network: Option<PodNetwork>| async move {
             remove_host_state(&dir, network.as_ref()).await;
@@ -148,57 +143,90 @@ impl Pod {
                 });
             }
         };
-        let mut vm = match hv.launch(&spec).await {
-            Ok(vm) => vm,
-            Err(e) => {
-                undo(dir, network).await;
-                return Err(e.into());
+        // A clone that does not come up (its checksums held, so not the
+        // template's fault) gives way to a cold boot.
+        let mut started = None;
+        match warm::restore(config, sizing, &*hv, &spec).await {
+            Ok(mut vm) => {
+                let describe = format!("{} (from template)", hv.describe());
+                match Self::connect(
+                    id,
+                    &dir,
+                    &vm,
+                    &ready,
+                    describe,
+                    hostname,
+                    network.as_ref(),
+                    CLONE_READY,
+                )
+                .await
+                {
+                    Ok(agent) => started = Some((vm, agent)),
+                    Err(e) => {
+                        vm.stop(Duration::ZERO).await;
+                        tracing::warn!(sandbox = id, "cold boot: the clone did not come up: {e}");
+                    }
+                }
+            }
+            Err(why) => tracing::info!(sandbox = id, "cold boot: {why}"),
+        }
+        let (vm, agent) = match started {
+            Some(started) => started,
+            None => {
+                let mut vm = match hv.launch(&spec).await {
+                    Ok(vm) => vm,
+                    Err(e) => {
+                        undo(dir, network).await;
+                        return Err(e.into());
+                    }
+                };
+                match Self::connect(
+                    id,
+                    &dir,
+                    &vm,
+                    &ready,
+                    hv.describe(),
+                    hostname,
+                    network.as_ref(),
+                    BOOT_TIMEOUT,
+                )
+                .await
+                {
+                    Ok(agent) => (vm, agent),
+                    Err(e) => {
+                        vm.stop(Duration::ZERO).await;
+                        undo(dir, network).await;
+                        return Err(e);
+                    }
+                }
             }
         };
-        match Self::connect(
-            id,
-            &dir,
-            &vm,
-            &ready,
-            hv.describe(),
-            hostname,
-            network.as_ref(),
-        )
-        .await
-        {
-            Ok(agent) => {
-                let port_forward = match netns {
-                    Some(ns) => match PortForward::start(ns, &vm.vsock).await {
-                        Ok(f) => Some(f),
-                        Err(e) => {
-                            tracing::warn!(sandbox = id, "kubectl port-forward unavailable: {e}");
-                            None
-                        }
-                    },
-                    None => None,
-                };
-                Ok(Pod {
-                    id: id.to_string(),
-                    agent,
-                    vsock: vm.vsock.clone(),
-                    vm_pid: vm.vm.pid,
-                    describe: vm.describe.clone(),
-                    allow_host_namespaces: config.allow_host_namespaces,
-                    vm_exit: vm.vm.exit_watch(),
-                    dir,
-                    vm: Mutex::new(vm),
-                    network,
-                    _port_forward: port_forward,
-                })
-            }
-            Err(e) => {
-                vm.stop(Duration::ZERO).await;
-                undo(dir, network).await;
-                Err(e)
-            }
-        }
+        let port_forward = match netns {
+            Some(ns) => match PortForward::start(ns, &vm.vsock).await {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::warn!(sandbox = id, "kubectl port-forward unavailable: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
+        Ok(Pod {
+            id: id.to_string(),
+            agent,
+            vsock: vm.vsock.clone(),
+            vm_pid: vm.vm.pid,
+            describe: vm.describe.clone(),
+            allow_host_namespaces: config.allow_host_namespaces,
+            vm_exit: vm.vm.exit_watch(),
+            dir,
+            vm: Mutex::new(vm),
+            network,
+            _port_forward: port_forward,
+        })
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn connect(
         id: &str,
         dir: &SandboxDir,
@@ -207,6 +235,7 @@ impl Pod {
         describe: String,
         hostname: &str,
         network: Option<&PodNetwork>,
+        within: Duration,
     ) -> Result<AgentClient, PodError> {
         dir.write_state(&State {
             network: network.cloned(),
@@ -224,7 +253,7 @@ impl Pod {
         })?;
         let console = || hypervisor::log_tails(dir.root(), 20);
         let agent = tokio::select! {
-            r = connect_agent(&vm.vsock, ready, BOOT_TIMEOUT) => r.map_err(|source| PodError::Agent { source, console: console() })?,
+            r = connect_agent(&vm.vsock, ready, within) => r.map_err(|source| PodError::Agent { source, console: console() })?,
             st = vm.vm.wait() => return Err(PodError::DiedBooting {
                 status: st.map(|s| s.to_string()).unwrap_or_default(),
                 console: console(),
@@ -236,6 +265,8 @@ impl Pod {
                 &api::CreateSandboxRequest {
                     sandbox_id: id.to_string(),
                     hostname: hostname.to_string(),
+                    host_time_ns: host_time_ns(),
+                    host_entropy: host_entropy(),
                     ..Default::default()
                 },
             )
@@ -292,6 +323,26 @@ impl Pod {
             "VM stopped and sandbox directory removed"
         );
     }
+}
+
+/// The host's CLOCK_REALTIME, ns since the epoch.
+fn host_time_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// 32 bytes from the host's RNG, for the guest to mix in (none if the
+/// host's RNG fails, which it does not once booted).
+fn host_entropy() -> Vec<u8> {
+    let mut buf = vec![0u8; 32];
+    // SAFETY: getrandom into a buffer of the length given.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if usize::try_from(n).ok() != Some(buf.len()) {
+        buf.clear();
+    }
+    buf
 }
 
 /// Removes what a pod left on the host once its VM's processes are gone:

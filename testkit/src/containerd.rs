@@ -171,10 +171,11 @@ impl Containerd {
         std::fs::write(
             &podvisor_config,
             format!(
-                "kernel = {:?}\nvmm_kernel = {:?}\ninitramfs = {:?}\nallowed_annotations = [\"podvisor.io/vcpus\", \"podvisor.io/memory-mib\"]\nmax_vcpus = 4\n\n[paths]\nqemu = {:?}\nvirtiofsd = {:?}\nvhost_device_vsock = {:?}\n",
+                "kernel = {:?}\nvmm_kernel = {:?}\ninitramfs = {:?}\nallowed_annotations = [\"podvisor.io/vcpus\", \"podvisor.io/memory-mib\"]\nmax_vcpus = 4\n\n[warm]\ntemplate_dir = {:?}\n\n[paths]\nqemu = {:?}\nvirtiofsd = {:?}\nvhost_device_vsock = {:?}\n",
                 image.join("kernel"),
                 image.join("vmlinux"),
                 image.join("initramfs"),
+                d.join("templates"),
                 p.qemu,
                 p.virtiofsd,
                 p.vhost_device_vsock
@@ -318,10 +319,14 @@ impl Containerd {
     }
 
     pub fn log_tail(&self) -> String {
-        let text =
-            std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+        let text = self.log();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// containerd's whole log (the shims' logs included).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
 
     /// Removes every pod, task and container, as an operator would with

@@ -78,6 +78,21 @@ fn main() {
             network_ten_pod_cycles_leave_nothing,
         ),
     ];
+    // `make test-warm` runs these, on containerd 2.x only.
+    let warm: Vec<(&str, TestFn)> = vec![
+        (
+            "warm_clones_are_distinct_guests",
+            warm_clones_are_distinct_guests,
+        ),
+        (
+            "warm_changed_or_damaged_templates",
+            warm_changed_or_damaged_templates,
+        ),
+        (
+            "warm_concurrent_first_pods_build_one_template",
+            warm_concurrent_first_pods_build_one_template,
+        ),
+    ];
     BEFORE.get_or_init(host_state);
     // Each containerd in turn: Debian's 1.6, then 2.x (PODVISOR_CONTAINERD
     // picks one).
@@ -86,6 +101,7 @@ fn main() {
         let mut suite = tests.clone();
         if release == Release::V2 {
             suite.extend(network.iter().cloned());
+            suite.extend(warm.iter().cloned());
         }
         let names: Vec<String> = suite
             .iter()
@@ -1019,5 +1035,243 @@ fn network_ten_pod_cycles_leave_nothing(c: &Containerd) -> Result<()> {
         before,
         netns_count()
     );
+    Ok(())
+}
+
+/// The hypervisor a sandbox's state records ("qemu/tcg (from template)").
+fn sandbox_hypervisor(sandbox: &str) -> Result<String> {
+    let path = Path::new(podvisor_names::paths::STATE_ROOT)
+        .join(sandbox)
+        .join("state.json");
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )?;
+    Ok(state["hypervisor"].as_str().unwrap_or_default().to_string())
+}
+
+fn console(sandbox: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(podvisor_names::paths::STATE_ROOT)
+            .join(sandbox)
+            .join("console.log"),
+    )
+    .unwrap_or_default()
+}
+
+fn warm_clones_are_distinct_guests(c: &Containerd) -> Result<()> {
+    let release = manifest("kernel_release")?;
+    let (a, web_a, ip_a, _) = web_pod(c, "warma", "hello-from-clone-a")?;
+    let (b, web_b, ip_b, _) = web_pod(c, "warmb", "hello-from-clone-b")?;
+    let result = (|| -> Result<()> {
+        let exec = |ctr: &str, script: &str| -> Result<String> {
+            ok(&mut c.crictl(&["exec", ctr, "sh", "-c", script]), 60)
+        };
+        let mut random = Vec::new();
+        for (sandbox, ctr, ip, name) in [(&a, &web_a, &ip_a, "warma"), (&b, &web_b, &ip_b, "warmb")]
+        {
+            let hv = sandbox_hypervisor(sandbox)?;
+            ensure!(hv.ends_with("(from template)"), "{name} booted cold: {hv}");
+            let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+            let out = exec(
+                ctr,
+                "uname -r; hostname; date +%s; head -c 16 /dev/urandom | od -An -tx1",
+            )?;
+            let after = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+            let lines: Vec<&str> = out.lines().collect();
+            ensure!(lines.len() >= 4, "{name}: {out}");
+            ensure!(
+                lines[0].trim() == release,
+                "{name} runs kernel {:?}, not the guest's {release}",
+                lines[0]
+            );
+            ensure!(
+                lines[1].trim() == name,
+                "{name}'s hostname is {:?}",
+                lines[1]
+            );
+            let guest: u64 = lines[2].trim().parse().context("guest date")?;
+            ensure!(
+                guest + 1 >= before.as_secs() && guest <= after.as_secs() + 1,
+                "{name}'s clock says {guest}, the host's was {}..{}",
+                before.as_secs(),
+                after.as_secs()
+            );
+            random.push(lines[3..].join(" "));
+            let con = console(sandbox);
+            ensure!(
+                con.contains("the kernel reseeded its RNG"),
+                "{name}: no RNG reseed reported on the console:\n{con}"
+            );
+            let body = http_get(ip)?;
+            ensure!(
+                body.contains(&format!("hello-from-clone-{}", &name[4..])),
+                "GET {ip}: {body:?}"
+            );
+        }
+        ensure!(
+            random[0] != random[1],
+            "both clones read the same /dev/urandom bytes: {random:?}"
+        );
+        exec(&web_a, "echo only-a > /clone-a-file")?;
+        let seen = exec(&web_b, "ls /clone-a-file 2>&1 || true")?;
+        ensure!(
+            seen.contains("No such file"),
+            "a file written in clone a shows in clone b: {seen}"
+        );
+        ensure!(ip_a != ip_b, "both clones have IP {ip_a}");
+        Ok(())
+    })();
+    stop_pod(c, &a)?;
+    stop_pod(c, &b)?;
+    result
+}
+
+/// The template directories in `c`'s template store.
+fn templates(c: &Containerd) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<_> = std::fs::read_dir(c.dir().join("templates"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// Runs a pod with one container to its start; returns how its VM started
+/// (see `sandbox_hypervisor`) and stops it.
+fn pod_start_kind(c: &Containerd, name: &str) -> Result<String> {
+    let (sandbox, ctr, _, _) = web_pod(c, name, name)?;
+    let kind = sandbox_hypervisor(&sandbox);
+    let ran = ok(&mut c.crictl(&["exec", &ctr, "echo", "ran"]), 60);
+    stop_pod(c, &sandbox)?;
+    ensure!(ran?.trim() == "ran", "{name}: exec did not run");
+    kind
+}
+
+fn warm_changed_or_damaged_templates(c: &Containerd) -> Result<()> {
+    let warm = |k: &str| k.ends_with("(from template)");
+    ensure!(
+        warm(&pod_start_kind(c, "warm1")?),
+        "a pod of the default shape did not start warm"
+    );
+    let before = templates(c);
+    ensure!(
+        !before.is_empty(),
+        "no template in {}",
+        c.dir().join("templates").display()
+    );
+
+    // A changed input (the node's default memory) makes a new template.
+    let config = std::fs::read_to_string(&c.podvisor_config)?;
+    std::fs::write(
+        &c.podvisor_config,
+        format!("default_memory_mib = 320\n{config}"),
+    )?;
+    let changed = pod_start_kind(c, "warm2");
+    std::fs::write(&c.podvisor_config, &config)?;
+    ensure!(warm(&changed?), "a pod of the new shape did not start warm");
+    let after = templates(c);
+    ensure!(
+        after.len() == before.len() + 1,
+        "templates before {before:?}, after {after:?}"
+    );
+
+    // A damaged template of the default shape: the pod starts cold, the
+    // shim says why and removes it; the next pod rebuilds it.
+    let default_shape = before
+        .iter()
+        .find(|t| {
+            std::fs::read(t.join("manifest.json"))
+                .ok()
+                .and_then(|m| serde_json::from_slice::<serde_json::Value>(&m).ok())
+                .is_some_and(|m| m["vcpus"] == 1 && m["memory_mib"] == 512)
+        })
+        .context("no template of the default shape (1 vCPU, 512 MiB)")?
+        .clone();
+    let flip = |t: &Path| -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(t.join("memory"))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 1u64 << 20;
+        loop {
+            let n = f.read_at(&mut buf, off)?;
+            ensure!(n > 0, "no data in {}", t.display());
+            if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+                f.write_all_at(&[buf[i] ^ 0x40], off + i as u64)?;
+                return Ok(());
+            }
+            off += n as u64;
+        }
+    };
+    for (what, damage) in [
+        (
+            "a flipped byte in its memory",
+            Box::new(|t: &Path| flip(t)) as Box<dyn Fn(&Path) -> Result<()>>,
+        ),
+        (
+            "its state truncated",
+            Box::new(|t: &Path| {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(t.join("state"))?;
+                f.set_len(f.metadata()?.len() / 2)?;
+                Ok(())
+            }),
+        ),
+    ] {
+        damage(&default_shape)?;
+        let mark = c.log().len();
+        let kind = pod_start_kind(c, "warm3")?;
+        ensure!(
+            !warm(&kind),
+            "a pod started from a template with {what}: {kind}"
+        );
+        let log = c.log();
+        ensure!(
+            log.get(mark..)
+                .is_some_and(|l| l.contains("cold boot") && l.contains("unusable, removed")),
+            "the shim did not say why the pod booted cold ({what})"
+        );
+        ensure!(!default_shape.exists(), "the template with {what} was kept");
+        ensure!(
+            warm(&pod_start_kind(c, "warm4")?),
+            "the template was not rebuilt after {what}"
+        );
+        ensure!(default_shape.exists(), "the rebuilt template is elsewhere");
+    }
+    Ok(())
+}
+
+fn warm_concurrent_first_pods_build_one_template(c: &Containerd) -> Result<()> {
+    for t in templates(c) {
+        std::fs::remove_dir_all(&t)?;
+    }
+    let mark = c.log().len();
+    let kinds: Vec<Result<String>> = std::thread::scope(|s| {
+        let pods: Vec<_> = (0..3)
+            .map(|i| s.spawn(move || pod_start_kind(c, &format!("first{i}"))))
+            .collect();
+        pods.into_iter()
+            .map(|p| p.join().unwrap_or_else(|_| bail!("pod thread panicked")))
+            .collect()
+    });
+    for k in kinds {
+        let k = k?;
+        ensure!(
+            k.ends_with("(from template)"),
+            "a first pod did not start warm: {k}"
+        );
+    }
+    let built = templates(c);
+    ensure!(built.len() == 1, "three first pods built {built:?}");
+    let log = c.log();
+    let builds = log.get(mark..).map_or(0, |l| l.matches("built in").count());
+    ensure!(builds == 1, "the template was built {builds} times");
     Ok(())
 }

@@ -4,9 +4,10 @@
 //! - `demo`: starts a private containerd with the podvisor runtime, runs a
 //!   container with `ctr run`, and shows that it ran in a VM (guest kernel
 //!   release and boot id next to the host's).
-//! - `bench [kernel]`: prints the figures of DESIGN.md's target table that
-//!   this machine can measure, each with the backend and accelerator used
-//!   (`kernel`: only the guest kernel's, podvisor's beside Debian's).
+//! - `bench [kernel|warm]`: prints the figures of DESIGN.md's target table
+//!   that this machine can measure, each with the backend and accelerator
+//!   used (`kernel`: only the guest kernel's, podvisor's beside Debian's;
+//!   `warm`: only warm start's, cold boot beside a template's clone).
 //! - `image ARCHIVE NAME [--add FILE:PATH]... CMD...`: writes the busybox
 //!   test image (plus FILEs) as an OCI archive (the local cluster imports
 //!   it; no registry is reached).
@@ -25,6 +26,7 @@ use podvisor_testkit::{ctx, detect_accel, Accel, StdioReq, TestVm, VmConfig};
 mod kernel_bench;
 mod net_bench;
 mod vmm_bench;
+mod warm_bench;
 
 const BOOTS: usize = 3;
 const CONTAINER_STARTS: usize = 10;
@@ -40,11 +42,12 @@ fn main() -> Result<()> {
         Some("bench") => match std::env::args().nth(2).as_deref() {
             None => rt.block_on(bench()),
             Some("kernel") => rt.block_on(bench_kernel()),
-            Some(other) => bail!("bench {other:?}: no such part (kernel, or none for all)"),
+            Some("warm") => warm_bench::figures(bench_head()?.1),
+            Some(other) => bail!("bench {other:?}: no such part (kernel, warm, or none for all)"),
         },
         Some("image") => image(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => {
-            bail!("usage: podvisor-tools demo|bench [kernel]|image ARCHIVE NAME [--pause | CMD...]")
+            bail!("usage: podvisor-tools demo|bench [kernel|warm]|image ARCHIVE NAME [--pause | CMD...]")
         }
     }
 }
@@ -168,6 +171,7 @@ async fn bench() -> Result<()> {
     vmm_figures()?;
     guest_figures(accel, note).await?;
     kernel_bench::figures(accel, note).await?;
+    warm_bench::figures(note)?;
     containerd_figures(note)?;
     critest_figures()
 }
@@ -412,6 +416,31 @@ fn ctr_first_output(ctd: &Containerd) -> Result<Duration> {
     Ok(median(firsts))
 }
 
+/// CRI RunPodSandbox of a pod named `name` (stopped and removed after).
+fn runp(ctd: &Containerd, name: &str) -> Result<Duration> {
+    let pod = ctd.dir().join(format!("{name}-pod.json"));
+    std::fs::write(
+        &pod,
+        format!(
+            r#"{{"metadata":{{"name":"{name}","namespace":"default","uid":"{name}-uid","attempt":0}},"linux":{{}}}}"#
+        ),
+    )?;
+    let pod = pod.display().to_string();
+    let t = Instant::now();
+    let out = ctd
+        .crictl(&["runp", "--runtime", "podvisor", &pod])
+        .output()
+        .context("running crictl (make upstream builds it)")?;
+    let took = t.elapsed();
+    if !out.status.success() {
+        bail!("crictl runp: {}", text(&out));
+    }
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let _ = ctd.crictl(&["stopp", &id]).output();
+    let _ = ctd.crictl(&["rmp", &id]).output();
+    Ok(took)
+}
+
 fn containerd_figures(note: &str) -> Result<()> {
     let ctd = Containerd::start(Release::V2)?;
     let result = (|| -> Result<()> {
@@ -454,34 +483,11 @@ fn containerd_figures(note: &str) -> Result<()> {
         // after a host boot's first), and with the cache removed first (the
         // first start after a boot; before the verdict was cached, the shim
         // probed KVM in-process on every start).
-        let runp = |name: &str| -> Result<Duration> {
-            let pod = ctd.dir().join(format!("{name}-pod.json"));
-            std::fs::write(
-                &pod,
-                format!(
-                    r#"{{"metadata":{{"name":"{name}","namespace":"default","uid":"{name}-uid","attempt":0}},"linux":{{}}}}"#
-                ),
-            )?;
-            let pod = pod.display().to_string();
-            let t = Instant::now();
-            let out = ctd
-                .crictl(&["runp", "--runtime", "podvisor", &pod])
-                .output()
-                .context("running crictl (make upstream builds it)")?;
-            let took = t.elapsed();
-            if !out.status.success() {
-                bail!("crictl runp: {}", text(&out));
-            }
-            let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            let _ = ctd.crictl(&["stopp", &id]).output();
-            let _ = ctd.crictl(&["rmp", &id]).output();
-            Ok(took)
-        };
         let warm: Vec<Duration> = (0..RUNP_RUNS)
-            .map(|i| runp(&format!("bench{i}")))
+            .map(|i| runp(&ctd, &format!("bench{i}")))
             .collect::<Result<_>>()?;
         row(
-            &format!("pod sandbox ready (CRI RunPodSandbox, {note}), median of {RUNP_RUNS}"),
+            &format!("pod sandbox ready (CRI RunPodSandbox, {note}, warm start on), median of {RUNP_RUNS}"),
             ms(median(warm)),
             "<= 250 ms on real KVM",
         );

@@ -1,0 +1,141 @@
+//! A QMP client: QEMU's JSON monitor on a UNIX socket, for the commands the
+//! warm-start paths send (migration to and from a file, device hotplug,
+//! stop and resume). Events are skipped; each command waits for its
+//! answer.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+use crate::HypervisorError;
+
+/// How long one command may take to be answered.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Qmp {
+    read: BufReader<OwnedReadHalf>,
+    write: OwnedWriteHalf,
+    path: std::path::PathBuf,
+}
+
+impl Qmp {
+    /// Connects to `path` (retrying while QEMU creates it, up to `within`)
+    /// and leaves capabilities negotiation mode.
+    pub async fn connect(path: &Path, within: Duration) -> Result<Qmp, HypervisorError> {
+        let deadline = tokio::time::Instant::now() + within;
+        let stream = loop {
+            match UnixStream::connect(path).await {
+                Ok(s) => break s,
+                Err(source) if tokio::time::Instant::now() >= deadline => {
+                    return Err(HypervisorError::Io {
+                        what: format!("connecting to QMP at {}", path.display()),
+                        source,
+                    })
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
+        let (r, w) = stream.into_split();
+        let mut qmp = Qmp {
+            read: BufReader::new(r),
+            write: w,
+            path: path.to_owned(),
+        };
+        qmp.line().await?; // the greeting
+        qmp.execute("qmp_capabilities", json!({})).await?;
+        Ok(qmp)
+    }
+
+    /// Runs `command` with `arguments`; returns its `return` value, or its
+    /// error as [`HypervisorError::Qmp`].
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Value,
+    ) -> Result<Value, HypervisorError> {
+        let mut req = json!({ "execute": command, "arguments": arguments }).to_string();
+        req.push('\n');
+        self.write
+            .write_all(req.as_bytes())
+            .await
+            .map_err(|source| self.io(source))?;
+        loop {
+            let answer = self.line().await?;
+            if answer.get("event").is_some() {
+                continue;
+            }
+            if let Some(ret) = answer.get("return") {
+                return Ok(ret.clone());
+            }
+            let desc = answer
+                .pointer("/error/desc")
+                .and_then(Value::as_str)
+                .unwrap_or("no answer")
+                .to_string();
+            return Err(HypervisorError::Qmp {
+                command: command.to_string(),
+                desc,
+            });
+        }
+    }
+
+    /// Polls `query-migrate` until the migration (either direction) has
+    /// completed; a failed or cancelled one is an error.
+    pub async fn wait_migration(&mut self, within: Duration) -> Result<(), HypervisorError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let info = self.execute("query-migrate", json!({})).await?;
+            match info.get("status").and_then(Value::as_str) {
+                Some("completed") => return Ok(()),
+                Some(s @ ("failed" | "cancelled")) => {
+                    return Err(HypervisorError::Qmp {
+                        command: "migrate".into(),
+                        desc: format!(
+                            "{s}: {}",
+                            info.get("error-desc").and_then(Value::as_str).unwrap_or("")
+                        ),
+                    })
+                }
+                _ if tokio::time::Instant::now() >= deadline => {
+                    return Err(HypervisorError::Qmp {
+                        command: "migrate".into(),
+                        desc: format!("not completed within {within:?}: {info}"),
+                    })
+                }
+                _ => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+    }
+
+    async fn line(&mut self) -> Result<Value, HypervisorError> {
+        let mut line = String::new();
+        let n = tokio::time::timeout(ANSWER_TIMEOUT, self.read.read_line(&mut line))
+            .await
+            .map_err(|_| HypervisorError::Qmp {
+                command: "(read)".into(),
+                desc: format!("no answer within {ANSWER_TIMEOUT:?}"),
+            })?
+            .map_err(|source| self.io(source))?;
+        if n == 0 {
+            return Err(HypervisorError::Qmp {
+                command: "(read)".into(),
+                desc: "QEMU closed the monitor".into(),
+            });
+        }
+        serde_json::from_str(&line).map_err(|e| HypervisorError::Qmp {
+            command: "(read)".into(),
+            desc: format!("bad JSON {line:?}: {e}"),
+        })
+    }
+
+    fn io(&self, source: std::io::Error) -> HypervisorError {
+        HypervisorError::Io {
+            what: format!("QMP at {}", self.path.display()),
+            source,
+        }
+    }
+}
