@@ -63,14 +63,8 @@ pub fn set_clock(host_time_ns: u64) -> std::io::Result<()> {
     if host_time_ns == 0 {
         return Ok(());
     }
-    let ts = libc::timespec {
-        tv_sec: libc::time_t::try_from(host_time_ns / 1_000_000_000).unwrap_or(libc::time_t::MAX),
-        tv_nsec: libc::c_long::try_from(host_time_ns % 1_000_000_000).unwrap_or(0),
-    };
-    // SAFETY: clock_settime with a valid timespec.
-    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let ts = nix::sys::time::TimeSpec::from_duration(Duration::from_nanos(host_time_ns));
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)?;
     Ok(())
 }
 

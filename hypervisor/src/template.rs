@@ -139,6 +139,15 @@ pub async fn get_or_build(
 ) -> Result<Template, HypervisorError> {
     let key = key(&hv.describe(), program, spec)?;
     let dir = root.join(&key);
+    // Templates hold guest memory: root's alone.
+    std::fs::create_dir_all(root)
+        .and_then(|()| {
+            std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        })
+        .map_err(|source| HypervisorError::Io {
+            what: format!("creating {}", root.display()),
+            source,
+        })?;
     let _lock = crate::process::lock_file(&root.join(format!("{key}.lock")))
         .await
         .map_err(|source| HypervisorError::Io {
