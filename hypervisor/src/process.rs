@@ -103,8 +103,19 @@ pub async fn wait_for_socket(
     log: &Path,
     within: Duration,
 ) -> Result<(), HypervisorError> {
+    wait_until(|| path.exists(), path, child, log, within).await
+}
+
+/// Waits until `ready` holds (it looks at `path`) while `child` runs.
+pub async fn wait_until(
+    ready: impl Fn() -> bool,
+    path: &Path,
+    child: &Supervised,
+    log: &Path,
+    within: Duration,
+) -> Result<(), HypervisorError> {
     let deadline = tokio::time::Instant::now() + within;
-    while !path.exists() {
+    while !ready() {
         if let Some(st) = child.exited() {
             return Err(HypervisorError::EarlyExit {
                 name: child.name,

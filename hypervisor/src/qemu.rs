@@ -21,7 +21,7 @@ use podvisor_names::{template as names_template, SHARED_FS_TAG};
 use serde_json::json;
 use tokio::process::Command;
 
-use crate::process::{run_in_netns, wait_for_socket, Supervised, HELPER_READY};
+use crate::process::{run_in_netns, wait_for_socket, wait_until, Supervised, HELPER_READY};
 use crate::qmp::Qmp;
 use crate::template::{self, Template};
 use crate::{
@@ -314,7 +314,18 @@ impl Hypervisor for Qemu {
         Self::warm_devices(&mut qemu, d);
         let mut vm = Supervised::spawn("qemu", &mut qemu, &d.join("qemu.log"))?;
         let saved = async {
-            wait_for_console(&d.join("console.log"), names_template::READY_LINE, &vm).await?;
+            let console = d.join("console.log");
+            wait_until(
+                || {
+                    std::fs::read_to_string(&console)
+                        .is_ok_and(|t| t.contains(names_template::READY_LINE))
+                },
+                &console,
+                &vm,
+                &console,
+                TEMPLATE_BOOT,
+            )
+            .await?;
             let mut qmp = Qmp::connect(&d.join("qmp.sock"), HELPER_READY).await?;
             qmp.execute(
                 "migrate-set-capabilities",
@@ -414,30 +425,5 @@ impl Hypervisor for Qemu {
                 )))
             }
         }
-    }
-}
-
-/// Waits for `line` on the console log while `vm` runs.
-async fn wait_for_console(log: &Path, line: &str, vm: &Supervised) -> Result<(), HypervisorError> {
-    let deadline = tokio::time::Instant::now() + TEMPLATE_BOOT;
-    loop {
-        if std::fs::read_to_string(log).is_ok_and(|t| t.contains(line)) {
-            return Ok(());
-        }
-        if let Some(st) = vm.exited() {
-            return Err(HypervisorError::EarlyExit {
-                name: vm.name,
-                status: st.to_string(),
-                log: log.to_owned(),
-            });
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(HypervisorError::NotReady {
-                name: vm.name,
-                path: log.to_owned(),
-                after: TEMPLATE_BOOT,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
