@@ -146,6 +146,26 @@ pub trait Hypervisor: Send + Sync {
         )))
     }
 
+    /// Whether this backend saves templates and restores clones.
+    fn has_warm_start(&self) -> bool {
+        false
+    }
+
+    /// Takes over a clone restored ahead by another process (a pool VM:
+    /// `processes` adopted, the VM process first), plugs `spec`'s NICs
+    /// into it and returns it; its agent already serves.
+    async fn adopt(
+        &self,
+        spec: &VmSpec,
+        processes: Vec<Supervised>,
+    ) -> Result<RunningVm, HypervisorError> {
+        let _ = (spec, processes);
+        Err(HypervisorError::Unavailable(format!(
+            "{} has no warm start yet",
+            self.describe()
+        )))
+    }
+
     /// Starts a clone of `template` with `spec`'s vsock, shared directory
     /// and NICs, resumed; its agent reports ready as a cold boot's does.
     async fn restore(
@@ -262,6 +282,16 @@ impl RunningVm {
         for h in &mut self.helpers {
             h.kill().await;
         }
+    }
+
+    /// Lets the VM process and the helpers run on unsupervised, for another
+    /// process to adopt ([`Hypervisor::adopt`]); returns their names and
+    /// pids, the VM process first.
+    pub fn release(self) -> Vec<(&'static str, u32)> {
+        std::iter::once(self.vm)
+            .chain(self.helpers)
+            .map(|s| (s.name, s.release()))
+            .collect()
     }
 
     /// Pids of the VM process and the helpers, with their names.

@@ -1,12 +1,17 @@
 //! The processes a VM is made of, supervised: spawning with the output in
 //! a log, exit watching, killing through the owner (never a reused pid),
-//! waiting for a helper's socket, entering the pod's network namespace,
+//! handing a running VM's processes over to another process (released by
+//! one, adopted through a pidfd by the next), waiting for a helper's socket, entering the pod's network namespace,
 //! file locks between processes, and the log tails that explain a failure.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
 
@@ -23,7 +28,9 @@ pub struct Supervised {
     pub name: &'static str,
     pub pid: u32,
     exit: watch::Receiver<Option<ExitStatus>>,
-    kill: Option<oneshot::Sender<()>>,
+    /// `true`: kill it; `false`: let it go on unsupervised (released);
+    /// dropped: kill it.
+    kill: Option<oneshot::Sender<bool>>,
 }
 
 impl Supervised {
@@ -47,12 +54,15 @@ impl Supervised {
         })?;
         let pid = child.id().unwrap_or_default();
         let (exit_tx, exit_rx) = watch::channel(None);
-        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let (kill_tx, kill_rx) = oneshot::channel::<bool>();
         tokio::spawn(async move {
             let status = tokio::select! {
                 s = child.wait() => s,
                 // A kill request, or the handle dropped.
-                _ = kill_rx => {
+                k = kill_rx => {
+                    if k == Ok(false) {
+                        return;
+                    }
                     let _ = child.start_kill();
                     child.wait().await
                 }
@@ -70,6 +80,78 @@ impl Supervised {
             exit: exit_rx,
             kill: Some(kill_tx),
         })
+    }
+
+    /// Takes over a running process this one did not start (a pool VM's,
+    /// released by the process that restored it), through a pidfd: its
+    /// exit is seen and a kill reaches it and no reused pid. `start_time`
+    /// (see [`process_start_time`]) must match, or it is another process.
+    /// Its exit status is not ours to read: an exit seen after our kill is
+    /// reported as SIGKILL, any other as status 0.
+    pub fn adopt(
+        name: &'static str,
+        pid: u32,
+        start_time: u64,
+    ) -> Result<Supervised, HypervisorError> {
+        let gone = |source| HypervisorError::Io {
+            what: format!("adopting {name} (pid {pid})"),
+            source,
+        };
+        let raw = libc::pid_t::try_from(pid)
+            .map_err(|_| gone(std::io::ErrorKind::InvalidInput.into()))?;
+        // SAFETY: pidfd_open(2) with plain integers; the result is checked.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+        let fd = i32::try_from(fd).map_err(|_| gone(std::io::ErrorKind::InvalidData.into()))?;
+        if fd < 0 {
+            return Err(gone(std::io::Error::last_os_error()));
+        }
+        // SAFETY: a descriptor pidfd_open just returned, owned from here.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Checked after opening: the pidfd now pins this very process.
+        if process_start_time(pid) != Some(start_time) {
+            return Err(gone(std::io::ErrorKind::NotFound.into()));
+        }
+        // SAFETY: an OwnedFd keeps its one descriptor open until dropped.
+        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
+            .map_err(|e| gone(std::io::Error::other(e.to_string())))?;
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let (kill_tx, kill_rx) = oneshot::channel::<bool>();
+        tokio::spawn(async move {
+            let killed = tokio::select! {
+                _ = pidfd.readable() => false,
+                k = kill_rx => {
+                    if k == Ok(false) {
+                        return;
+                    }
+                    // SAFETY: pidfd_send_signal(2) on the pidfd we own.
+                    unsafe {
+                        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, 0, 0)
+                    };
+                    let _ = pidfd.readable().await;
+                    true
+                }
+            };
+            let _ = exit_tx.send(Some(ExitStatus::from_raw(if killed {
+                libc::SIGKILL
+            } else {
+                0
+            })));
+        });
+        Ok(Supervised {
+            name,
+            pid,
+            exit: exit_rx,
+            kill: Some(kill_tx),
+        })
+    }
+
+    /// Lets the process go on unsupervised (for another process to adopt);
+    /// returns its pid.
+    pub fn release(mut self) -> u32 {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(false);
+        }
+        self.pid
     }
 
     pub fn exited(&self) -> Option<ExitStatus> {
@@ -90,10 +172,19 @@ impl Supervised {
     /// SIGKILLs the process and waits until it is reaped.
     pub async fn kill(&mut self) {
         if let Some(k) = self.kill.take() {
-            let _ = k.send(());
+            let _ = k.send(true);
         }
         self.wait().await;
     }
+}
+
+/// Start time of `pid` (jiffies since boot, field 22 of /proc/<pid>/stat),
+/// if it runs: with the pid, it names one process for good.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command may contain spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Waits for `path` to appear while `child` runs.
@@ -147,7 +238,7 @@ pub fn run_in_netns(cmd: &mut Command, netns: Option<&Path>) -> Result<(), Hyper
     // SAFETY: setns(2) is async-signal-safe; the closure owns the fd.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) != 0 {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -170,7 +261,7 @@ pub async fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
             .write(true)
             .open(&path)?;
         // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) } != 0 {
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(f)
@@ -204,6 +295,34 @@ pub fn log_tails(dir: &Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process released by its spawner runs on; adopted by pid and
+    /// start time, its exit is seen and a kill reaches it; a wrong start
+    /// time (a reused pid) is refused.
+    #[tokio::test]
+    async fn released_processes_are_adopted_and_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("sleep.log");
+        let s = Supervised::spawn("sleep", Command::new("sleep").arg("60"), &log).unwrap();
+        let pid = s.release();
+        let start = process_start_time(pid).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(process_start_time(pid), Some(start), "released, yet gone");
+        assert!(Supervised::adopt("sleep", pid, start + 1).is_err());
+        let mut adopted = Supervised::adopt("sleep", pid, start).unwrap();
+        assert!(adopted.exited().is_none());
+        adopted.kill().await;
+        let st = adopted.exited().unwrap();
+        assert_eq!(st.signal(), Some(libc::SIGKILL), "{st}");
+        // Reaped by this test's runtime (its spawner): gone for good.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while process_start_time(pid) == Some(start) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+    }
 
     #[test]
     fn log_tails_show_every_log_and_only_the_end() {

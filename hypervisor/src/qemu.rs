@@ -12,7 +12,7 @@
 //! cannot migrate vhost-user devices) and resumes; its new vmgenid tells
 //! the guest kernel to reseed.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -213,6 +213,18 @@ impl Qemu {
         }
     }
 
+    /// Whether a clone has root ports for `spec`'s NICs.
+    fn check_nics(spec: &VmSpec) -> Result<(), HypervisorError> {
+        if spec.net.len() > HOTPLUG_PORTS - FIRST_NIC_PORT {
+            return Err(HypervisorError::Unavailable(format!(
+                "{} NICs; a template has ports for {}",
+                spec.net.len(),
+                HOTPLUG_PORTS - FIRST_NIC_PORT
+            )));
+        }
+        Ok(())
+    }
+
     /// Hot-plugs a clone's devices (it is paused, its state loaded) and
     /// resumes it.
     async fn plug_and_resume(
@@ -239,11 +251,22 @@ impl Qemu {
                    "tag": SHARED_FS_TAG, "bus": "rp1"}),
         )
         .await?;
+        Self::plug_nics(qmp, spec).await?;
+        qmp.execute("cont", json!({})).await?;
+        Ok(())
+    }
+
+    /// Hot-plugs `spec`'s NICs, each on its tap opened here (in the pod's
+    /// network namespace) and handed to QEMU, which may run outside it (a
+    /// pool VM).
+    async fn plug_nics(qmp: &mut Qmp, spec: &VmSpec) -> Result<(), HypervisorError> {
         for (i, n) in spec.net.iter().enumerate() {
             let id = format!("net{i}");
+            let tap = open_tap(spec.netns.as_deref(), &n.tap)?;
+            qmp.getfd(&id, tap.as_fd()).await?;
             qmp.execute(
                 "netdev_add",
-                json!({"type": "tap", "id": id, "ifname": n.tap, "script": "no", "downscript": "no"}),
+                json!({"type": "tap", "id": id, "fd": id, "vhost": false}),
             )
             .await?;
             qmp.execute(
@@ -253,9 +276,65 @@ impl Qemu {
             )
             .await?;
         }
-        qmp.execute("cont", json!({})).await?;
         Ok(())
     }
+}
+
+/// Opens the tap `name` in `netns` (a thread enters it; the process stays
+/// where it is), as QEMU opens one by name: no packet info, virtio-net
+/// headers.
+fn open_tap(netns: Option<&Path>, name: &str) -> Result<OwnedFd, HypervisorError> {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    // linux/if_tun.h.
+    const FLAGS: libc::c_short = 0x0002 | 0x1000 | 0x4000; // TAP | NO_PI | VNET_HDR
+    let io = |what: String| move |source| HypervisorError::Io { what, source };
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(io(format!("tap {name}"))(
+            std::io::ErrorKind::InvalidInput.into(),
+        ));
+    }
+    let netns = netns
+        .map(std::fs::File::open)
+        .transpose()
+        .map_err(io(format!(
+            "opening network namespace {}",
+            netns.map(|p| p.display().to_string()).unwrap_or_default()
+        )))?;
+    let name = name.to_string();
+    std::thread::scope(|s| {
+        s.spawn(|| -> std::io::Result<OwnedFd> {
+            if let Some(ns) = &netns {
+                // SAFETY: setns(2) on this thread only, with an open fd.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            let tun: OwnedFd = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")?
+                .into();
+            let mut req = IfReq {
+                name: [0; libc::IFNAMSIZ],
+                flags: FLAGS,
+                _pad: [0; 22],
+            };
+            req.name[..name.len()].copy_from_slice(name.as_bytes());
+            // SAFETY: TUNSETIFF reads and writes an ifreq-sized struct we own.
+            if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(tun)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("tap thread panicked")))
+    })
+    .map_err(io(format!("opening tap {name}")))
 }
 
 #[async_trait]
@@ -356,18 +435,47 @@ impl Hypervisor for Qemu {
         })
     }
 
+    fn has_warm_start(&self) -> bool {
+        true
+    }
+
+    async fn adopt(
+        &self,
+        spec: &VmSpec,
+        mut processes: Vec<Supervised>,
+    ) -> Result<RunningVm, HypervisorError> {
+        if processes.is_empty() {
+            return Err(HypervisorError::Unavailable(
+                "no VM process to adopt".into(),
+            ));
+        }
+        let mut vm = RunningVm {
+            vm: processes.remove(0),
+            helpers: processes,
+            vsock: spec.vsock.clone(),
+            describe: self.describe(),
+        };
+        let plugged = async {
+            Self::check_nics(spec)?;
+            let mut qmp = Qmp::connect(&spec.dir.join("qmp.sock"), HELPER_READY).await?;
+            Self::plug_nics(&mut qmp, spec).await
+        }
+        .await;
+        match plugged {
+            Ok(()) => Ok(vm),
+            Err(e) => {
+                vm.stop(Duration::ZERO).await;
+                Err(e)
+            }
+        }
+    }
+
     async fn restore(
         &self,
         spec: &VmSpec,
         template: &Template,
     ) -> Result<RunningVm, HypervisorError> {
-        if spec.net.len() > HOTPLUG_PORTS - FIRST_NIC_PORT {
-            return Err(HypervisorError::Unavailable(format!(
-                "{} NICs; a template has ports for {}",
-                spec.net.len(),
-                HOTPLUG_PORTS - FIRST_NIC_PORT
-            )));
-        }
+        Self::check_nics(spec)?;
         let state = template::read_state(template)?;
         let memfd = template::clone_memory(template)?;
         let state_file = spec.dir.join("template-state");

@@ -1,10 +1,13 @@
 //! A QMP client: QEMU's JSON monitor on a UNIX socket, for the commands the
 //! warm-start paths send (migration to and from a file, device hotplug,
-//! stop and resume). Events are skipped; each command waits for its
+//! descriptors handed over, stop and resume). Events are skipped; each command waits for its
 //! answer.
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::time::Duration;
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -63,6 +66,11 @@ impl Qmp {
             .write_all(req.as_bytes())
             .await
             .map_err(|source| self.io(source))?;
+        self.answer(command).await
+    }
+
+    /// The answer to the command just sent (events before it skipped).
+    async fn answer(&mut self, command: &str) -> Result<Value, HypervisorError> {
         loop {
             let answer = self.line().await?;
             if answer.get("event").is_some() {
@@ -81,6 +89,37 @@ impl Qmp {
                 desc,
             });
         }
+    }
+
+    /// Hands `fd` to QEMU as `name` (`getfd`, the descriptor passed with
+    /// SCM_RIGHTS), for a later command to use (`netdev_add ... fd=name`).
+    pub async fn getfd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), HypervisorError> {
+        let req = format!(
+            "{}\n",
+            json!({ "execute": "getfd", "arguments": { "fdname": name } })
+        );
+        let fds = [fd.as_raw_fd()];
+        loop {
+            self.write
+                .as_ref()
+                .writable()
+                .await
+                .map_err(|source| self.io(source))?;
+            let sent = sendmsg::<()>(
+                self.write.as_ref().as_raw_fd(),
+                &[std::io::IoSlice::new(req.as_bytes())],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::empty(),
+                None,
+            );
+            match sent {
+                Ok(n) if n == req.len() => break,
+                Ok(_) => return Err(self.io(std::io::ErrorKind::WriteZero.into())),
+                Err(nix::errno::Errno::EAGAIN) => continue,
+                Err(e) => return Err(self.io(e.into())),
+            }
+        }
+        self.answer("getfd").await.map(|_| ())
     }
 
     /// Polls `query-migrate` until the migration (either direction) has

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::containerd;
 
-use podvisor_names::paths::{INSTALL_PREFIX, NODE_CONFIG, STATE_ROOT, TEMPLATE_ROOT};
+use podvisor_names::paths::{INSTALL_PREFIX, NODE_CONFIG, POOL_ROOT, STATE_ROOT, TEMPLATE_ROOT};
 use podvisor_names::SHIM_BINARY;
 
 /// Where the shim is linked, on containerd's PATH.
@@ -55,6 +55,8 @@ pub enum InstallError {
          (containerd needs the shim to clean them up), or pass --force"
     )]
     SandboxesRunning(String),
+    #[error("draining the warm pool ({command}): {reason}")]
+    Pool { command: String, reason: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstallError + '_ {
@@ -173,6 +175,8 @@ impl Node {
         if !running.is_empty() && !force {
             return Err(InstallError::SandboxesRunning(running.join(", ")));
         }
+        // First: a pool that cannot be drained leaves the install as it is.
+        self.drain_pool()?;
         let state_path = self.install_state();
         let state = read_state(&state_path)?.unwrap_or_default();
 
@@ -222,6 +226,39 @@ impl Node {
         Ok(Outcome {
             containerd_config_changed: changed,
         })
+    }
+
+    /// Stops the warm pool's VMs and removes it, through the installed
+    /// shim (`pool drain`, run in the host's root: the installer's
+    /// DaemonSet shares the host's PID namespace).
+    fn drain_pool(&self) -> Result<(), InstallError> {
+        if !self.host(POOL_ROOT).exists() {
+            return Ok(());
+        }
+        let shim = Path::new(INSTALL_PREFIX).join("bin").join(SHIM_BINARY);
+        let command = format!(
+            "chroot {} {} pool drain",
+            self.host_root.display(),
+            shim.display()
+        );
+        let fail = |reason: String| InstallError::Pool {
+            command: command.clone(),
+            reason,
+        };
+        let out = std::process::Command::new("chroot")
+            .arg(&self.host_root)
+            .arg(&shim)
+            .args(["pool", "drain"])
+            .output()
+            .map_err(|e| fail(e.to_string()))?;
+        if !out.status.success() {
+            return Err(fail(format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
     }
 
     /// The podvisor sandboxes the node runs (`/run/podvisor/<id>`).

@@ -222,6 +222,32 @@ fn uninstall_refuses_while_sandboxes_run() {
     assert_eq!(host.containerd().as_deref(), Some("version = 2\n"));
 }
 
+/// A warm pool the installed shim cannot drain (here its binary is a
+/// stand-in that cannot run in the host root) stops the uninstall before
+/// it changes anything, naming the command. (A real drain: the containerd
+/// suite's pool test.)
+#[test]
+fn uninstall_drains_the_pool_first() {
+    let host = Host::new(Some("version = 2\n"));
+    host.ok("install");
+    let pool = host.root.join("run/podvisor/_pool/0123abcd");
+    fs::create_dir_all(&pool).unwrap();
+    let out = host.run("uninstall", &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warm pool") && err.contains("pool drain"),
+        "{err}"
+    );
+    assert!(host
+        .root
+        .join("opt/podvisor/bin/containerd-shim-podvisor-v2")
+        .exists());
+    assert!(host.containerd().unwrap().contains("podvisor"));
+    fs::remove_dir_all(host.root.join("run/podvisor/_pool")).unwrap();
+    host.ok("uninstall");
+}
+
 #[test]
 fn bad_configs_fail_clearly_and_change_nothing() {
     for (text, says) in [

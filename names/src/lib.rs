@@ -50,6 +50,11 @@ pub mod paths {
     /// Warm-start templates: one directory per VM shape, kept across host
     /// restarts (a template is rebuilt only when its inputs change).
     pub const TEMPLATE_ROOT: &str = "/var/lib/podvisor/templates";
+    /// The warm pool: VMs restored ahead, one directory per shape. Under
+    /// STATE_ROOT (one filesystem: a VM handed out is renamed into its
+    /// sandbox's directory); the leading `_` keeps it apart from sandbox
+    /// ids, which containerd starts with a letter or digit.
+    pub const POOL_ROOT: &str = "/run/podvisor/_pool";
 }
 
 /// virtio-fs tag of a sandbox's shared directory (the hypervisor layer

@@ -199,15 +199,17 @@ impl Drop for ReadyListener {
 }
 
 /// A ttrpc client of the agent behind the VM's hybrid-vsock socket `uds`:
-/// waits up to `within` for the agent to report ready on `ready`, then
-/// dials its API port.
+/// waits up to `within` for the agent to report ready on `ready` (none:
+/// it reported before, to another host process), then dials its API port.
 pub async fn connect_agent(
     uds: &Path,
-    ready: &ReadyListener,
+    ready: Option<&ReadyListener>,
     within: Duration,
 ) -> Result<AgentClient, DialError> {
     let start = Instant::now();
-    ready.wait(within).await?;
+    if let Some(ready) = ready {
+        ready.wait(within).await?;
+    }
     let left = within.saturating_sub(start.elapsed()).max(ATTEMPT_TIMEOUT);
     let stream = dial_within(uds, AGENT_PORT, left).await?;
     Ok(AgentClient::new(ttrpc::r#async::Client::new(stream.into())))

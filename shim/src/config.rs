@@ -64,6 +64,10 @@ pub struct Config {
     pub cpuid_hide: Vec<CpuidBits>,
     pub paths: Paths,
     pub warm: Warm,
+    /// The file this was read from, if one was named (a pool filler the
+    /// shim starts reads the same).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[warm]`: warm start.
@@ -77,6 +81,11 @@ pub struct Warm {
     /// Templates kept on disk (each holds the guest memory its VM used,
     /// sparse); a new one removes those used least recently.
     pub max_templates: usize,
+    /// The warm pool: clones of each shape pods have started kept running
+    /// (idle) ahead, handed to the next pod of that shape; 0: none.
+    pub pool_size: usize,
+    /// The most guest memory all pool VMs together may have, MiB.
+    pub pool_max_mib: u64,
 }
 
 impl Default for Warm {
@@ -85,6 +94,8 @@ impl Default for Warm {
             templates: true,
             template_dir: paths::TEMPLATE_ROOT.into(),
             max_templates: 4,
+            pool_size: 0,
+            pool_max_mib: 2048,
         }
     }
 }
@@ -106,6 +117,7 @@ impl Default for Config {
             cpuid_hide: Vec::new(),
             paths: Paths::default(),
             warm: Warm::default(),
+            source: None,
         }
     }
 }
@@ -123,7 +135,9 @@ impl Config {
             Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        Self::parse(&path, &text)
+        let mut cfg = Self::parse(&path, &text)?;
+        cfg.source = explicit.then_some(path);
+        Ok(cfg)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
@@ -146,6 +160,12 @@ impl Config {
                 "default_memory_mib {} must be within {MIN_MEMORY_MIB}..={}",
                 cfg.default_memory_mib, cfg.max_memory_mib
             )));
+        }
+        if cfg.warm.pool_size > 0 && !cfg.warm.templates {
+            return Err(invalid(
+                "[warm] pool_size needs templates = true (pool VMs are clones of a template)"
+                    .into(),
+            ));
         }
         if cfg.warm.max_templates == 0 {
             return Err(invalid(
@@ -356,9 +376,17 @@ mod tests {
             (
                 shipped.warm.templates,
                 shipped.warm.template_dir,
-                shipped.warm.max_templates
+                shipped.warm.max_templates,
+                shipped.warm.pool_size,
+                shipped.warm.pool_max_mib
             ),
-            (d.warm.templates, d.warm.template_dir, d.warm.max_templates)
+            (
+                d.warm.templates,
+                d.warm.template_dir,
+                d.warm.max_templates,
+                d.warm.pool_size,
+                d.warm.pool_max_mib
+            )
         );
     }
 
@@ -399,6 +427,12 @@ mod tests {
         assert!(e.to_string().contains("max_templates"), "{e}");
         let e = Config::parse(Path::new("c.toml"), "[warm]\npool = 3").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "[warm]\ntemplates = false\npool_size = 2",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("pool_size"), "{e}");
         let e = Config::parse(Path::new("c.toml"), "default_memory_mib = 64").unwrap_err();
         assert!(e.to_string().contains("default_memory_mib 64"), "{e}");
         let e = Config::parse(

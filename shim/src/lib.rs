@@ -19,6 +19,8 @@
 //! - `config`: `/etc/podvisor/config.toml` and VM sizing;
 //! - [`warm`]: a VM restored from its shape's template, or why it boots
 //!   cold; the `template` subcommand;
+//! - [`pool`]: the warm pool, clones restored ahead and handed to pods;
+//!   the `pool` subcommand;
 //! - [`info`]: `-info`, the runtime features containerd 2.x asks for.
 
 mod bundle;
@@ -29,6 +31,7 @@ mod error;
 pub mod info;
 mod network;
 mod pod;
+pub mod pool;
 mod port_forward;
 mod process;
 mod sandbox_dir;

@@ -23,14 +23,22 @@ fn main() {
         return;
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().is_some_and(|a| a == "template") {
+    if let Some(command @ ("template" | "pool")) = args.first().map(String::as_str) {
         let done = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .map_err(Into::into)
-            .and_then(|rt| rt.block_on(podvisor_shim::warm::cli(&args[1..])));
+            .and_then(|rt| {
+                rt.block_on(async {
+                    if command == "template" {
+                        podvisor_shim::warm::cli(&args[1..]).await
+                    } else {
+                        podvisor_shim::pool::cli(&args[1..]).await
+                    }
+                })
+            });
         if let Err(e) = done {
-            eprintln!("{}: template: {e}", podvisor_names::RUNTIME_TYPE);
+            eprintln!("{}: {command}: {e}", podvisor_names::RUNTIME_TYPE);
             std::process::exit(1);
         }
         return;

@@ -1,12 +1,13 @@
 //! One pod's VM: its sandbox directory, the hypervisor processes, the pod
-//! network carried into it, and the agent. Booted by the pod's first
+//! network carried into it, and the agent. Taken from the warm pool,
+//! restored from its shape's template, or booted cold, for the pod's first
 //! container, shut down by its last; in between it offers the operations
 //! on the guest's containers ([`Guest`]), each one agent call with its
 //! error mapped once. [`remove_host_state`] is the one teardown of what a
 //! pod leaves on the host, for an orderly shutdown and for containerd's
 //! crash-cleanup `delete` alike.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
@@ -25,8 +26,9 @@ use crate::network::{NetworkError, PodNetwork};
 use crate::port_forward::PortForward;
 use crate::sandbox_dir::{process_start_time, RecordedProcess, SandboxDir, State};
 use crate::stdio::{Bridge, StdioPaths};
-use crate::warm;
-use podvisor_hypervisor::{self as hypervisor, RunningVm, VmSpec};
+use crate::{pool, warm};
+use podvisor_hypervisor::{self as hypervisor, RunningVm, Supervised, VmSpec};
+use podvisor_names::paths::STATE_ROOT;
 
 /// From QEMU start to the agent answering (TCG boots take seconds).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -104,18 +106,28 @@ impl Pod {
                 });
             }
         }
-        let (hv, why) = hypervisor::select(
-            sizing.hypervisor,
-            &config.paths,
-            std::path::Path::new(podvisor_names::paths::STATE_ROOT),
-        )
-        .await?;
+        let (hv, why) =
+            hypervisor::select(sizing.hypervisor, &config.paths, Path::new(STATE_ROOT)).await?;
         tracing::info!(sandbox = id, "hypervisor: {why}");
-        let dir = SandboxDir::create(id)?;
+        // A pool VM of the pod's shape, if one is ready: its directory
+        // becomes the sandbox's.
+        let pool_key = pool::serves(config, sizing, &*hv)
+            .then(|| pool::key(&*hv, &config.vm_spec(sizing, Path::new(STATE_ROOT))))
+            .and_then(|k| {
+                k.map_err(|e| tracing::warn!(sandbox = id, "no pool: {e}"))
+                    .ok()
+            });
+        let (dir, pooled) = match pool_key.as_deref().and_then(|k| pool::claim(k, id)) {
+            Some((dir, processes)) => (dir, Some(processes)),
+            None => (SandboxDir::create(id)?, None),
+        };
         let network = match netns {
             Some(ns) => match PodNetwork::setup(ns).await {
                 Ok(n) => Some(n),
                 Err(e) => {
+                    if let Some(processes) = pooled {
+                        kill_all(processes).await;
+                    }
                     dir.destroy();
                     return Err(e.into());
                 }
@@ -136,6 +148,9 @@ impl Pod {
         let ready = match ReadyListener::bind(&spec.vsock) {
             Ok(r) => r,
             Err(e) => {
+                if let Some(processes) = pooled {
+                    kill_all(processes).await;
+                }
                 undo(dir, network).await;
                 return Err(PodError::Agent {
                     source: e,
@@ -143,32 +158,63 @@ impl Pod {
                 });
             }
         };
-        // A clone that does not come up (its checksums held, so not the
-        // template's fault) gives way to a cold boot.
+        // A pool VM or a clone that does not come up gives way to the
+        // next way of starting: a clone, then a cold boot.
         let mut started = None;
-        match warm::restore(config, sizing, &*hv, &spec).await {
-            Ok(mut vm) => {
-                let describe = format!("{} (from template)", hv.describe());
-                match Self::connect(
-                    id,
-                    &dir,
-                    &vm,
-                    &ready,
-                    describe,
-                    hostname,
-                    network.as_ref(),
-                    CLONE_READY,
-                )
-                .await
-                {
-                    Ok(agent) => started = Some((vm, agent)),
-                    Err(e) => {
-                        vm.stop(Duration::ZERO).await;
-                        tracing::warn!(sandbox = id, "cold boot: the clone did not come up: {e}");
+        if let Some(processes) = pooled {
+            match hv.adopt(&spec, processes).await {
+                Ok(mut vm) => {
+                    let describe = format!("{} (from pool)", hv.describe());
+                    match Self::connect(
+                        id,
+                        &dir,
+                        &vm,
+                        None,
+                        describe,
+                        hostname,
+                        network.as_ref(),
+                        CLONE_READY,
+                    )
+                    .await
+                    {
+                        Ok(agent) => started = Some((vm, agent)),
+                        Err(e) => {
+                            vm.stop(Duration::ZERO).await;
+                            tracing::warn!(sandbox = id, "the pool VM did not come up: {e}");
+                        }
                     }
                 }
+                Err(e) => tracing::warn!(sandbox = id, "the pool VM could not be taken over: {e}"),
             }
-            Err(why) => tracing::info!(sandbox = id, "cold boot: {why}"),
+        }
+        if started.is_none() {
+            match warm::restore(config, sizing, &*hv, &spec).await {
+                Ok(mut vm) => {
+                    let describe = format!("{} (from template)", hv.describe());
+                    match Self::connect(
+                        id,
+                        &dir,
+                        &vm,
+                        Some(&ready),
+                        describe,
+                        hostname,
+                        network.as_ref(),
+                        CLONE_READY,
+                    )
+                    .await
+                    {
+                        Ok(agent) => started = Some((vm, agent)),
+                        Err(e) => {
+                            vm.stop(Duration::ZERO).await;
+                            tracing::warn!(
+                                sandbox = id,
+                                "cold boot: the clone did not come up: {e}"
+                            );
+                        }
+                    }
+                }
+                Err(why) => tracing::info!(sandbox = id, "cold boot: {why}"),
+            }
         }
         let (vm, agent) = match started {
             Some(started) => started,
@@ -184,7 +230,7 @@ impl Pod {
                     id,
                     &dir,
                     &vm,
-                    &ready,
+                    Some(&ready),
                     hv.describe(),
                     hostname,
                     network.as_ref(),
@@ -201,6 +247,11 @@ impl Pod {
                 }
             }
         };
+        // Refilled after each pod of a pooled shape, whether it took a
+        // pool VM or found none.
+        if pool_key.is_some() {
+            pool::spawn_fill(config, sizing);
+        }
         let port_forward = match netns {
             Some(ns) => match PortForward::start(ns, &vm.vsock).await {
                 Ok(f) => Some(f),
@@ -231,7 +282,7 @@ impl Pod {
         id: &str,
         dir: &SandboxDir,
         vm: &RunningVm,
-        ready: &ReadyListener,
+        ready: Option<&ReadyListener>,
         describe: String,
         hostname: &str,
         network: Option<&PodNetwork>,
@@ -322,6 +373,13 @@ impl Pod {
             sandbox = self.id,
             "VM stopped and sandbox directory removed"
         );
+    }
+}
+
+/// Kills a pool VM's adopted processes (a pod that could not use it).
+async fn kill_all(processes: Vec<Supervised>) {
+    for mut p in processes {
+        p.kill().await;
     }
 }
 

@@ -18,6 +18,7 @@ use containerd_shim::mount::umount_recursive;
 use nix::mount::{mount, MsFlags};
 use serde::{Deserialize, Serialize};
 
+pub use podvisor_hypervisor::process::process_start_time;
 use podvisor_names::paths::STATE_ROOT;
 
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +80,15 @@ impl SandboxDir {
     /// Creates the directory and makes `shared/` a shared mount, so
     /// rootfs and volume mounts made later reach virtiofsd's namespace.
     pub fn create(sandbox_id: &str) -> Result<SandboxDir, StateError> {
-        let dir = Self::open(sandbox_id);
+        Self::create_at(&Self::path_for(sandbox_id))
+    }
+
+    /// [`SandboxDir::create`] at `root` (a pool VM's directory, renamed
+    /// into its sandbox's when handed out).
+    pub fn create_at(root: &Path) -> Result<SandboxDir, StateError> {
+        let dir = SandboxDir {
+            root: root.to_owned(),
+        };
         if dir.root.exists() {
             return Err(StateError {
                 what: format!("sandbox directory {}", dir.root.display()),
@@ -169,14 +178,6 @@ pub fn remove_tree(dir: &Path) {
     if let Err(e) = std::fs::remove_dir_all(dir) {
         tracing::warn!("removing {}: {e}", dir.display());
     }
-}
-
-/// Start time of `pid` (jiffies since boot), if it runs.
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command may contain spaces and parentheses: split after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// SIGKILLs a recorded process if it is still the same process.

@@ -56,46 +56,8 @@ pub async fn restore(
 /// `containerd-shim-podvisor-v2 template [--config PATH] [--vcpus N]
 /// [--memory-mib N]`: builds (or finds) the template of the node's default
 /// shape, or of the size given; prints its directory and manifest.
-pub async fn cli(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
-    let mut config_path: Option<PathBuf> = None;
-    let mut vcpus = None;
-    let mut memory = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{a} needs a value"))
-        };
-        match a.as_str() {
-            "--config" => config_path = Some(value()?.into()),
-            "--vcpus" => vcpus = Some(value()?.parse::<u32>()?),
-            "--memory-mib" => memory = Some(value()?.parse::<u32>()?),
-            other => {
-                return Err(format!(
-                "template: unknown argument {other:?} (--config PATH, --vcpus N, --memory-mib N)"
-            )
-                .into())
-            }
-        }
-    }
-    let config = Config::load(config_path.as_deref())?;
-    let mut annotations = std::collections::HashMap::new();
-    let mut allowed = config.clone();
-    if let Some(n) = vcpus {
-        annotations.insert(
-            podvisor_names::annotations::VCPUS.to_string(),
-            n.to_string(),
-        );
-    }
-    if let Some(n) = memory {
-        annotations.insert(
-            podvisor_names::annotations::MEMORY_MIB.to_string(),
-            n.to_string(),
-        );
-    }
-    allowed.allowed_annotations = podvisor_names::annotations::ALL.map(String::from).to_vec();
-    let sizing = allowed.vm_sizing(&annotations)?;
+pub async fn cli(args: &[String]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (config, sizing) = shape_args("template", args)?;
     let (hv, why) = hypervisor::select(
         sizing.hypervisor,
         &config.paths,
@@ -115,4 +77,51 @@ pub async fn cli(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     println!("{}", t.dir.display());
     println!("{}", serde_json::to_string_pretty(&t.manifest)?);
     Ok(())
+}
+
+/// The node config and the VM shape a subcommand names: `[--config PATH]
+/// [--vcpus N] [--memory-mib N]`, the config's defaults for what is not
+/// given.
+pub fn shape_args(
+    command: &str,
+    args: &[String],
+) -> Result<(Config, VmSizing), Box<dyn std::error::Error + Send + Sync>> {
+    let mut config_path: Option<PathBuf> = None;
+    let mut annotations = std::collections::HashMap::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{command}: {a} needs a value"))
+        };
+        match a.as_str() {
+            "--config" => config_path = Some(value()?.into()),
+            "--vcpus" => {
+                let n = value()?.parse::<u32>()?;
+                annotations.insert(
+                    podvisor_names::annotations::VCPUS.to_string(),
+                    n.to_string(),
+                );
+            }
+            "--memory-mib" => {
+                let n = value()?.parse::<u32>()?;
+                annotations.insert(
+                    podvisor_names::annotations::MEMORY_MIB.to_string(),
+                    n.to_string(),
+                );
+            }
+            other => {
+                return Err(format!(
+                "{command}: unknown argument {other:?} (--config PATH, --vcpus N, --memory-mib N)"
+            )
+                .into())
+            }
+        }
+    }
+    let config = Config::load(config_path.as_deref())?;
+    let mut allowed = config.clone();
+    allowed.allowed_annotations = podvisor_names::annotations::ALL.map(String::from).to_vec();
+    let sizing = allowed.vm_sizing(&annotations)?;
+    Ok((config, sizing))
 }

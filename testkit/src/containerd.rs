@@ -106,7 +106,10 @@ pub struct Mirror<'a> {
 
 #[derive(Debug)]
 pub struct Containerd {
-    child: Child,
+    /// The daemon; replaced by [`Containerd::restart`].
+    child: std::sync::Mutex<Child>,
+    /// How it was started: program, config, PATH.
+    launch: (PathBuf, PathBuf, std::ffi::OsString),
     pub release: Release,
     pub address: PathBuf,
     /// The podvisor config the runtime uses (ConfigPath).
@@ -224,40 +227,18 @@ impl Containerd {
         path.extend(std::env::split_paths(
             &std::env::var_os("PATH").unwrap_or_default(),
         ));
-        let log = std::fs::File::create(d.join("containerd.log"))?;
-        let child = Command::new(release.containerd())
-            .arg("--config")
-            .arg(&config)
-            .env("PATH", std::env::join_paths(path)?)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "starting {} (containerd 1.6: apt-get install containerd; 2.x: upstream/build.sh containerd)",
-                    release.containerd().display()
-                )
-            })?;
+        std::fs::File::create(d.join("containerd.log"))?;
+        let launch = (release.containerd(), config, std::env::join_paths(path)?);
+        let child = spawn_containerd(&launch, &d)?;
         let ctd = Containerd {
-            child,
+            child: std::sync::Mutex::new(child),
+            launch,
             release,
             address,
             podvisor_config,
             dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !ctd
-            .ctr(&["version"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-        {
-            if Instant::now() > deadline {
-                bail!("containerd did not come up:\n{}", ctd.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        ctd.wait_up()?;
         for (name, def) in [(BUSYBOX, ImageDef::with_cmd(&["sh"])), (PAUSE, pause())] {
             let tar = d.join(format!("{}.tar", name.replace(['/', ':'], "_")));
             archive(&tar, name, &def)?;
@@ -275,6 +256,36 @@ impl Containerd {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Waits for the daemon to answer.
+    fn wait_up(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self
+            .ctr(&["version"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
+            if Instant::now() > deadline {
+                bail!("containerd did not come up:\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Stops the daemon (SIGTERM, as systemd does) and starts it again
+    /// with the same config and state; shims and their pods run on.
+    pub fn restart(&self) -> Result<()> {
+        let mut child = self
+            .child
+            .lock()
+            .map_err(|_| anyhow::anyhow!("containerd handle poisoned"))?;
+        terminate(&mut child);
+        *child = spawn_containerd(&self.launch, self.dir.path())?;
+        drop(child);
+        self.wait_up()
     }
 
     /// `ctr` against this containerd, in the tests' namespace.
@@ -362,23 +373,52 @@ impl Containerd {
     /// Stops containerd and removes the CNI bridge it made.
     pub fn stop(mut self) {
         self.remove_everything();
-        // SAFETY: kill(2) on our own child, not yet reaped.
-        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().ok().flatten().is_none() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if let Ok(child) = self.child.get_mut() {
+            terminate(child);
         }
         let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
         // containerd may leave snapshots mounted under its root.
         unmount_below(self.dir.path());
+    }
+}
+
+/// Starts containerd as `launch` says, its output appended to
+/// `dir/containerd.log`.
+fn spawn_containerd(launch: &(PathBuf, PathBuf, std::ffi::OsString), dir: &Path) -> Result<Child> {
+    let (program, config, path) = launch;
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("containerd.log"))?;
+    Command::new(program)
+        .arg("--config")
+        .arg(config)
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| {
+            format!(
+                "starting {} (containerd 1.6: apt-get install containerd; 2.x: upstream/build.sh containerd)",
+                program.display()
+            )
+        })
+}
+
+/// SIGTERMs containerd and reaps it (SIGKILL after 10 s).
+fn terminate(child: &mut Child) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -477,8 +517,10 @@ state = "{}"
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Ok(child) = self.child.get_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

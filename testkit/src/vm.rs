@@ -230,7 +230,7 @@ impl TestVm {
             Qemu::new(paths(), cfg.accel).launch(&spec).await?
         };
         let agent = tokio::select! {
-            r = hybrid_vsock::connect_agent(&vm.vsock, &ready, cfg.boot_timeout) => {
+            r = hybrid_vsock::connect_agent(&vm.vsock, Some(&ready), cfg.boot_timeout) => {
                 r.with_context(|| format!("waiting for the agent\n{}", diagnostics(dir.path())))?
             }
             st = vm.vm.wait() => bail!("{} exited ({st:?}) during boot\n{}", vm.vm.name, diagnostics(dir.path())),

@@ -92,6 +92,10 @@ fn main() {
             "warm_concurrent_first_pods_build_one_template",
             warm_concurrent_first_pods_build_one_template,
         ),
+        (
+            "warm_pool_hands_out_and_refills",
+            warm_pool_hands_out_and_refills,
+        ),
     ];
     BEFORE.get_or_init(host_state);
     // Each containerd in turn: Debian's 1.6, then 2.x (PODVISOR_CONTAINERD
@@ -1273,5 +1277,220 @@ fn warm_concurrent_first_pods_build_one_template(c: &Containerd) -> Result<()> {
     let log = c.log();
     let builds = log.get(mark..).map_or(0, |l| l.matches("built in").count());
     ensure!(builds == 1, "the template was built {builds} times");
+    Ok(())
+}
+
+/// The pool VMs ready now (`/run/podvisor/_pool/<shape>/<id>/`).
+fn pool_vms() -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for shape in std::fs::read_dir(podvisor_names::paths::POOL_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for vm in std::fs::read_dir(shape.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let p = vm.path();
+            if p.is_dir() && !p.to_string_lossy().ends_with(".building") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Waits for `n` ready pool VMs, none of them one of `old`.
+fn wait_pool(n: usize, old: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>> {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let vms = pool_vms();
+        if vms.len() >= n && vms.iter().all(|v| !old.contains(v)) {
+            return Ok(vms);
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(
+                Path::new(podvisor_names::paths::POOL_ROOT).join("fill.log"),
+            )
+            .unwrap_or_default();
+            bail!("the pool holds {vms:?}, not {n} new VM(s); fill.log:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The pids a pool VM's or a sandbox's record names (its `pool.json` or
+/// `state.json`), the VM process first.
+fn recorded_pids(file: &Path) -> Result<Vec<u32>> {
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(file).with_context(|| format!("reading {}", file.display()))?,
+    )?;
+    Ok(v["processes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["pid"].as_u64().and_then(|n| u32::try_from(n).ok()))
+        .collect())
+}
+
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or_default()
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+fn warm_pool_hands_out_and_refills(c: &Containerd) -> Result<()> {
+    let config = std::fs::read_to_string(&c.podvisor_config)?;
+    // Room for one 512 MiB VM: the second of pool_size 2 would pass it.
+    std::fs::write(
+        &c.podvisor_config,
+        config.replace("[warm]\n", "[warm]\npool_size = 2\npool_max_mib = 800\n"),
+    )?;
+    let mut sleeper = Command::new("sleep").arg("600").spawn()?;
+    let result = (|| -> Result<()> {
+        // The first pod of the shape starts the filler.
+        pod_start_kind(c, "pool0")?;
+        let ready = wait_pool(1, &[])?;
+        let pool_pids = recorded_pids(&ready[0].join("pool.json"))?;
+        ensure!(
+            pool_pids.len() == 3 && pool_pids.iter().all(|p| running(*p)),
+            "pool VM processes {pool_pids:?}"
+        );
+        // A record of another host boot: removed, its pid left alone.
+        let stale = ready[0].with_file_name("0000stale");
+        std::fs::create_dir_all(stale.join("shared"))?;
+        let start = std::fs::read_to_string(format!("/proc/{}/stat", sleeper.id()))?;
+        let start_time: u64 = start
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(19))
+            .and_then(|t| t.parse().ok())
+            .context("start time")?;
+        std::fs::write(
+            stale.join("pool.json"),
+            serde_json::json!({"boot_id": "another-boot", "memory_mib": 512,
+                "processes": [{"name": "qemu", "pid": sleeper.id(), "start_time": start_time}]})
+            .to_string(),
+        )?;
+
+        // The next pod takes the pool VM: same processes, now its VM.
+        let (sandbox, ctr, ip, _) = web_pod(c, "pool1", "hello-from-pool")?;
+        let hv = sandbox_hypervisor(&sandbox)?;
+        ensure!(
+            hv.ends_with("(from pool)"),
+            "the pod did not start from the pool: {hv}"
+        );
+        let state = Path::new(podvisor_names::paths::STATE_ROOT)
+            .join(&sandbox)
+            .join("state.json");
+        ensure!(
+            recorded_pids(&state)? == pool_pids,
+            "the sandbox's processes are not the pool VM's {pool_pids:?}"
+        );
+        ensure!(!ready[0].exists(), "the pool VM taken is still in the pool");
+        let out = ok(
+            &mut c.crictl(&["exec", &ctr, "sh", "-c", "uname -r; hostname"]),
+            60,
+        )?;
+        let release = manifest("kernel_release")?;
+        ensure!(
+            out.lines().collect::<Vec<_>>() == [release.as_str(), "pool1"],
+            "the pooled pod says {out:?} (kernel {release}, hostname pool1 expected)"
+        );
+        let body = http_get(&ip)?;
+        ensure!(body.contains("hello-from-pool"), "GET {ip}: {body:?}");
+
+        // Refilled with a new VM, and only one: the memory bound holds.
+        let refilled = wait_pool(1, &ready)?;
+        std::thread::sleep(Duration::from_secs(3));
+        ensure!(
+            pool_vms().len() == 1,
+            "pool_max_mib 800 admits one 512 MiB VM; the pool holds {:?}",
+            pool_vms()
+        );
+        let log =
+            std::fs::read_to_string(Path::new(podvisor_names::paths::POOL_ROOT).join("fill.log"))?;
+        ensure!(
+            log.contains("pool_max_mib"),
+            "the filler did not say why it stopped:\n{log}"
+        );
+        ensure!(!stale.exists(), "a pool record of another boot was kept");
+
+        // containerd restarts: the pooled pod and the pool run on.
+        c.restart()?;
+        let out = ok(&mut c.crictl(&["exec", &ctr, "hostname"]), 60)?;
+        ensure!(out.trim() == "pool1", "after a containerd restart: {out:?}");
+        ensure!(
+            pool_vms() == refilled
+                && refilled
+                    .iter()
+                    .flat_map(|v| recorded_pids(&v.join("pool.json")).unwrap_or_default())
+                    .all(running),
+            "the pool changed across a containerd restart: {:?} -> {:?}",
+            refilled,
+            pool_vms()
+        );
+        ensure!(
+            sleeper.try_wait()?.is_none(),
+            "a pid recorded in another boot's pool record was killed"
+        );
+
+        // The pooled pod's shim dies: containerd's cleanup ends its VM.
+        let shim: Vec<u32> = leftover_processes()
+            .iter()
+            .filter(|p| p.contains("containerd-shim-podvisor-v2") && p.contains(&sandbox))
+            .filter_map(|p| p.split(' ').next()?.parse().ok())
+            .collect();
+        ensure!(
+            shim.len() == 1,
+            "expected one shim for {sandbox}, found {shim:?}"
+        );
+        // SAFETY: kill(2) on the shim just found.
+        unsafe { libc::kill(i32::try_from(shim[0])?, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while pool_pids.iter().any(|p| running(*p)) || state.exists() {
+            ensure!(
+                Instant::now() < deadline,
+                "the pooled VM {pool_pids:?} or {} outlived its killed shim",
+                state.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = run(&mut c.crictl(&["stopp", &sandbox]), 120);
+        let _ = run(&mut c.crictl(&["rmp", &sandbox]), 120);
+        ensure!(
+            refilled.iter().all(|v| v.exists()),
+            "the refilled VM went away"
+        );
+        Ok(())
+    })();
+    // Drained: every pool VM killed, the pool gone.
+    let pids: Vec<u32> = pool_vms()
+        .iter()
+        .flat_map(|v| recorded_pids(&v.join("pool.json")).unwrap_or_default())
+        .collect();
+    let shim = podvisor_testkit::containerd::shim_dir()?.join("containerd-shim-podvisor-v2");
+    let drained = ok(Command::new(shim).args(["pool", "drain"]), 60);
+    std::fs::write(&c.podvisor_config, &config)?;
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    result?;
+    drained?;
+    ensure!(
+        pids.iter().all(|p| !running(*p)),
+        "pool VM processes {pids:?} outlived the drain"
+    );
+    ensure!(
+        !Path::new(podvisor_names::paths::POOL_ROOT).exists(),
+        "the drain left {}",
+        podvisor_names::paths::POOL_ROOT
+    );
     Ok(())
 }

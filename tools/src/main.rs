@@ -394,26 +394,31 @@ fn probe_times() -> Result<(Duration, Duration)> {
 /// `ctr run --rm` to the container's first byte of output, median of
 /// CTR_RUNS.
 fn ctr_first_output(ctd: &Containerd) -> Result<Duration> {
-    let mut firsts = Vec::new();
-    for i in 0..CTR_RUNS {
-        let mut child = ctd
-            .ctr_run(&["--rm"], &format!("first-{i}"), &["echo", "first"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let t = Instant::now();
-        let mut byte = [0u8; 1];
-        let mut stdout = child.stdout.take().context("ctr stdout")?;
-        if stdout.read(&mut byte)? != 1 {
-            bail!(
-                "ctr run printed nothing: {}",
-                text(&child.wait_with_output()?)
-            );
-        }
-        firsts.push(t.elapsed());
-        child.wait()?;
-    }
+    let firsts = (0..CTR_RUNS)
+        .map(|i| ctr_first_output_once(ctd, &format!("first-{i}")))
+        .collect::<Result<Vec<_>>>()?;
     Ok(median(firsts))
+}
+
+/// `ctr run --rm <id> echo first`: from its start to the first byte out.
+fn ctr_first_output_once(ctd: &Containerd, id: &str) -> Result<Duration> {
+    let mut child = ctd
+        .ctr_run(&["--rm"], id, &["echo", "first"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let t = Instant::now();
+    let mut byte = [0u8; 1];
+    let mut stdout = child.stdout.take().context("ctr stdout")?;
+    if stdout.read(&mut byte)? != 1 {
+        bail!(
+            "ctr run printed nothing: {}",
+            text(&child.wait_with_output()?)
+        );
+    }
+    let took = t.elapsed();
+    child.wait()?;
+    Ok(took)
 }
 
 /// CRI RunPodSandbox of a pod named `name` (stopped and removed after).

@@ -1,0 +1,494 @@
+//! The warm pool: per VM shape (a template's key), up to `[warm]
+//! pool_size` clones restored ahead and left running idle, each with its
+//! vsock and shared directory plugged and its agent answering. The next
+//! pod of that shape takes one ([`claim`]: its directory renamed into the
+//! sandbox's, its processes adopted through pidfds, its NICs plugged by
+//! the hypervisor layer) instead of restoring one.
+//!
+//! Who keeps it: no daemon. After each pod of a shape the pool serves,
+//! the shim starts a short-lived filler (`containerd-shim-podvisor-v2
+//! pool fill`, detached); under a lock per shape it restores clones until
+//! the shape has its count (and all shapes together stay within
+//! `pool_max_mib`), then exits, and the VMs run on by themselves. Nothing
+//! long-lived to supervise, upgrade or leak; the pool is only what is on
+//! disk:
+//!
+//! ```text
+//! /run/podvisor/_pool/
+//!   <key>.lock             one filler per shape at a time
+//!   fill.log               the fillers' output
+//!   <key>/<id>.building/   a clone being restored (its processes recorded)
+//!   <key>/<id>/            a ready clone: pool.json and the sandbox
+//!                          directory's layout (sockets, logs, shared/)
+//! ```
+//!
+//! A record names the host's boot and each process by pid and start time.
+//! A record of another boot is removed without killing anything (its pids
+//! are others' now); one whose processes died is killed and removed.
+//! `pool drain` kills and removes everything.
+//!
+//! Pool VMs run idle rather than paused: vhost-device-vsock 0.3.0 restarts
+//! its queues when QEMU pauses and resumes a VM, and a connection right
+//! after the resume ends its worker thread (29 failures in 40 tries here),
+//! while an idle guest costs about 0.3% of a core.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use podvisor_hypervisor::process::{lock_file, process_start_time};
+use podvisor_hypervisor::{
+    self as hypervisor, template, Hypervisor, HypervisorError, Supervised, VmSpec,
+};
+use podvisor_names::paths::{POOL_ROOT, STATE_ROOT};
+use podvisor_protocol::hybrid_vsock::{connect_agent, ReadyListener};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, VmSizing};
+use crate::sandbox_dir::{kill_recorded, remove_tree, RecordedProcess, SandboxDir};
+
+const RECORD: &str = "pool.json";
+const BUILDING: &str = ".building";
+/// How long a new pool VM's agent may take to answer.
+const READY_WITHIN: Duration = Duration::from_secs(20);
+/// How long killed pool VM processes get to be gone.
+const GONE_WITHIN: Duration = Duration::from_secs(10);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A pool VM, as recorded beside it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    boot_id: String,
+    memory_mib: u32,
+    /// The VM process first.
+    processes: Vec<RecordedProcess>,
+}
+
+impl Record {
+    fn alive(&self) -> bool {
+        self.processes
+            .iter()
+            .all(|p| process_start_time(p.pid) == Some(p.start_time))
+    }
+
+    fn read(dir: &Path) -> Option<Record> {
+        serde_json::from_slice(&std::fs::read(dir.join(RECORD)).ok()?).ok()
+    }
+
+    fn write(&self, dir: &Path) -> std::io::Result<()> {
+        let tmp = dir.join(format!("{RECORD}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, dir.join(RECORD))
+    }
+}
+
+/// This host boot's id: pids of another boot name other processes.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn root() -> &'static Path {
+    Path::new(POOL_ROOT)
+}
+
+/// Creates the pool's root: root's alone (its sockets reach the agents).
+fn make_root() -> std::io::Result<()> {
+    std::fs::create_dir_all(root())?;
+    std::fs::set_permissions(root(), std::os::unix::fs::PermissionsExt::from_mode(0o700))
+}
+
+/// The entries of `dir`, sorted.
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+fn is_building(p: &Path) -> bool {
+    p.to_string_lossy().ends_with(BUILDING)
+}
+
+/// Whether a pod of `sizing` on `hv` may take a pool VM (and so keeps its
+/// shape's pool filled): the pool is on and the VM would be a clone.
+pub fn serves(config: &Config, sizing: &VmSizing, hv: &dyn Hypervisor) -> bool {
+    config.warm.pool_size > 0
+        && config.warm.templates
+        && sizing.kernel_params == config.kernel_params
+        && hv.has_warm_start()
+}
+
+/// The pool key of a VM of `spec` on `hv`: its template's.
+pub fn key(hv: &dyn Hypervisor, spec: &VmSpec) -> Result<String, HypervisorError> {
+    template::key(&hv.describe(), hv.program(), spec)
+}
+
+/// A ready pool VM of `key` for sandbox `sandbox_id`: its directory
+/// renamed to the sandbox's, its processes adopted (the VM process
+/// first). None when the pool has none alive; dead or stale ones met on
+/// the way are removed.
+pub fn claim(key: &str, sandbox_id: &str) -> Option<(SandboxDir, Vec<Supervised>)> {
+    let target = SandboxDir::path_for(sandbox_id);
+    if target.exists() {
+        return None;
+    }
+    let boot = boot_id();
+    for entry in entries(&root().join(key)) {
+        if is_building(&entry) {
+            continue;
+        }
+        let record = Record::read(&entry);
+        let Some(record) = record.filter(|r| r.boot_id == boot && r.alive()) else {
+            discard(&entry, &boot);
+            continue;
+        };
+        // Atomic: of concurrent pods, one gets it, the others look on.
+        if std::fs::rename(&entry, &target).is_err() {
+            continue;
+        }
+        let dir = SandboxDir::open(sandbox_id);
+        let adopted: Result<Vec<Supervised>, HypervisorError> = record
+            .processes
+            .iter()
+            .map(|p| Supervised::adopt(process_name(&p.name), p.pid, p.start_time))
+            .collect();
+        match adopted {
+            Ok(processes) => {
+                tracing::info!(
+                    sandbox = sandbox_id,
+                    "VM taken from the pool ({})",
+                    entry.display()
+                );
+                return Some((dir, processes));
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = sandbox_id, "pool VM {}: {e}", entry.display());
+                record.processes.iter().for_each(|p| {
+                    kill_recorded(p);
+                });
+                dir.destroy();
+            }
+        }
+    }
+    None
+}
+
+/// The static name of a recorded process, for its supervisor.
+fn process_name(name: &str) -> &'static str {
+    ["qemu", "vhost-device-vsock", "virtiofsd", "podvisor-vmm"]
+        .into_iter()
+        .find(|n| *n == name)
+        .unwrap_or("vm process")
+}
+
+/// Removes a pool VM's directory; kills its processes first if they are
+/// this boot's.
+fn discard(entry: &Path, boot: &str) {
+    if let Some(r) = Record::read(entry).filter(|r| r.boot_id == boot) {
+        kill_and_wait(&r.processes);
+    }
+    tracing::info!("pool: removing {}", entry.display());
+    remove_tree(entry);
+}
+
+/// SIGKILLs recorded processes and waits (a while) for them to be gone.
+fn kill_and_wait(processes: &[RecordedProcess]) {
+    for p in processes {
+        kill_recorded(p);
+    }
+    let deadline = std::time::Instant::now() + GONE_WITHIN;
+    while processes
+        .iter()
+        .any(|p| process_start_time(p.pid) == Some(p.start_time))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts a detached filler for `sizing`'s shape (it outlives this shim
+/// if it must); its output goes to the pool's `fill.log`.
+pub fn spawn_fill(config: &Config, sizing: &VmSizing) {
+    let started = (|| -> std::io::Result<()> {
+        make_root()?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root().join("fill.log"))?;
+        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+        cmd.args(["pool", "fill", "--vcpus"])
+            .arg(sizing.vcpus.to_string())
+            .arg("--memory-mib")
+            .arg(sizing.memory_mib.to_string());
+        if let Some(c) = &config.source {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // SAFETY: setsid(2) is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        Ok(())
+    })();
+    if let Err(e) = started {
+        tracing::warn!("starting the pool filler: {e}");
+    }
+}
+
+/// Restores clones of `sizing`'s shape until the pool holds
+/// `pool_size` of them, or until all shapes' pool VMs would pass
+/// `pool_max_mib`. Returns how many it added.
+pub async fn fill(config: &Config, sizing: &VmSizing) -> Result<usize, BoxError> {
+    let (hv, _) =
+        hypervisor::select(sizing.hypervisor, &config.paths, Path::new(STATE_ROOT)).await?;
+    if !serves(config, sizing, &*hv) {
+        return Err(format!(
+            "the pool serves no VM of this shape on {} (pool_size {}, templates {}, kernel parameters {:?})",
+            hv.describe(),
+            config.warm.pool_size,
+            config.warm.templates,
+            sizing.kernel_params
+        )
+        .into());
+    }
+    let probe = config.vm_spec(sizing, root());
+    let key = key(&*hv, &probe)?;
+    make_root()?;
+    let _lock = lock_file(&root().join(format!("{key}.lock"))).await?;
+    let boot = boot_id();
+    clean(&key, &boot);
+    let t = template::get_or_build(
+        &*hv,
+        hv.program(),
+        &probe,
+        &config.warm.template_dir,
+        config.warm.max_templates,
+    )
+    .await?;
+    let shape = root().join(&key);
+    std::fs::create_dir_all(&shape)?;
+    let mut added = 0;
+    loop {
+        let ready = entries(&shape).iter().filter(|e| !is_building(e)).count();
+        if ready >= config.warm.pool_size {
+            break;
+        }
+        let used = pool_mib();
+        if used + u64::from(sizing.memory_mib) > config.warm.pool_max_mib {
+            eprintln!(
+                "pool: {used} MiB held; another {} MiB VM would pass pool_max_mib {}",
+                sizing.memory_mib, config.warm.pool_max_mib
+            );
+            break;
+        }
+        let id = format!("{:016x}", rand_u64());
+        let building = shape.join(format!("{id}{BUILDING}"));
+        let dir = SandboxDir::create_at(&building)?;
+        let spec = config.vm_spec(sizing, dir.root());
+        let start = std::time::Instant::now();
+        if let Err(e) = restore_one(&*hv, &spec, &t, &boot, &shape.join(&id)).await {
+            dir.destroy();
+            if matches!(e, HypervisorError::Template { .. }) {
+                let _ = std::fs::remove_dir_all(&t.dir);
+            }
+            return Err(format!("restoring a pool VM: {e}").into());
+        }
+        eprintln!(
+            "pool: {} ready in {} ms",
+            shape.join(&id).display(),
+            start.elapsed().as_millis()
+        );
+        added += 1;
+    }
+    Ok(added)
+}
+
+/// Restores one clone into `spec.dir` (a `.building` directory), records
+/// it, waits for its agent, and renames the directory to `ready`; the
+/// VM's processes then run on unsupervised.
+async fn restore_one(
+    hv: &dyn Hypervisor,
+    spec: &VmSpec,
+    t: &template::Template,
+    boot: &str,
+    ready: &Path,
+) -> Result<(), HypervisorError> {
+    let io = |what: String| move |source| HypervisorError::Io { what, source };
+    let listener = ReadyListener::bind(&spec.vsock)
+        .map_err(|e| io(format!("binding {}", spec.vsock.display()))(std::io::Error::other(e)))?;
+    let mut vm = hv.restore(spec, t).await?;
+    let record = Record {
+        boot_id: boot.to_string(),
+        memory_mib: spec.memory_mib,
+        processes: vm
+            .processes()
+            .into_iter()
+            .map(|(name, pid)| RecordedProcess {
+                name: name.to_string(),
+                pid,
+                start_time: process_start_time(pid).unwrap_or_default(),
+            })
+            .collect(),
+    };
+    let serving = async {
+        record
+            .write(&spec.dir)
+            .map_err(io(format!("recording {}", spec.dir.display())))?;
+        connect_agent(&spec.vsock, Some(&listener), READY_WITHIN)
+            .await
+            .map_err(|e| {
+                HypervisorError::Unavailable(format!(
+                    "the pool VM's agent did not answer: {e}; logs:\n{}",
+                    hypervisor::log_tails(&spec.dir, 20)
+                ))
+            })?;
+        drop(listener);
+        std::fs::rename(&spec.dir, ready).map_err(io(format!("renaming {}", spec.dir.display())))
+    }
+    .await;
+    match serving {
+        Ok(()) => {
+            vm.release();
+            Ok(())
+        }
+        Err(e) => {
+            vm.stop(Duration::ZERO).await;
+            Err(e)
+        }
+    }
+}
+
+/// Removes what no longer belongs to the pool: records of another boot,
+/// VMs whose processes died, and (its filler holds the lock) `key`'s
+/// unfinished ones.
+fn clean(key: &str, boot: &str) {
+    for shape in entries(root()).iter().filter(|p| p.is_dir()) {
+        let ours = shape.file_name().is_some_and(|n| n == key);
+        for entry in entries(shape) {
+            let record = Record::read(&entry);
+            let stale = match &record {
+                Some(r) if r.boot_id != boot => true,
+                Some(r) => !r.alive() || (ours && is_building(&entry)),
+                // A ready VM without its record, or one whose restorer
+                // died before it recorded it.
+                None => !is_building(&entry) || ours,
+            };
+            if stale {
+                discard(&entry, boot);
+            }
+        }
+    }
+}
+
+/// Guest memory of every pool VM (ready or being restored), MiB.
+fn pool_mib() -> u64 {
+    entries(root())
+        .iter()
+        .flat_map(|shape| entries(shape))
+        .filter_map(|e| Record::read(&e))
+        .map(|r| u64::from(r.memory_mib))
+        .sum()
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom into a buffer of the length given.
+    let _ = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    u64::from_ne_bytes(b)
+}
+
+/// Kills every pool VM of this boot and removes the pool. Returns how
+/// many VMs it removed.
+pub async fn drain() -> Result<usize, BoxError> {
+    let boot = boot_id();
+    let mut removed = 0;
+    for shape in entries(root()).iter().filter(|p| p.is_dir()) {
+        let lock_path = PathBuf::from(format!("{}.lock", shape.display()));
+        let _lock = lock_file(&lock_path).await?;
+        for entry in entries(shape) {
+            discard(&entry, &boot);
+            removed += 1;
+        }
+        std::fs::remove_dir(shape)?;
+        let _ = std::fs::remove_file(&lock_path);
+    }
+    for leftover in entries(root()) {
+        let _ = std::fs::remove_file(leftover);
+    }
+    match std::fs::remove_dir(root()) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(removed),
+    }
+}
+
+/// `containerd-shim-podvisor-v2 pool fill [--config PATH] [--vcpus N]
+/// [--memory-mib N]` fills the pool of the node's default shape (or of
+/// the size given); `pool drain` kills and removes every pool VM.
+pub async fn cli(args: &[String]) -> Result<(), BoxError> {
+    match args.first().map(String::as_str) {
+        Some("fill") => {
+            let (config, sizing) = crate::warm::shape_args("pool fill", &args[1..])?;
+            let added = fill(&config, &sizing).await?;
+            eprintln!("pool: {added} VM(s) added");
+            Ok(())
+        }
+        Some("drain") if args.len() == 1 => {
+            let removed = drain().await?;
+            eprintln!("pool: {removed} VM(s) removed");
+            Ok(())
+        }
+        _ => Err(format!(
+            "pool: expected `fill [--config PATH] [--vcpus N] [--memory-mib N]` or `drain`, got {args:?}"
+        )
+        .into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_name_their_processes_and_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        let r = Record {
+            boot_id: boot_id(),
+            memory_mib: 256,
+            processes: vec![RecordedProcess {
+                name: "qemu".into(),
+                pid: me,
+                start_time: process_start_time(me).unwrap(),
+            }],
+        };
+        r.write(dir.path()).unwrap();
+        let back = Record::read(dir.path()).unwrap();
+        assert!(back.alive());
+        assert_eq!(back.boot_id.len(), 36, "{}", back.boot_id);
+        let stale = Record {
+            processes: vec![RecordedProcess {
+                start_time: back.processes[0].start_time + 1,
+                ..back.processes[0].clone()
+            }],
+            ..back
+        };
+        assert!(
+            !stale.alive(),
+            "a reused pid passed for the recorded process"
+        );
+        assert_eq!(process_name("virtiofsd"), "virtiofsd");
+        assert_eq!(process_name("sh"), "vm process");
+    }
+}
