@@ -421,8 +421,14 @@ fn ctr_first_output_once(ctd: &Containerd, id: &str) -> Result<Duration> {
     Ok(took)
 }
 
-/// CRI RunPodSandbox of a pod named `name` (stopped and removed after).
+/// CRI RunPodSandbox of a podvisor pod named `name` (stopped and removed
+/// after).
 fn runp(ctd: &Containerd, name: &str) -> Result<Duration> {
+    runp_with(ctd, name, podvisor_names::HANDLER)
+}
+
+/// [`runp`] with the runtime handler `handler` ("runc" for the baseline).
+fn runp_with(ctd: &Containerd, name: &str, handler: &str) -> Result<Duration> {
     let pod = ctd.dir().join(format!("{name}-pod.json"));
     std::fs::write(
         &pod,
@@ -433,7 +439,7 @@ fn runp(ctd: &Containerd, name: &str) -> Result<Duration> {
     let pod = pod.display().to_string();
     let t = Instant::now();
     let out = ctd
-        .crictl(&["runp", "--runtime", "podvisor", &pod])
+        .crictl(&["runp", "--runtime", handler, &pod])
         .output()
         .context("running crictl (make upstream builds it)")?;
     let took = t.elapsed();

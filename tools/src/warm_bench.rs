@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 use podvisor_testkit::containerd::{text, Containerd, Release};
 
 use crate::{
-    ctr_first_output, ctr_first_output_once, median, mib, ms, processes_with, row, runp, CTR_RUNS,
-    RUNP_RUNS,
+    ctr_first_output, ctr_first_output_once, median, mib, ms, processes_with, row, runp, runp_with,
+    CTR_RUNS, RUNP_RUNS,
 };
 
 pub fn figures(note: &str) -> Result<()> {
@@ -29,6 +29,11 @@ fn measure(ctd: &Containerd, note: &str) -> Result<()> {
             config.replace("[warm]\n", &format!("[warm]\ntemplates = {on}\n")),
         )
     };
+    let runc_runp = median(
+        (0..RUNP_RUNS)
+            .map(|i| runp_with(ctd, &format!("runc{i}"), "runc"))
+            .collect::<Result<Vec<_>>>()?,
+    );
     templates(false)?;
     let cold_runp = runps(ctd, "cold")?;
     let cold_first = ctr_first_output(ctd)?;
@@ -51,6 +56,13 @@ fn measure(ctd: &Containerd, note: &str) -> Result<()> {
     let pooled = pooled?;
     drained?;
 
+    row(
+        &format!(
+            "RunPodSandbox, runc (containerd, CNI and pause: the floor), median of {RUNP_RUNS}"
+        ),
+        ms(runc_runp),
+        "-",
+    );
     row(
         &format!("RunPodSandbox, cold boot ({note}), median of {RUNP_RUNS}"),
         ms(cold_runp),
