@@ -24,6 +24,10 @@ fn main() {
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(command @ ("template" | "pool")) = args.first().map(String::as_str) {
+        // What the hypervisor layer and the pool log goes to stderr.
+        if log::set_logger(&StderrLog).is_ok() {
+            log::set_max_level(log::LevelFilter::Info);
+        }
         let done = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -59,4 +63,31 @@ fn main() {
     ));
     // A FIFO open nobody answers must not keep the shim alive.
     rt.shutdown_timeout(Duration::from_secs(1));
+}
+
+/// The subcommands' logger: tracing's events (through its `log` feature)
+/// as lines on stderr, with the time.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Info
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            eprintln!(
+                "{}.{:03} {} {}",
+                t.as_secs(),
+                t.subsec_millis(),
+                r.level(),
+                r.args()
+            );
+        }
+    }
+
+    fn flush(&self) {}
 }

@@ -287,9 +287,10 @@ pub async fn fill(config: &Config, sizing: &VmSizing) -> Result<usize, BoxError>
         }
         let used = pool_mib();
         if used + u64::from(sizing.memory_mib) > config.warm.pool_max_mib {
-            eprintln!(
+            tracing::info!(
                 "pool: {used} MiB held; another {} MiB VM would pass pool_max_mib {}",
-                sizing.memory_mib, config.warm.pool_max_mib
+                sizing.memory_mib,
+                config.warm.pool_max_mib
             );
             break;
         }
@@ -305,7 +306,7 @@ pub async fn fill(config: &Config, sizing: &VmSizing) -> Result<usize, BoxError>
             }
             return Err(format!("restoring a pool VM: {e}").into());
         }
-        eprintln!(
+        tracing::info!(
             "pool: {} ready in {} ms",
             shape.join(&id).display(),
             start.elapsed().as_millis()
@@ -439,18 +440,18 @@ pub async fn drain() -> Result<usize, BoxError> {
 pub async fn cli(args: &[String]) -> Result<(), BoxError> {
     match args.first().map(String::as_str) {
         Some("fill") => {
-            let (config, sizing) = crate::warm::shape_args("pool fill", &args[1..])?;
+            let (config, sizing) = crate::warm::shape_args(&args[1..])?;
             let added = fill(&config, &sizing).await?;
-            eprintln!("pool: {added} VM(s) added");
+            tracing::info!("pool: {added} VM(s) added");
             Ok(())
         }
         Some("drain") if args.len() == 1 => {
             let removed = drain().await?;
-            eprintln!("pool: {removed} VM(s) removed");
+            tracing::info!("pool: {removed} VM(s) removed");
             Ok(())
         }
         _ => Err(format!(
-            "pool: expected `fill [--config PATH] [--vcpus N] [--memory-mib N]` or `drain`, got {args:?}"
+            "expected `fill [--config PATH] [--vcpus N] [--memory-mib N]` or `drain`, got {args:?}"
         )
         .into()),
     }

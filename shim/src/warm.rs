@@ -57,7 +57,7 @@ pub async fn restore(
 /// [--memory-mib N]`: builds (or finds) the template of the node's default
 /// shape, or of the size given; prints its directory and manifest.
 pub async fn cli(args: &[String]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let (config, sizing) = shape_args("template", args)?;
+    let (config, sizing) = shape_args(args)?;
     let (hv, why) = hypervisor::select(
         sizing.hypervisor,
         &config.paths,
@@ -83,7 +83,6 @@ pub async fn cli(args: &[String]) -> Result<(), Box<dyn std::error::Error + Send
 /// [--vcpus N] [--memory-mib N]`, the config's defaults for what is not
 /// given.
 pub fn shape_args(
-    command: &str,
     args: &[String],
 ) -> Result<(Config, VmSizing), Box<dyn std::error::Error + Send + Sync>> {
     let mut config_path: Option<PathBuf> = None;
@@ -93,28 +92,24 @@ pub fn shape_args(
         let mut value = || {
             it.next()
                 .cloned()
-                .ok_or_else(|| format!("{command}: {a} needs a value"))
+                .ok_or_else(|| format!("{a} needs a value"))
         };
         match a.as_str() {
             "--config" => config_path = Some(value()?.into()),
-            "--vcpus" => {
-                let n = value()?.parse::<u32>()?;
-                annotations.insert(
-                    podvisor_names::annotations::VCPUS.to_string(),
-                    n.to_string(),
-                );
-            }
-            "--memory-mib" => {
-                let n = value()?.parse::<u32>()?;
-                annotations.insert(
-                    podvisor_names::annotations::MEMORY_MIB.to_string(),
-                    n.to_string(),
-                );
+            flag @ ("--vcpus" | "--memory-mib") => {
+                let v = value()?;
+                let n: u32 = v.parse().map_err(|e| format!("{flag} {v:?}: {e}"))?;
+                let key = if flag == "--vcpus" {
+                    podvisor_names::annotations::VCPUS
+                } else {
+                    podvisor_names::annotations::MEMORY_MIB
+                };
+                annotations.insert(key.to_string(), n.to_string());
             }
             other => {
                 return Err(format!(
-                "{command}: unknown argument {other:?} (--config PATH, --vcpus N, --memory-mib N)"
-            )
+                    "unknown argument {other:?} (--config PATH, --vcpus N, --memory-mib N)"
+                )
                 .into())
             }
         }
