@@ -108,7 +108,8 @@ pub struct VmSpec {
     pub shared_dir: PathBuf,
     /// virtio-net devices, each on an existing tap.
     pub net: Vec<NetDevice>,
-    /// The network namespace the VM process runs in (where its taps are).
+    /// The network namespace the VM process runs in (where its taps are);
+    /// none and no NICs: a new, empty one of its own.
     pub netns: Option<PathBuf>,
     /// CPUID bits the guest must not see (the in-tree VMM applies them;
     /// QEMU's backend says it cannot).
@@ -191,15 +192,28 @@ pub enum HypervisorKind {
     Qemu,
 }
 
+impl HypervisorKind {
+    /// As the config and the annotation spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            HypervisorKind::Auto => "auto",
+            HypervisorKind::Vmm => "vmm",
+            HypervisorKind::Qemu => "qemu",
+        }
+    }
+}
+
 impl std::str::FromStr for HypervisorKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(HypervisorKind::Auto),
-            "vmm" => Ok(HypervisorKind::Vmm),
-            "qemu" => Ok(HypervisorKind::Qemu),
-            _ => Err(format!("unknown hypervisor {s:?} (auto, vmm or qemu)")),
-        }
+        [
+            HypervisorKind::Auto,
+            HypervisorKind::Vmm,
+            HypervisorKind::Qemu,
+        ]
+        .into_iter()
+        .find(|k| k.name() == s)
+        .ok_or_else(|| format!("unknown hypervisor {s:?} (auto, vmm or qemu)"))
     }
 }
 

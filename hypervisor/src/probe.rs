@@ -136,7 +136,6 @@ async fn run_probe(vmm: &Path) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
 
     fn key(boot: &str) -> HostKey {
@@ -151,16 +150,29 @@ mod tests {
     fn fake_vmm(dir: &Path, line: &str) -> PathBuf {
         let p = dir.join("vmm");
         let count = dir.join("runs");
-        std::fs::write(
+        write_script(
             &p,
-            format!(
+            &format!(
                 "#!/bin/sh\necho run >> {}\necho '{line}'\n",
                 count.display()
             ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        );
         p
+    }
+
+    /// Writes an executable script through another process: a descriptor
+    /// open for writing here could be inherited by a concurrent test's fork
+    /// and make running the script fail with ETXTBSY.
+    fn write_script(path: &Path, text: &str) {
+        use std::io::Write;
+        let mut sh = std::process::Command::new("sh")
+            .args(["-c", "cat > \"$0\" && chmod 755 \"$0\""])
+            .arg(path)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        sh.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        assert!(sh.wait().unwrap().success());
     }
 
     fn runs(dir: &Path) -> usize {
@@ -193,7 +205,7 @@ mod tests {
         let vmm = fake_vmm(d.path(), r#"{"fast":{"mips":3000.0}}"#);
         // Slow enough that every start arrives while the first probes.
         let script = std::fs::read_to_string(&vmm).unwrap();
-        std::fs::write(&vmm, script.replace("echo run", "sleep 0.3; echo run")).unwrap();
+        write_script(&vmm, &script.replace("echo run", "sleep 0.3; echo run"));
         let root = d.path().join("state");
         let starts: Vec<_> = (0..8)
             .map(|_| {

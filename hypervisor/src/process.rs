@@ -226,7 +226,28 @@ pub async fn wait_until(
     Ok(())
 }
 
-/// Makes `cmd` start in the network namespace `netns`.
+/// Makes the VM process `cmd` of `spec` start in the pod's network
+/// namespace; one without a pod network and without NICs (a pool VM, whose
+/// NICs come later as descriptors; a pod with no network) in a new, empty
+/// one, keeping no reach into the host's network.
+pub fn place_vm(cmd: &mut Command, spec: &crate::VmSpec) -> Result<(), HypervisorError> {
+    if spec.netns.is_some() || !spec.net.is_empty() {
+        return run_in_netns(cmd, spec.netns.as_deref());
+    }
+    // SAFETY: unshare(2) is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Makes `cmd` start in the network namespace `netns` (none: where this
+/// process is).
 pub fn run_in_netns(cmd: &mut Command, netns: Option<&Path>) -> Result<(), HypervisorError> {
     let Some(netns) = netns else { return Ok(()) };
     let ns: std::os::fd::OwnedFd = std::fs::File::open(netns)
@@ -248,10 +269,12 @@ pub fn run_in_netns(cmd: &mut Command, netns: Option<&Path>) -> Result<(), Hyper
 }
 
 /// An exclusive lock on `path` (created, with its directory, if missing),
-/// held until the file is dropped; waits for another holder.
+/// held until the file is dropped; waits for another holder. A lock file
+/// its holder removed (and another process perhaps made anew) is not the
+/// lock any more: taken again at the path.
 pub async fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
     let path: PathBuf = path.to_owned();
-    tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || loop {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -264,7 +287,13 @@ pub async fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(f)
+        let held = std::os::unix::fs::MetadataExt::ino(&f.metadata()?);
+        match std::fs::metadata(&path) {
+            Ok(m) if std::os::unix::fs::MetadataExt::ino(&m) == held => return Ok(f),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
     })
     .await
     .map_err(std::io::Error::other)?

@@ -21,7 +21,7 @@ use podvisor_names::{template as names_template, SHARED_FS_TAG};
 use serde_json::json;
 use tokio::process::Command;
 
-use crate::process::{run_in_netns, wait_for_socket, wait_until, Supervised, HELPER_READY};
+use crate::process::{place_vm, wait_for_socket, wait_until, Supervised, HELPER_READY};
 use crate::qmp::Qmp;
 use crate::template::{self, Template};
 use crate::{
@@ -193,7 +193,7 @@ impl Qemu {
         spec: &VmSpec,
         helpers: Helpers,
     ) -> Result<(Supervised, Helpers), HypervisorError> {
-        match run_in_netns(qemu, spec.netns.as_deref())
+        match place_vm(qemu, spec)
             .and_then(|()| Supervised::spawn("qemu", qemu, &spec.dir.join("qemu.log")))
         {
             Ok(vm) => Ok((vm, helpers)),

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use tokio::io::Interest;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -99,25 +100,28 @@ impl Qmp {
             json!({ "execute": "getfd", "arguments": { "fdname": name } })
         );
         let fds = [fd.as_raw_fd()];
-        loop {
-            self.write
-                .as_ref()
-                .writable()
-                .await
-                .map_err(|source| self.io(source))?;
-            let sent = sendmsg::<()>(
-                self.write.as_ref().as_raw_fd(),
-                &[std::io::IoSlice::new(req.as_bytes())],
-                &[ControlMessage::ScmRights(&fds)],
-                MsgFlags::empty(),
-                None,
-            );
-            match sent {
-                Ok(n) if n == req.len() => break,
-                Ok(_) => return Err(self.io(std::io::ErrorKind::WriteZero.into())),
-                Err(nix::errno::Errno::EAGAIN) => continue,
-                Err(e) => return Err(self.io(e.into())),
+        let sock = self.write.as_ref();
+        let sent = loop {
+            sock.writable().await.map_err(|source| self.io(source))?;
+            // try_io clears the readiness on EAGAIN, so the loop waits.
+            match sock.try_io(Interest::WRITABLE, || {
+                sendmsg::<()>(
+                    sock.as_raw_fd(),
+                    &[std::io::IoSlice::new(req.as_bytes())],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::empty(),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            }) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => break r,
             }
+        };
+        match sent {
+            Ok(n) if n == req.len() => {}
+            Ok(_) => return Err(self.io(std::io::ErrorKind::WriteZero.into())),
+            Err(e) => return Err(self.io(e)),
         }
         self.answer("getfd").await.map(|_| ())
     }

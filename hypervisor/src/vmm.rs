@@ -10,7 +10,7 @@ use podvisor_names::SHARED_FS_TAG;
 use podvisor_vmm_config::{FsConfig, NetConfig, VmConfig, VsockConfig};
 use tokio::process::Command;
 
-use crate::process::{run_in_netns, wait_for_socket, Supervised};
+use crate::process::{place_vm, wait_for_socket, Supervised};
 use crate::{
     virtiofsd, Hypervisor, HypervisorError, Paths, RunningVm, VmSpec, GUEST_CID, GUEST_PARAMS,
 };
@@ -106,7 +106,7 @@ impl Hypervisor for Vmm {
         let log = spec.dir.join("vmm.log");
         let mut cmd = Command::new(&self.paths.vmm);
         cmd.arg("--config").arg(&config);
-        let vm = match run_in_netns(&mut cmd, spec.netns.as_deref())
+        let vm = match place_vm(&mut cmd, spec)
             .and_then(|()| Supervised::spawn("podvisor-vmm", &mut cmd, &log))
         {
             Ok(vm) => vm,

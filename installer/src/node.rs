@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::containerd;
 
 use podvisor_names::paths::{INSTALL_PREFIX, NODE_CONFIG, POOL_ROOT, STATE_ROOT, TEMPLATE_ROOT};
+use podvisor_names::pool::{DRAIN, SUBCOMMAND};
 use podvisor_names::SHIM_BINARY;
 
 /// Where the shim is linked, on containerd's PATH.
@@ -237,7 +238,7 @@ impl Node {
         }
         let shim = Path::new(INSTALL_PREFIX).join("bin").join(SHIM_BINARY);
         let command = format!(
-            "chroot {} {} pool drain",
+            "chroot {} {} {SUBCOMMAND} {DRAIN}",
             self.host_root.display(),
             shim.display()
         );
@@ -248,7 +249,7 @@ impl Node {
         let out = std::process::Command::new("chroot")
             .arg(&self.host_root)
             .arg(&shim)
-            .args(["pool", "drain"])
+            .args([SUBCOMMAND, DRAIN])
             .output()
             .map_err(|e| fail(e.to_string()))?;
         if !out.status.success() {

@@ -71,6 +71,21 @@ pub mod template {
     pub const READY_LINE: &str = "podvisor-agent: template ready to save";
 }
 
+/// The warm pool's files under `paths::POOL_ROOT` and the shim's
+/// subcommand that keeps it (`containerd-shim-podvisor-v2 pool
+/// fill|drain`), for the installer, tests and figures too.
+pub mod pool {
+    pub const SUBCOMMAND: &str = "pool";
+    pub const FILL: &str = "fill";
+    pub const DRAIN: &str = "drain";
+    /// A pool VM's record, in its directory.
+    pub const RECORD: &str = "pool.json";
+    /// A pool VM's directory while it is being restored ends so.
+    pub const BUILDING_SUFFIX: &str = ".building";
+    /// The fillers' output.
+    pub const FILL_LOG: &str = "fill.log";
+}
+
 /// Smallest guest that boots the image and runs a container, MiB.
 pub const MIN_GUEST_MEMORY_MIB: u32 = 128;
 

@@ -23,7 +23,12 @@ fn main() {
         return;
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(command @ ("template" | "pool")) = args.first().map(String::as_str) {
+    let pool = podvisor_names::pool::SUBCOMMAND;
+    if let Some(command) = args
+        .first()
+        .map(String::as_str)
+        .filter(|c| *c == "template" || *c == pool)
+    {
         // What the hypervisor layer and the pool log goes to stderr.
         if log::set_logger(&StderrLog).is_ok() {
             log::set_max_level(log::LevelFilter::Info);

@@ -117,7 +117,11 @@ impl Pod {
                 k.map_err(|e| tracing::warn!(sandbox = id, "no pool: {e}"))
                     .ok()
             });
-        let (dir, pooled) = match pool_key.as_deref().and_then(|k| pool::claim(k, id)) {
+        let from_pool = format!("{} (from pool)", hv.describe());
+        let (dir, pooled) = match pool_key
+            .as_deref()
+            .and_then(|k| pool::claim(k, id, &from_pool))
+        {
             Some((dir, processes)) => (dir, Some(processes)),
             None => (SandboxDir::create(id)?, None),
         };
@@ -164,13 +168,12 @@ impl Pod {
         if let Some(processes) = pooled {
             match hv.adopt(&spec, processes).await {
                 Ok(mut vm) => {
-                    let describe = format!("{} (from pool)", hv.describe());
                     match Self::connect(
                         id,
                         &dir,
                         &vm,
                         None,
-                        describe,
+                        from_pool,
                         hostname,
                         network.as_ref(),
                         CLONE_READY,

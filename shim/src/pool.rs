@@ -7,24 +7,28 @@
 //!
 //! Who keeps it: no daemon. After each pod of a shape the pool serves,
 //! the shim starts a short-lived filler (`containerd-shim-podvisor-v2
-//! pool fill`, detached); under a lock per shape it restores clones until
-//! the shape has its count (and all shapes together stay within
-//! `pool_max_mib`), then exits, and the VMs run on by themselves. Nothing
-//! long-lived to supervise, upgrade or leak; the pool is only what is on
-//! disk:
+//! pool fill`, detached); under the pool's lock (one filler at a time) it
+//! cleans up, then restores clones until the shape has its count (and all
+//! shapes together stay within `pool_max_mib`), then exits, and the VMs
+//! run on by themselves, each in an empty network namespace of its own.
+//! Nothing long-lived to supervise, upgrade or leak; the pool is only what
+//! is on disk:
 //!
 //! ```text
-//! /run/podvisor/_pool/
-//!   <key>.lock             one filler per shape at a time
+//! /run/podvisor/_pool/     root's alone (its sockets reach the agents)
+//!   fill.lock              one filler (or drain) at a time
 //!   fill.log               the fillers' output
-//!   <key>/<id>.building/   a clone being restored (its processes recorded)
+//!   <key>/<id>.building/   a clone being restored
 //!   <key>/<id>/            a ready clone: pool.json and the sandbox
 //!                          directory's layout (sockets, logs, shared/)
 //! ```
 //!
 //! A record names the host's boot and each process by pid and start time.
-//! A record of another boot is removed without killing anything (its pids
-//! are others' now); one whose processes died is killed and removed.
+//! The filler removes: records of another boot, without killing anything
+//! (their pids are others' now); VMs whose processes died (the rest
+//! killed); unfinished restores (every process whose command line names
+//! the directory killed: a filler killed mid-restore recorded nothing);
+//! the pools of shapes whose template is gone (replaced or pruned).
 //! `pool drain` kills and removes everything.
 //!
 //! Pool VMs run idle rather than paused: vhost-device-vsock 0.3.0 restarts
@@ -40,20 +44,39 @@ use podvisor_hypervisor::{
     self as hypervisor, template, Hypervisor, HypervisorError, Supervised, VmSpec,
 };
 use podvisor_names::paths::{POOL_ROOT, STATE_ROOT};
+use podvisor_names::pool::{BUILDING_SUFFIX, DRAIN, FILL, FILL_LOG, RECORD, SUBCOMMAND};
 use podvisor_protocol::hybrid_vsock::{connect_agent, ReadyListener};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, VmSizing};
-use crate::sandbox_dir::{kill_recorded, remove_tree, RecordedProcess, SandboxDir};
+use crate::config::{Config, ConfigError, VmSizing};
+use crate::sandbox_dir::{kill_recorded, remove_tree, RecordedProcess, SandboxDir, State};
 
-const RECORD: &str = "pool.json";
-const BUILDING: &str = ".building";
+/// One filler (or drain) at a time, over every shape.
+const LOCK: &str = "fill.lock";
 /// How long a new pool VM's agent may take to answer.
 const READY_WITHIN: Duration = Duration::from_secs(20);
 /// How long killed pool VM processes get to be gone.
 const GONE_WITHIN: Duration = Duration::from_secs(10);
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn io_err(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> PoolError {
+    let what = what.to_string();
+    move |source| PoolError::Io { what, source }
+}
 
 /// A pool VM, as recorded beside it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -65,10 +88,9 @@ struct Record {
 }
 
 impl Record {
+    /// Every process still runs (not exited, not a zombie).
     fn alive(&self) -> bool {
-        self.processes
-            .iter()
-            .all(|p| process_start_time(p.pid) == Some(p.start_time))
+        self.processes.iter().all(running)
     }
 
     fn read(dir: &Path) -> Option<Record> {
@@ -82,11 +104,24 @@ impl Record {
     }
 }
 
+/// Whether a recorded process still runs: the same process (start time),
+/// not exited (a zombie whose parent has not reaped it yet has).
+fn running(p: &RecordedProcess) -> bool {
+    process_start_time(p.pid) == Some(p.start_time)
+        && std::fs::read_to_string(format!("/proc/{}/stat", p.pid)).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or_default()
+                .trim_start()
+                .starts_with('Z')
+        })
+}
+
 /// This host boot's id: pids of another boot name other processes.
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+fn boot_id() -> Result<String, PoolError> {
+    const PATH: &str = "/proc/sys/kernel/random/boot_id";
+    let id = std::fs::read_to_string(PATH).map_err(io_err(PATH))?;
+    Ok(id.trim().to_string())
 }
 
 fn root() -> &'static Path {
@@ -94,9 +129,20 @@ fn root() -> &'static Path {
 }
 
 /// Creates the pool's root: root's alone (its sockets reach the agents).
-fn make_root() -> std::io::Result<()> {
-    std::fs::create_dir_all(root())?;
-    std::fs::set_permissions(root(), std::os::unix::fs::PermissionsExt::from_mode(0o700))
+fn make_root() -> Result<(), PoolError> {
+    std::fs::create_dir_all(root())
+        .and_then(|()| {
+            std::fs::set_permissions(root(), std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        })
+        .map_err(io_err(format!("creating {POOL_ROOT}")))
+}
+
+/// The pool's lock, held until dropped.
+async fn lock() -> Result<std::fs::File, PoolError> {
+    let path = root().join(LOCK);
+    lock_file(&path)
+        .await
+        .map_err(io_err(format!("locking {}", path.display())))
 }
 
 /// The entries of `dir`, sorted.
@@ -109,7 +155,7 @@ fn entries(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn is_building(p: &Path) -> bool {
-    p.to_string_lossy().ends_with(BUILDING)
+    p.to_string_lossy().ends_with(BUILDING_SUFFIX)
 }
 
 /// Whether a pod of `sizing` on `hv` may take a pool VM (and so keeps its
@@ -127,22 +173,22 @@ pub fn key(hv: &dyn Hypervisor, spec: &VmSpec) -> Result<String, HypervisorError
 }
 
 /// A ready pool VM of `key` for sandbox `sandbox_id`: its directory
-/// renamed to the sandbox's, its processes adopted (the VM process
-/// first). None when the pool has none alive; dead or stale ones met on
-/// the way are removed.
-pub fn claim(key: &str, sandbox_id: &str) -> Option<(SandboxDir, Vec<Supervised>)> {
+/// renamed to the sandbox's, recorded there at once (so a shim that dies
+/// from here on leaves containerd's cleanup a VM to kill), its processes
+/// adopted (the VM process first). `describe` is how the sandbox's state
+/// names its start. None when the pool has no VM alive; dead ones are
+/// left to the next filler, off the pod's path.
+pub fn claim(key: &str, sandbox_id: &str, describe: &str) -> Option<(SandboxDir, Vec<Supervised>)> {
     let target = SandboxDir::path_for(sandbox_id);
+    let boot = boot_id().ok()?;
     if target.exists() {
         return None;
     }
-    let boot = boot_id();
     for entry in entries(&root().join(key)) {
         if is_building(&entry) {
             continue;
         }
-        let record = Record::read(&entry);
-        let Some(record) = record.filter(|r| r.boot_id == boot && r.alive()) else {
-            discard(&entry, &boot);
+        let Some(record) = Record::read(&entry).filter(|r| r.boot_id == boot && r.alive()) else {
             continue;
         };
         // Atomic: of concurrent pods, one gets it, the others look on.
@@ -150,11 +196,20 @@ pub fn claim(key: &str, sandbox_id: &str) -> Option<(SandboxDir, Vec<Supervised>
             continue;
         }
         let dir = SandboxDir::open(sandbox_id);
-        let adopted: Result<Vec<Supervised>, HypervisorError> = record
-            .processes
-            .iter()
-            .map(|p| Supervised::adopt(process_name(&p.name), p.pid, p.start_time))
-            .collect();
+        let recorded = dir.write_state(&State {
+            sandbox_id: sandbox_id.to_string(),
+            hypervisor: describe.to_string(),
+            processes: record.processes.clone(),
+            network: None,
+        });
+        let adopted = recorded.map_err(|e| e.to_string()).and_then(|()| {
+            record
+                .processes
+                .iter()
+                .map(|p| Supervised::adopt(process_name(&p.name), p.pid, p.start_time))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())
+        });
         match adopted {
             Ok(processes) => {
                 tracing::info!(
@@ -166,9 +221,7 @@ pub fn claim(key: &str, sandbox_id: &str) -> Option<(SandboxDir, Vec<Supervised>
             }
             Err(e) => {
                 tracing::warn!(sandbox = sandbox_id, "pool VM {}: {e}", entry.display());
-                record.processes.iter().for_each(|p| {
-                    kill_recorded(p);
-                });
+                kill_and_wait(&record.processes);
                 dir.destroy();
             }
         }
@@ -178,20 +231,48 @@ pub fn claim(key: &str, sandbox_id: &str) -> Option<(SandboxDir, Vec<Supervised>
 
 /// The static name of a recorded process, for its supervisor.
 fn process_name(name: &str) -> &'static str {
-    ["qemu", "vhost-device-vsock", "virtiofsd", "podvisor-vmm"]
+    ["qemu", "vhost-device-vsock", "virtiofsd"]
         .into_iter()
         .find(|n| *n == name)
         .unwrap_or("vm process")
 }
 
 /// Removes a pool VM's directory; kills its processes first if they are
-/// this boot's.
+/// this boot's (recorded, or for an unfinished restore, every process
+/// whose command line names the directory).
 fn discard(entry: &Path, boot: &str) {
-    if let Some(r) = Record::read(entry).filter(|r| r.boot_id == boot) {
-        kill_and_wait(&r.processes);
+    match Record::read(entry) {
+        Some(r) if r.boot_id == boot => kill_and_wait(&r.processes),
+        Some(_) => {}
+        None => kill_and_wait(&processes_naming(entry)),
     }
     tracing::info!("pool: removing {}", entry.display());
     remove_tree(entry);
+}
+
+/// Every process whose command line names `dir` (a VM's helpers and QEMU
+/// name their sockets and logs there).
+fn processes_naming(dir: &Path) -> Vec<RecordedProcess> {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if cmdline.windows(needle.len()).any(|w| w == needle) {
+            if let Some(start_time) = process_start_time(pid) {
+                found.push(RecordedProcess {
+                    name: "vm process".into(),
+                    pid,
+                    start_time,
+                });
+            }
+        }
+    }
+    found
 }
 
 /// SIGKILLs recorded processes and waits (a while) for them to be gone.
@@ -200,11 +281,7 @@ fn kill_and_wait(processes: &[RecordedProcess]) {
         kill_recorded(p);
     }
     let deadline = std::time::Instant::now() + GONE_WITHIN;
-    while processes
-        .iter()
-        .any(|p| process_start_time(p.pid) == Some(p.start_time))
-        && std::time::Instant::now() < deadline
-    {
+    while processes.iter().any(running) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -212,23 +289,30 @@ fn kill_and_wait(processes: &[RecordedProcess]) {
 /// Starts a detached filler for `sizing`'s shape (it outlives this shim
 /// if it must); its output goes to the pool's `fill.log`.
 pub fn spawn_fill(config: &Config, sizing: &VmSizing) {
-    let started = (|| -> std::io::Result<()> {
+    let log_path = root().join(FILL_LOG);
+    let started = (|| -> Result<(), PoolError> {
         make_root()?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(root().join("fill.log"))?;
-        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
-        cmd.args(["pool", "fill", "--vcpus"])
+            .open(&log_path)
+            .map_err(io_err(log_path.display()))?;
+        let exe = std::env::current_exe().map_err(io_err("finding the shim's own binary"))?;
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args([SUBCOMMAND, FILL, "--vcpus"])
             .arg(sizing.vcpus.to_string())
             .arg("--memory-mib")
-            .arg(sizing.memory_mib.to_string());
+            .arg(sizing.memory_mib.to_string())
+            .args(["--hypervisor", sizing.hypervisor.name()]);
         if let Some(c) = &config.source {
             cmd.arg("--config").arg(c);
         }
+        // Not the pod's bundle: the filler and its VMs outlive the pod.
+        cmd.current_dir("/");
+        let err = log.try_clone().map_err(io_err(log_path.display()))?;
         cmd.stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .stdout(log)
+            .stderr(err);
         // SAFETY: setsid(2) is async-signal-safe.
         unsafe {
             cmd.pre_exec(|| {
@@ -236,7 +320,9 @@ pub fn spawn_fill(config: &Config, sizing: &VmSizing) {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn()?;
+        let mut child = cmd
+            .spawn()
+            .map_err(io_err(format!("starting {} pool fill", exe.display())))?;
         tokio::spawn(async move {
             let _ = child.wait().await;
         });
@@ -250,25 +336,24 @@ pub fn spawn_fill(config: &Config, sizing: &VmSizing) {
 /// Restores clones of `sizing`'s shape until the pool holds
 /// `pool_size` of them, or until all shapes' pool VMs would pass
 /// `pool_max_mib`. Returns how many it added.
-pub async fn fill(config: &Config, sizing: &VmSizing) -> Result<usize, BoxError> {
+pub async fn fill(config: &Config, sizing: &VmSizing) -> Result<usize, PoolError> {
     let (hv, _) =
         hypervisor::select(sizing.hypervisor, &config.paths, Path::new(STATE_ROOT)).await?;
     if !serves(config, sizing, &*hv) {
-        return Err(format!(
+        return Err(PoolError::Refused(format!(
             "the pool serves no VM of this shape on {} (pool_size {}, templates {}, kernel parameters {:?})",
             hv.describe(),
             config.warm.pool_size,
             config.warm.templates,
             sizing.kernel_params
-        )
-        .into());
+        )));
     }
     let probe = config.vm_spec(sizing, root());
     let key = key(&*hv, &probe)?;
     make_root()?;
-    let _lock = lock_file(&root().join(format!("{key}.lock"))).await?;
-    let boot = boot_id();
-    clean(&key, &boot);
+    let _lock = lock().await?;
+    let boot = boot_id()?;
+    clean(&config.warm.template_dir, &boot);
     let t = template::get_or_build(
         &*hv,
         hv.program(),
@@ -278,7 +363,7 @@ pub async fn fill(config: &Config, sizing: &VmSizing) -> Result<usize, BoxError>
     )
     .await?;
     let shape = root().join(&key);
-    std::fs::create_dir_all(&shape)?;
+    std::fs::create_dir_all(&shape).map_err(io_err(format!("creating {}", shape.display())))?;
     let mut added = 0;
     loop {
         let ready = entries(&shape).iter().filter(|e| !is_building(e)).count();
@@ -295,8 +380,9 @@ pub async fn fill(config: &Config, sizing: &VmSizing) -> Result<usize, BoxError>
             break;
         }
         let id = format!("{:016x}", rand_u64());
-        let building = shape.join(format!("{id}{BUILDING}"));
-        let dir = SandboxDir::create_at(&building)?;
+        let building = shape.join(format!("{id}{BUILDING_SUFFIX}"));
+        let dir = SandboxDir::create_at(&building)
+            .map_err(io_err_from(format!("creating {}", building.display())))?;
         let spec = config.vm_spec(sizing, dir.root());
         let start = std::time::Instant::now();
         if let Err(e) = restore_one(&*hv, &spec, &t, &boot, &shape.join(&id)).await {
@@ -304,7 +390,7 @@ pub async fn fill(config: &Config, sizing: &VmSizing) -> Result<usize, BoxError>
             if matches!(e, HypervisorError::Template { .. }) {
                 let _ = std::fs::remove_dir_all(&t.dir);
             }
-            return Err(format!("restoring a pool VM: {e}").into());
+            return Err(e.into());
         }
         tracing::info!(
             "pool: {} ready in {} ms",
@@ -314,6 +400,13 @@ pub async fn fill(config: &Config, sizing: &VmSizing) -> Result<usize, BoxError>
         added += 1;
     }
     Ok(added)
+}
+
+fn io_err_from(what: String) -> impl FnOnce(crate::sandbox_dir::StateError) -> PoolError {
+    move |e| PoolError::Io {
+        what,
+        source: std::io::Error::other(e.to_string()),
+    }
 }
 
 /// Restores one clone into `spec.dir` (a `.building` directory), records
@@ -371,24 +464,25 @@ async fn restore_one(
     }
 }
 
-/// Removes what no longer belongs to the pool: records of another boot,
-/// VMs whose processes died, and (its filler holds the lock) `key`'s
-/// unfinished ones.
-fn clean(key: &str, boot: &str) {
+/// Removes what no longer belongs to the pool (its filler holds the
+/// lock): records of another boot, VMs whose processes died, unfinished
+/// restores, and the VMs of shapes whose template under `templates` is
+/// gone.
+fn clean(templates: &Path, boot: &str) {
     for shape in entries(root()).iter().filter(|p| p.is_dir()) {
-        let ours = shape.file_name().is_some_and(|n| n == key);
+        let orphaned = shape
+            .file_name()
+            .is_none_or(|key| !templates.join(key).is_dir());
         for entry in entries(shape) {
-            let record = Record::read(&entry);
-            let stale = match &record {
-                Some(r) if r.boot_id != boot => true,
-                Some(r) => !r.alive() || (ours && is_building(&entry)),
-                // A ready VM without its record, or one whose restorer
-                // died before it recorded it.
-                None => !is_building(&entry) || ours,
-            };
+            let stale = orphaned
+                || is_building(&entry)
+                || Record::read(&entry).is_none_or(|r| r.boot_id != boot || !r.alive());
             if stale {
                 discard(&entry, boot);
             }
+        }
+        if orphaned {
+            let _ = std::fs::remove_dir(shape);
         }
     }
 }
@@ -412,46 +506,49 @@ fn rand_u64() -> u64 {
 
 /// Kills every pool VM of this boot and removes the pool. Returns how
 /// many VMs it removed.
-pub async fn drain() -> Result<usize, BoxError> {
-    let boot = boot_id();
+pub async fn drain() -> Result<usize, PoolError> {
+    if !root().exists() {
+        return Ok(0);
+    }
+    let boot = boot_id()?;
+    let lock = lock().await?;
     let mut removed = 0;
     for shape in entries(root()).iter().filter(|p| p.is_dir()) {
-        let lock_path = PathBuf::from(format!("{}.lock", shape.display()));
-        let _lock = lock_file(&lock_path).await?;
         for entry in entries(shape) {
             discard(&entry, &boot);
             removed += 1;
         }
-        std::fs::remove_dir(shape)?;
-        let _ = std::fs::remove_file(&lock_path);
+        std::fs::remove_dir(shape).map_err(io_err(format!("removing {}", shape.display())))?;
     }
-    for leftover in entries(root()) {
-        let _ = std::fs::remove_file(leftover);
+    // The lock goes last; a filler that was waiting for it finds it gone
+    // and takes a new one (see `lock_file`).
+    for file in entries(root()) {
+        std::fs::remove_file(&file).map_err(io_err(format!("removing {}", file.display())))?;
     }
-    match std::fs::remove_dir(root()) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-        _ => Ok(removed),
-    }
+    std::fs::remove_dir(root()).map_err(io_err(format!("removing {POOL_ROOT}")))?;
+    drop(lock);
+    Ok(removed)
 }
 
 /// `containerd-shim-podvisor-v2 pool fill [--config PATH] [--vcpus N]
-/// [--memory-mib N]` fills the pool of the node's default shape (or of
-/// the size given); `pool drain` kills and removes every pool VM.
-pub async fn cli(args: &[String]) -> Result<(), BoxError> {
+/// [--memory-mib N] [--hypervisor KIND]` fills the pool of the node's
+/// default shape (or of the one given); `pool drain` kills and removes
+/// every pool VM.
+pub async fn cli(args: &[String]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     match args.first().map(String::as_str) {
-        Some("fill") => {
+        Some(FILL) => {
             let (config, sizing) = crate::warm::shape_args(&args[1..])?;
             let added = fill(&config, &sizing).await?;
             tracing::info!("pool: {added} VM(s) added");
             Ok(())
         }
-        Some("drain") if args.len() == 1 => {
+        Some(DRAIN) if args.len() == 1 => {
             let removed = drain().await?;
             tracing::info!("pool: {removed} VM(s) removed");
             Ok(())
         }
         _ => Err(format!(
-            "expected `fill [--config PATH] [--vcpus N] [--memory-mib N]` or `drain`, got {args:?}"
+            "expected `{FILL} [--config PATH] [--vcpus N] [--memory-mib N] [--hypervisor KIND]` or `{DRAIN}`, got {args:?}"
         )
         .into()),
     }
@@ -466,7 +563,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let me = std::process::id();
         let r = Record {
-            boot_id: boot_id(),
+            boot_id: boot_id().unwrap(),
             memory_mib: 256,
             processes: vec![RecordedProcess {
                 name: "qemu".into(),
@@ -477,6 +574,7 @@ mod tests {
         r.write(dir.path()).unwrap();
         let back = Record::read(dir.path()).unwrap();
         assert!(back.alive());
+        assert_eq!(processes_naming(Path::new("/nonexistent/pool/dir")), vec![]);
         assert_eq!(back.boot_id.len(), 36, "{}", back.boot_id);
         let stale = Record {
             processes: vec![RecordedProcess {

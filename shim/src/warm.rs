@@ -80,8 +80,8 @@ pub async fn cli(args: &[String]) -> Result<(), Box<dyn std::error::Error + Send
 }
 
 /// The node config and the VM shape a subcommand names: `[--config PATH]
-/// [--vcpus N] [--memory-mib N]`, the config's defaults for what is not
-/// given.
+/// [--vcpus N] [--memory-mib N] [--hypervisor KIND]`, the config's
+/// defaults for what is not given.
 pub fn shape_args(
     args: &[String],
 ) -> Result<(Config, VmSizing), Box<dyn std::error::Error + Send + Sync>> {
@@ -106,9 +106,15 @@ pub fn shape_args(
                 };
                 annotations.insert(key.to_string(), n.to_string());
             }
+            "--hypervisor" => {
+                annotations.insert(
+                    podvisor_names::annotations::HYPERVISOR.to_string(),
+                    value()?,
+                );
+            }
             other => {
                 return Err(format!(
-                    "unknown argument {other:?} (--config PATH, --vcpus N, --memory-mib N)"
+                    "unknown argument {other:?} (--config PATH, --vcpus N, --memory-mib N, --hypervisor KIND)"
                 )
                 .into())
             }

@@ -1294,7 +1294,11 @@ fn pool_vms() -> Vec<std::path::PathBuf> {
             .flatten()
         {
             let p = vm.path();
-            if p.is_dir() && !p.to_string_lossy().ends_with(".building") {
+            if p.is_dir()
+                && !p
+                    .to_string_lossy()
+                    .ends_with(podvisor_names::pool::BUILDING_SUFFIX)
+            {
                 out.push(p);
             }
         }
@@ -1313,7 +1317,7 @@ fn wait_pool(n: usize, old: &[std::path::PathBuf]) -> Result<Vec<std::path::Path
         }
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(
-                Path::new(podvisor_names::paths::POOL_ROOT).join("fill.log"),
+                Path::new(podvisor_names::paths::POOL_ROOT).join(podvisor_names::pool::FILL_LOG),
             )
             .unwrap_or_default();
             bail!("the pool holds {vms:?}, not {n} new VM(s); fill.log:\n{log}");
@@ -1358,7 +1362,7 @@ fn warm_pool_hands_out_and_refills(c: &Containerd) -> Result<()> {
         // The first pod of the shape starts the filler.
         pod_start_kind(c, "pool0")?;
         let ready = wait_pool(1, &[])?;
-        let pool_pids = recorded_pids(&ready[0].join("pool.json"))?;
+        let pool_pids = recorded_pids(&ready[0].join(podvisor_names::pool::RECORD))?;
         ensure!(
             pool_pids.len() == 3 && pool_pids.iter().all(|p| running(*p)),
             "pool VM processes {pool_pids:?}"
@@ -1374,13 +1378,16 @@ fn warm_pool_hands_out_and_refills(c: &Containerd) -> Result<()> {
             .and_then(|t| t.parse().ok())
             .context("start time")?;
         std::fs::write(
-            stale.join("pool.json"),
+            stale.join(podvisor_names::pool::RECORD),
             serde_json::json!({"boot_id": "another-boot", "memory_mib": 512,
                 "processes": [{"name": "qemu", "pid": sleeper.id(), "start_time": start_time}]})
             .to_string(),
         )?;
 
         // The next pod takes the pool VM: same processes, now its VM.
+        let fill_log =
+            Path::new(podvisor_names::paths::POOL_ROOT).join(podvisor_names::pool::FILL_LOG);
+        let mark = std::fs::read_to_string(&fill_log)?.len();
         let (sandbox, ctr, ip, _) = web_pod(c, "pool1", "hello-from-pool")?;
         let hv = sandbox_hypervisor(&sandbox)?;
         ensure!(
@@ -1407,19 +1414,30 @@ fn warm_pool_hands_out_and_refills(c: &Containerd) -> Result<()> {
         let body = http_get(&ip)?;
         ensure!(body.contains("hello-from-pool"), "GET {ip}: {body:?}");
 
-        // Refilled with a new VM, and only one: the memory bound holds.
+        // Refilled with a new VM, and only one: the memory bound holds
+        // (checked once the filler has finished).
         let refilled = wait_pool(1, &ready)?;
-        std::thread::sleep(Duration::from_secs(3));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let log = loop {
+            let log = std::fs::read_to_string(&fill_log)?;
+            let since = log.get(mark..).unwrap_or_default().to_string();
+            if since.contains("VM(s) added") {
+                break since;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the filler did not finish:\n{since}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
         ensure!(
             pool_vms().len() == 1,
             "pool_max_mib 800 admits one 512 MiB VM; the pool holds {:?}",
             pool_vms()
         );
-        let log =
-            std::fs::read_to_string(Path::new(podvisor_names::paths::POOL_ROOT).join("fill.log"))?;
         ensure!(
-            log.contains("pool_max_mib"),
-            "the filler did not say why it stopped:\n{log}"
+            log.contains("pool_max_mib") && log.contains("1 VM(s) added"),
+            "the filler did not stop at the memory bound:\n{log}"
         );
         ensure!(!stale.exists(), "a pool record of another boot was kept");
 
@@ -1431,7 +1449,8 @@ fn warm_pool_hands_out_and_refills(c: &Containerd) -> Result<()> {
             pool_vms() == refilled
                 && refilled
                     .iter()
-                    .flat_map(|v| recorded_pids(&v.join("pool.json")).unwrap_or_default())
+                    .flat_map(|v| recorded_pids(&v.join(podvisor_names::pool::RECORD))
+                        .unwrap_or_default())
                     .all(running),
             "the pool changed across a containerd restart: {:?} -> {:?}",
             refilled,
@@ -1469,15 +1488,42 @@ fn warm_pool_hands_out_and_refills(c: &Containerd) -> Result<()> {
             refilled.iter().all(|v| v.exists()),
             "the refilled VM went away"
         );
+
+        // A pool VM whose QEMU died while idle is not handed out: the pod
+        // is restored from the template, and the filler it starts removes
+        // the dead VM (its helpers killed).
+        let dead = recorded_pids(&refilled[0].join(podvisor_names::pool::RECORD))?;
+        // SAFETY: kill(2) on the pool VM's QEMU, recorded by the filler.
+        unsafe { libc::kill(i32::try_from(dead[0])?, libc::SIGKILL) };
+        let kind = pod_start_kind(c, "pool2")?;
+        ensure!(
+            kind.ends_with("(from template)"),
+            "a pod next to a dead pool VM started {kind}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while refilled[0].exists() || dead.iter().any(|p| running(*p)) {
+            ensure!(
+                Instant::now() < deadline,
+                "the dead pool VM {} or its processes {dead:?} were kept",
+                refilled[0].display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
         Ok(())
     })();
     // Drained: every pool VM killed, the pool gone.
     let pids: Vec<u32> = pool_vms()
         .iter()
-        .flat_map(|v| recorded_pids(&v.join("pool.json")).unwrap_or_default())
+        .flat_map(|v| recorded_pids(&v.join(podvisor_names::pool::RECORD)).unwrap_or_default())
         .collect();
     let shim = podvisor_testkit::containerd::shim_dir()?.join("containerd-shim-podvisor-v2");
-    let drained = ok(Command::new(shim).args(["pool", "drain"]), 60);
+    let drained = ok(
+        Command::new(shim).args([
+            podvisor_names::pool::SUBCOMMAND,
+            podvisor_names::pool::DRAIN,
+        ]),
+        60,
+    );
     std::fs::write(&c.podvisor_config, &config)?;
     let _ = sleeper.kill();
     let _ = sleeper.wait();

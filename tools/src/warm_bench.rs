@@ -170,7 +170,8 @@ fn pool_figures(ctd: &Containerd) -> Result<Pooled> {
         firsts.push(ctr_first_output_once(ctd, &format!("pool-first-{i}"))?);
     }
     let vm = wait_pool_vm()?;
-    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(vm.join("pool.json"))?)?;
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(vm.join(podvisor_names::pool::RECORD))?)?;
     let pids: Vec<u64> = record["processes"]
         .as_array()
         .into_iter()
@@ -183,7 +184,7 @@ fn pool_figures(ctd: &Containerd) -> Result<Pooled> {
     std::thread::sleep(Duration::from_secs(10));
     // USER_HZ is 100 on Linux: 1000 ticks are 10 s of one core.
     #[allow(clippy::cast_precision_loss)]
-    let idle_cpu = (ticks() - t0) as f64 / 1000.0;
+    let idle_cpu = ticks().saturating_sub(t0) as f64 / 1000.0;
     Ok(Pooled {
         runp: median(runps),
         first: median(firsts),
@@ -207,7 +208,12 @@ fn wait_pool_vm() -> Result<std::path::PathBuf> {
                     .flatten()
             })
             .map(|e| e.path())
-            .find(|p| p.join("pool.json").exists() && !p.to_string_lossy().ends_with(".building"));
+            .find(|p| {
+                p.join(podvisor_names::pool::RECORD).exists()
+                    && !p
+                        .to_string_lossy()
+                        .ends_with(podvisor_names::pool::BUILDING_SUFFIX)
+            });
         if let Some(vm) = ready {
             return Ok(vm);
         }
@@ -223,7 +229,10 @@ fn wait_pool_vm() -> Result<std::path::PathBuf> {
 fn drain_pool() -> Result<()> {
     let shim = podvisor_testkit::containerd::shim_dir()?.join(podvisor_names::SHIM_BINARY);
     let out = std::process::Command::new(shim)
-        .args(["pool", "drain"])
+        .args([
+            podvisor_names::pool::SUBCOMMAND,
+            podvisor_names::pool::DRAIN,
+        ])
         .output()?;
     anyhow::ensure!(out.status.success(), "pool drain: {}", text(&out));
     Ok(())
