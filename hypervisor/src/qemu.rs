@@ -391,6 +391,7 @@ impl Hypervisor for Qemu {
             names_template::KERNEL_PARAM,
         );
         Self::warm_devices(&mut qemu, d);
+        place_vm(&mut qemu, spec)?;
         let mut vm = Supervised::spawn("qemu", &mut qemu, &d.join("qemu.log"))?;
         let saved = async {
             let console = d.join("console.log");

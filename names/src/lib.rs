@@ -78,10 +78,10 @@ pub mod pool {
     pub const SUBCOMMAND: &str = "pool";
     pub const FILL: &str = "fill";
     pub const DRAIN: &str = "drain";
-    /// A pool VM's record, in its directory.
+    /// A pool VM's record, in its directory (`<shape>/<id>/`: a ready
+    /// VM's is named by its id alone, one being restored or removed has a
+    /// suffix after a `.`).
     pub const RECORD: &str = "pool.json";
-    /// A pool VM's directory while it is being restored ends so.
-    pub const BUILDING_SUFFIX: &str = ".building";
     /// The fillers' output.
     pub const FILL_LOG: &str = "fill.log";
 }

@@ -21,6 +21,7 @@
 //!   <key>/<id>.building/   a clone being restored
 //!   <key>/<id>/            a ready clone: pool.json and the sandbox
 //!                          directory's layout (sockets, logs, shared/)
+//!   <key>/<id>.discarded/  a clone being removed
 //! ```
 //!
 //! A record names the host's boot and each process by pid and start time.
@@ -44,7 +45,7 @@ use podvisor_hypervisor::{
     self as hypervisor, template, Hypervisor, HypervisorError, Supervised, VmSpec,
 };
 use podvisor_names::paths::{POOL_ROOT, STATE_ROOT};
-use podvisor_names::pool::{BUILDING_SUFFIX, DRAIN, FILL, FILL_LOG, RECORD, SUBCOMMAND};
+use podvisor_names::pool::{DRAIN, FILL, FILL_LOG, RECORD, SUBCOMMAND};
 use podvisor_protocol::hybrid_vsock::{connect_agent, ReadyListener};
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +54,9 @@ use crate::sandbox_dir::{kill_recorded, remove_tree, RecordedProcess, SandboxDir
 
 /// One filler (or drain) at a time, over every shape.
 const LOCK: &str = "fill.lock";
+/// A pool VM's directory while it is being restored, or removed, ends so.
+const BUILDING_SUFFIX: &str = ".building";
+const DISCARDED_SUFFIX: &str = ".discarded";
 /// How long a new pool VM's agent may take to answer.
 const READY_WITHIN: Duration = Duration::from_secs(20);
 /// How long killed pool VM processes get to be gone.
@@ -154,8 +158,11 @@ fn entries(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn is_building(p: &Path) -> bool {
-    p.to_string_lossy().ends_with(BUILDING_SUFFIX)
+/// A ready pool VM's directory is named by its id alone; one being
+/// restored or being removed carries a suffix.
+fn is_ready(p: &Path) -> bool {
+    p.file_name()
+        .is_some_and(|n| !n.to_string_lossy().contains('.'))
 }
 
 /// Whether a pod of `sizing` on `hv` may take a pool VM (and so keeps its
@@ -185,7 +192,7 @@ pub fn claim(key: &str, sandbox_id: &str, describe: &str) -> Option<(SandboxDir,
         return None;
     }
     for entry in entries(&root().join(key)) {
-        if is_building(&entry) {
+        if !is_ready(&entry) {
             continue;
         }
         let Some(record) = Record::read(&entry).filter(|r| r.boot_id == boot && r.alive()) else {
@@ -239,21 +246,34 @@ fn process_name(name: &str) -> &'static str {
 
 /// Removes a pool VM's directory; kills its processes first if they are
 /// this boot's (recorded, or for an unfinished restore, every process
-/// whose command line names the directory).
+/// whose command line names the directory). The directory is first
+/// renamed aside, atomically: a VM a pod took meanwhile is the pod's, and
+/// left alone.
 fn discard(entry: &Path, boot: &str) {
-    match Record::read(entry) {
+    let aside = PathBuf::from(format!("{}{DISCARDED_SUFFIX}", entry.display()));
+    if std::fs::rename(entry, &aside).is_err() {
+        return;
+    }
+    match Record::read(&aside) {
         Some(r) if r.boot_id == boot => kill_and_wait(&r.processes),
         Some(_) => {}
         None => kill_and_wait(&processes_naming(entry)),
     }
     tracing::info!("pool: removing {}", entry.display());
-    remove_tree(entry);
+    remove_tree(&aside);
 }
 
-/// Every process whose command line names `dir` (a VM's helpers and QEMU
-/// name their sockets and logs there).
+/// Every process whose command line names the pool VM directory `dir`
+/// under any of its names (`<id>`, `<id>.building`, ...): a VM's helpers
+/// and QEMU name their sockets and logs there.
 fn processes_naming(dir: &Path) -> Vec<RecordedProcess> {
-    let needle = dir.as_os_str().as_encoded_bytes();
+    let base = dir.to_string_lossy();
+    let name_at = base.rfind('/').map_or(0, |i| i + 1);
+    let base = match base[name_at..].find('.') {
+        Some(dot) => &base[..name_at + dot],
+        None => &base[..],
+    };
+    let needle = base.as_bytes();
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -262,7 +282,11 @@ fn processes_naming(dir: &Path) -> Vec<RecordedProcess> {
         let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
             continue;
         };
-        if cmdline.windows(needle.len()).any(|w| w == needle) {
+        // The name ends there: `<id>` is not another id it begins.
+        let names_it = cmdline
+            .windows(needle.len() + 1)
+            .any(|w| w.starts_with(needle) && matches!(w[needle.len()], b'.' | b'/' | 0));
+        if names_it {
             if let Some(start_time) = process_start_time(pid) {
                 found.push(RecordedProcess {
                     name: "vm process".into(),
@@ -366,7 +390,7 @@ pub async fn fill(config: &Config, sizing: &VmSizing) -> Result<usize, PoolError
     std::fs::create_dir_all(&shape).map_err(io_err(format!("creating {}", shape.display())))?;
     let mut added = 0;
     loop {
-        let ready = entries(&shape).iter().filter(|e| !is_building(e)).count();
+        let ready = entries(&shape).iter().filter(|e| is_ready(e)).count();
         if ready >= config.warm.pool_size {
             break;
         }
@@ -475,7 +499,7 @@ fn clean(templates: &Path, boot: &str) {
             .is_none_or(|key| !templates.join(key).is_dir());
         for entry in entries(shape) {
             let stale = orphaned
-                || is_building(&entry)
+                || !is_ready(&entry)
                 || Record::read(&entry).is_none_or(|r| r.boot_id != boot || !r.alive());
             if stale {
                 discard(&entry, boot);
@@ -575,6 +599,35 @@ mod tests {
         let back = Record::read(dir.path()).unwrap();
         assert!(back.alive());
         assert_eq!(processes_naming(Path::new("/nonexistent/pool/dir")), vec![]);
+        // A VM is found by its directory under any of its names. (Its
+        // own child, forked before exec, may show the same command line.)
+        let mut sleeper = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "sleep 30; true",
+                "/nonexistent/pool/k/0123.building/vm.vsock",
+            ])
+            .spawn()
+            .unwrap();
+        let pids = |name: &str| -> Vec<u32> {
+            processes_naming(&Path::new("/nonexistent/pool/k").join(name))
+                .iter()
+                .map(|p| p.pid)
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !pids("0123").contains(&sleeper.id()) {
+            assert!(std::time::Instant::now() < deadline, "sh never showed up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for name in ["0123.building", "0123.discarded"] {
+            assert!(pids(name).contains(&sleeper.id()), "{name}");
+        }
+        assert!(!pids("012").contains(&sleeper.id()));
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
+        assert!(is_ready(Path::new("/p/k/0123")));
+        assert!(!is_ready(Path::new("/p/k/0123.building")));
         assert_eq!(back.boot_id.len(), 36, "{}", back.boot_id);
         let stale = Record {
             processes: vec![RecordedProcess {

@@ -1294,11 +1294,8 @@ fn pool_vms() -> Vec<std::path::PathBuf> {
             .flatten()
         {
             let p = vm.path();
-            if p.is_dir()
-                && !p
-                    .to_string_lossy()
-                    .ends_with(podvisor_names::pool::BUILDING_SUFFIX)
-            {
+            // Ready ones are named by their id alone (no suffix).
+            if p.is_dir() && !vm.file_name().to_string_lossy().contains('.') {
                 out.push(p);
             }
         }

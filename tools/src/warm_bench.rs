@@ -208,11 +208,11 @@ fn wait_pool_vm() -> Result<std::path::PathBuf> {
                     .flatten()
             })
             .map(|e| e.path())
+            // Ready ones are named by their id alone (no suffix).
             .find(|p| {
                 p.join(podvisor_names::pool::RECORD).exists()
-                    && !p
-                        .to_string_lossy()
-                        .ends_with(podvisor_names::pool::BUILDING_SUFFIX)
+                    && p.file_name()
+                        .is_some_and(|n| !n.to_string_lossy().contains('.'))
             });
         if let Some(vm) = ready {
             return Ok(vm);
