@@ -24,7 +24,7 @@ use crate::container::{Exit, Guest};
 use crate::error::{Result, ShimError};
 use crate::network::{NetworkError, PodNetwork};
 use crate::port_forward::PortForward;
-use crate::sandbox_dir::{process_start_time, RecordedProcess, SandboxDir, State};
+use crate::sandbox_dir::{RecordedProcess, SandboxDir, State};
 use crate::stdio::{Bridge, StdioPaths};
 use crate::{pool, warm};
 use podvisor_hypervisor::{self as hypervisor, RunningVm, Supervised, VmSpec};
@@ -162,59 +162,37 @@ impl Pod {
                 });
             }
         };
+        let boot = Boot {
+            id,
+            dir: &dir,
+            hostname,
+            network: network.as_ref(),
+        };
         // A pool VM or a clone that does not come up gives way to the
         // next way of starting: a clone, then a cold boot.
         let mut started = None;
         if let Some(processes) = pooled {
             match hv.adopt(&spec, processes).await {
-                Ok(mut vm) => {
-                    match Self::connect(
-                        id,
-                        &dir,
-                        &vm,
-                        None,
-                        from_pool,
-                        hostname,
-                        network.as_ref(),
-                        CLONE_READY,
-                    )
-                    .await
-                    {
-                        Ok(agent) => started = Some((vm, agent)),
-                        Err(e) => {
-                            vm.stop(Duration::ZERO).await;
-                            tracing::warn!(sandbox = id, "the pool VM did not come up: {e}");
-                        }
-                    }
+                Ok(vm) => {
+                    started = boot
+                        .warm(vm, None, from_pool, "the pool VM did not come up")
+                        .await;
                 }
                 Err(e) => tracing::warn!(sandbox = id, "the pool VM could not be taken over: {e}"),
             }
         }
         if started.is_none() {
             match warm::restore(config, sizing, &*hv, &spec).await {
-                Ok(mut vm) => {
+                Ok(vm) => {
                     let describe = format!("{} (from template)", hv.describe());
-                    match Self::connect(
-                        id,
-                        &dir,
-                        &vm,
-                        Some(&ready),
-                        describe,
-                        hostname,
-                        network.as_ref(),
-                        CLONE_READY,
-                    )
-                    .await
-                    {
-                        Ok(agent) => started = Some((vm, agent)),
-                        Err(e) => {
-                            vm.stop(Duration::ZERO).await;
-                            tracing::warn!(
-                                sandbox = id,
-                                "cold boot: the clone did not come up: {e}"
-                            );
-                        }
-                    }
+                    started = boot
+                        .warm(
+                            vm,
+                            Some(&ready),
+                            describe,
+                            "cold boot: the clone did not come up",
+                        )
+                        .await;
                 }
                 Err(why) => tracing::info!(sandbox = id, "cold boot: {why}"),
             }
@@ -229,17 +207,9 @@ impl Pod {
                         return Err(e.into());
                     }
                 };
-                match Self::connect(
-                    id,
-                    &dir,
-                    &vm,
-                    Some(&ready),
-                    hv.describe(),
-                    hostname,
-                    network.as_ref(),
-                    BOOT_TIMEOUT,
-                )
-                .await
+                match boot
+                    .connect(&vm, Some(&ready), hv.describe(), BOOT_TIMEOUT)
+                    .await
                 {
                     Ok(agent) => (vm, agent),
                     Err(e) => {
@@ -280,67 +250,6 @@ impl Pod {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn connect(
-        id: &str,
-        dir: &SandboxDir,
-        vm: &RunningVm,
-        ready: Option<&ReadyListener>,
-        describe: String,
-        hostname: &str,
-        network: Option<&PodNetwork>,
-        within: Duration,
-    ) -> Result<AgentClient, PodError> {
-        dir.write_state(&State {
-            network: network.cloned(),
-            sandbox_id: id.to_string(),
-            hypervisor: describe,
-            processes: vm
-                .processes()
-                .into_iter()
-                .map(|(name, pid)| RecordedProcess {
-                    name: name.to_string(),
-                    pid,
-                    start_time: process_start_time(pid).unwrap_or_default(),
-                })
-                .collect(),
-        })?;
-        let console = || hypervisor::log_tails(dir.root(), 20);
-        let agent = tokio::select! {
-            r = connect_agent(&vm.vsock, ready, within) => r.map_err(|source| PodError::Agent { source, console: console() })?,
-            st = vm.vm.wait() => return Err(PodError::DiedBooting {
-                status: st.map(|s| s.to_string()).unwrap_or_default(),
-                console: console(),
-            }),
-        };
-        agent
-            .create_sandbox(
-                ctx(),
-                &api::CreateSandboxRequest {
-                    sandbox_id: id.to_string(),
-                    hostname: hostname.to_string(),
-                    host_time_ns: host_time_ns(),
-                    host_entropy: host_entropy(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|source| PodError::Call {
-                call: "CreateSandbox",
-                source,
-            })?;
-        if let Some(n) = network {
-            agent
-                .configure_network(ctx(), &n.request())
-                .await
-                .map_err(|source| PodError::Call {
-                    call: "ConfigureNetwork",
-                    source,
-                })?;
-        }
-        Ok(agent)
-    }
-
     /// Resolves when the VM process has exited, for whatever reason.
     pub async fn exited(&self) {
         let mut rx = self.vm_exit.clone();
@@ -376,6 +285,94 @@ impl Pod {
             sandbox = self.id,
             "VM stopped and sandbox directory removed"
         );
+    }
+}
+
+/// What reaching a started VM's agent needs, whichever way the VM started.
+struct Boot<'a> {
+    id: &'a str,
+    dir: &'a SandboxDir,
+    hostname: &'a str,
+    network: Option<&'a PodNetwork>,
+}
+
+impl Boot<'_> {
+    /// A VM started warm (from the pool or a template), with its agent; or
+    /// none, the VM stopped and `failed` logged with why, for the next way
+    /// of starting to take over.
+    async fn warm(
+        &self,
+        mut vm: RunningVm,
+        ready: Option<&ReadyListener>,
+        describe: String,
+        failed: &str,
+    ) -> Option<(RunningVm, AgentClient)> {
+        match self.connect(&vm, ready, describe, CLONE_READY).await {
+            Ok(agent) => Some((vm, agent)),
+            Err(e) => {
+                vm.stop(Duration::ZERO).await;
+                tracing::warn!(sandbox = self.id, "{failed}: {e}");
+                None
+            }
+        }
+    }
+
+    /// Records the VM as the sandbox's, waits up to `within` for its agent
+    /// (reporting on `ready`, unless it did before), and gives it the
+    /// sandbox and the pod network.
+    async fn connect(
+        &self,
+        vm: &RunningVm,
+        ready: Option<&ReadyListener>,
+        describe: String,
+        within: Duration,
+    ) -> Result<AgentClient, PodError> {
+        let Boot {
+            id,
+            dir,
+            hostname,
+            network,
+        } = *self;
+        dir.write_state(&State {
+            network: network.cloned(),
+            sandbox_id: id.to_string(),
+            hypervisor: describe,
+            processes: RecordedProcess::of(vm),
+        })?;
+        let console = || hypervisor::log_tails(dir.root(), 20);
+        let agent = tokio::select! {
+            r = connect_agent(&vm.vsock, ready, within) => r.map_err(|source| PodError::Agent { source, console: console() })?,
+            st = vm.vm.wait() => return Err(PodError::DiedBooting {
+                status: st.map(|s| s.to_string()).unwrap_or_default(),
+                console: console(),
+            }),
+        };
+        agent
+            .create_sandbox(
+                ctx(),
+                &api::CreateSandboxRequest {
+                    sandbox_id: id.to_string(),
+                    hostname: hostname.to_string(),
+                    host_time_ns: host_time_ns(),
+                    host_entropy: host_entropy(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|source| PodError::Call {
+                call: "CreateSandbox",
+                source,
+            })?;
+        if let Some(n) = network {
+            agent
+                .configure_network(ctx(), &n.request())
+                .await
+                .map_err(|source| PodError::Call {
+                    call: "ConfigureNetwork",
+                    source,
+                })?;
+        }
+        Ok(agent)
     }
 }
 

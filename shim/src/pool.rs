@@ -450,15 +450,7 @@ async fn restore_one(
     let record = Record {
         boot_id: boot.to_string(),
         memory_mib: spec.memory_mib,
-        processes: vm
-            .processes()
-            .into_iter()
-            .map(|(name, pid)| RecordedProcess {
-                name: name.to_string(),
-                pid,
-                start_time: process_start_time(pid).unwrap_or_default(),
-            })
-            .collect(),
+        processes: RecordedProcess::of(&vm),
     };
     let serving = async {
         record

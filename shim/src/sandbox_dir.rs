@@ -50,6 +50,20 @@ pub struct RecordedProcess {
     pub start_time: u64,
 }
 
+impl RecordedProcess {
+    /// The processes of `vm`, the VM process first.
+    pub fn of(vm: &podvisor_hypervisor::RunningVm) -> Vec<RecordedProcess> {
+        vm.processes()
+            .into_iter()
+            .map(|(name, pid)| RecordedProcess {
+                name: name.to_string(),
+                pid,
+                start_time: process_start_time(pid).unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct State {
     pub sandbox_id: String,
