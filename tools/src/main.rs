@@ -313,21 +313,26 @@ async fn guest_figures(accel: Accel, note: &str) -> Result<()> {
 /// Pss of a process's own memory, in bytes: anonymous and file-backed,
 /// not shared memory (the guest's RAM is a shared memfd, counted apart).
 fn own_pss(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    ["Pss_Anon:", "Pss_File:"]
-        .iter()
-        .filter_map(|k| text.lines().find_map(|l| l.strip_prefix(k)))
-        .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .sum::<u64>()
-        * 1024
+    proc_kib(pid, "smaps_rollup", &["Pss_Anon:", "Pss_File:"])
+}
+
+/// PSS of `pid` in bytes, its shared memory included.
+fn pss(pid: u32) -> u64 {
+    proc_kib(pid, "smaps_rollup", &["Pss:"])
 }
 
 fn rss(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0)
+    proc_kib(pid, "status", &["VmRSS:"])
+}
+
+/// The sum of the kB fields `keys` of `/proc/<pid>/<file>`, in bytes (0
+/// for a process gone).
+fn proc_kib(pid: u32, file: &str, keys: &[&str]) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default();
+    keys.iter()
+        .filter_map(|k| text.lines().find_map(|l| l.strip_prefix(k)))
+        .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .sum::<u64>()
         * 1024
 }
 

@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 use podvisor_testkit::containerd::{text, Containerd, Release};
 
 use crate::{
-    ctr_first_output, ctr_first_output_once, median, mib, ms, processes_with, row, runp, runp_with,
-    CTR_RUNS, RUNP_RUNS,
+    ctr_first_output, ctr_first_output_once, median, mib, ms, processes_with, pss, row, runp,
+    runp_with, CTR_RUNS, RUNP_RUNS,
 };
 
 pub fn figures(note: &str) -> Result<()> {
@@ -178,7 +178,11 @@ fn pool_figures(ctd: &Containerd) -> Result<Pooled> {
         .flatten()
         .filter_map(|p| p["pid"].as_u64())
         .collect();
-    let pss = pids.iter().map(|p| pss_of(*p)).sum();
+    let pss = pids
+        .iter()
+        .filter_map(|p| u32::try_from(*p).ok())
+        .map(pss)
+        .sum();
     let ticks = || -> u64 { pids.iter().map(|p| cpu_ticks(*p)).sum() };
     let t0 = ticks();
     std::thread::sleep(Duration::from_secs(10));
@@ -253,16 +257,6 @@ fn cpu_ticks(pid: u64) -> u64 {
         .sum()
 }
 
-/// PSS of `pid` in bytes.
-fn pss_of(pid: u64) -> u64 {
-    let t = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    t.lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
-}
-
 fn runps(ctd: &Containerd, prefix: &str) -> Result<Duration> {
     let runs: Vec<Duration> = (0..RUNP_RUNS)
         .map(|i| runp(ctd, &format!("{prefix}{i}")))
@@ -292,7 +286,7 @@ fn resident_pss(ctd: &Containerd, name: &str) -> Result<u64> {
     let pss = processes_with(&format!("/run/podvisor/{name}/"))
         .into_iter()
         .filter(|(_, prog)| prog.starts_with("qemu") || prog == "podvisor-vmm")
-        .map(|(pid, _)| pss_of(u64::from(pid)))
+        .map(|(pid, _)| pss(pid))
         .sum();
     ctd.remove_everything();
     Ok(pss)
