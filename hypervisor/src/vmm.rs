@@ -70,6 +70,7 @@ impl Vmm {
             rng: true,
             mmio_on_cmdline: false,
             cpuid_hide: spec.cpuid_hide.clone(),
+            restore: None,
         })
     }
 }

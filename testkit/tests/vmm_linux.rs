@@ -10,7 +10,8 @@
 //! (the agent's first system call faults, init dies, the kernel panics and
 //! resets the VM). So the console is the witness: the test reads Linux's
 //! view up to `Run /init`, then checks the VM ended in the reset the panic
-//! asked for, with the VMM's matching exit status. Where KVM runs guest code
+//! asked for, with the VMM's matching exit status. The same boot, saved
+//! half-way and resumed by another VMM process, proves snapshots. Where KVM runs guest code
 //! at hardware speed, `make test-vmm`'s full boot (the agent answering,
 //! containers) runs instead and this boot is skipped; without /dev/kvm it
 //! is skipped too; each with the reason.
@@ -27,7 +28,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use libtest_mimic::{Arguments, Failed, Trial};
-use podvisor_testkit::console_boot::{self, emulated, DISK_BYTES, MAC, RUN_INIT};
+use podvisor_testkit::console_boot::{self, emulated, DISK_BYTES, MAC, RUN_INIT, SNAPSHOT_AT};
 use podvisor_testkit::spec::container;
 use podvisor_testkit::{Accel, TestVm, VmConfig};
 use podvisor_vmm::probe::Verdict;
@@ -113,6 +114,66 @@ async fn linux_sees_the_vmm_platform() -> Result<()> {
     checks().map_err(|e| anyhow::anyhow!("{e:#}\n{}", boot.tails()))
 }
 
+/// The same boot (without virtio-fs, which cannot be saved) paused and
+/// saved once both vCPUs run Linux; a new VMM process resumes the
+/// snapshot and Linux goes on from there: its timers, interrupt
+/// controllers and clock work (the boot would stall without them), it
+/// probes and binds every device, virtio-rng seeds it, and it reaches
+/// `Run /init`, never printing again what it printed before.
+async fn linux_resumes_from_a_snapshot_taken_mid_boot() -> Result<()> {
+    let boot = console_boot::snapshot_boot(SNAPSHOT_AT, BOOT_LIMIT).await?;
+    let r = &boot.restored;
+    eprintln!(
+        "vmm-linux: snapshot at {SNAPSHOT_AT:?}: {}; restored VMM start to `{RUN_INIT}` in {:?}, VMM {}",
+        boot.saved, r.run_init, r.status
+    );
+    let c = &r.console;
+    let checks = || -> Result<()> {
+        line_with(&boot.before, "BIOS-e820: [mem 0x0000000000000000-")?;
+        ensure!(
+            !c.contains("BIOS-e820") && !c.contains(SNAPSHOT_AT),
+            "the restored guest booted again instead of going on"
+        );
+        for driver in [
+            "vmw_vsock_virtio_transport",
+            "virtio_blk",
+            "virtio_net",
+            "virtio_rng",
+        ] {
+            let prefix = format!("{driver} virtio");
+            ensure!(
+                c.lines()
+                    .any(|l| l.starts_with(&prefix) && l.contains("podvisor: bound")),
+                "{driver} did not bind after the restore"
+            );
+        }
+        let eth0 = line_with(c, "device=eth0")?;
+        ensure!(eth0.contains(&format!("hwaddr={MAC}")), "eth0: {eth0}");
+        before(c, "virtio_rng virtio", "random: crng init done")?;
+        before(c, "random: crng init done", RUN_INIT)?;
+        line_with(c, "Kernel panic - not syncing")?;
+        ensure!(
+            r.status.code() == Some(3),
+            "the restored podvisor-vmm exited {}; a reset is 3",
+            r.status
+        );
+        line_with(&r.vmm_log, "restored a snapshot in")?;
+        Ok(())
+    };
+    checks().map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#}\nbefore the snapshot:\n{}\nrestored: {}",
+            boot.before
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("\n"),
+            r.tails()
+        )
+    })
+}
+
 /// The emulated variant's bzImage under QEMU TCG: the agent answers and a
 /// container runs on that kernel.
 async fn same_kernel_reaches_the_agent_under_tcg() -> Result<()> {
@@ -150,7 +211,9 @@ fn main() {
         _ => None,
     };
     if let Some(why) = &skip {
-        eprintln!("SKIPPING linux_sees_the_vmm_platform: {why}");
+        eprintln!(
+            "SKIPPING linux_sees_the_vmm_platform, linux_resumes_from_a_snapshot_taken_mid_boot: {why}"
+        );
     }
     let rt = std::sync::Arc::new(
         tokio::runtime::Builder::new_multi_thread()
@@ -163,6 +226,11 @@ fn main() {
         (
             "linux_sees_the_vmm_platform",
             || Box::pin(linux_sees_the_vmm_platform()),
+            skip.is_some(),
+        ),
+        (
+            "linux_resumes_from_a_snapshot_taken_mid_boot",
+            || Box::pin(linux_resumes_from_a_snapshot_taken_mid_boot()),
             skip.is_some(),
         ),
         (

@@ -145,21 +145,22 @@ fn figures(starts: Vec<Start>) -> Figures {
     }
 }
 
-/// The spin guest, assembled by the VMM tests' `guests/build.sh`.
-fn spin_guest(dir: &Path) -> Result<PathBuf> {
+/// A test guest (`spin`, `vsock`), assembled by the VMM tests'
+/// `guests/build.sh`.
+fn test_guest(dir: &Path, name: &str) -> Result<PathBuf> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmm/tests/guests/build.sh");
     let out = Command::new(&script)
-        .arg("spin")
+        .arg(name)
         .arg(dir)
         .output()
         .with_context(|| format!("running {}", script.display()))?;
     if !out.status.success() {
         bail!(
-            "assembling the spin guest (binutils): {}",
+            "assembling the {name} guest (binutils): {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(dir.join("spin.elf"))
+    Ok(dir.join(format!("{name}.elf")))
 }
 
 /// 64 KiB of firmware: at the reset vector, `mov dx,0x3f8; mov al,'!';
@@ -177,7 +178,7 @@ fn reset_vector_firmware(dir: &Path) -> Result<PathBuf> {
 pub fn run() -> Result<(Figures, std::result::Result<Figures, String>)> {
     let dir = tempfile::tempdir()?;
     let fifo = dir.path().join("console");
-    let guest = spin_guest(dir.path())?;
+    let guest = test_guest(dir.path(), "spin")?;
     let vmm = vmm_binary();
     if !vmm.exists() {
         bail!("{} missing: `make shim` builds it", vmm.display());
@@ -226,4 +227,114 @@ pub fn run() -> Result<(Figures, std::result::Result<Figures, String>)> {
         }
     }
     Ok((figures(ours), Ok(figures(theirs))))
+}
+
+/// Cold boot against restore, on the `vsock` guest (its driver answers one
+/// host connection, echoes it and powers off): medians over [`RUNS`].
+pub struct SnapshotFigures {
+    /// Process start to the guest's echo, booting.
+    pub cold: Duration,
+    /// The same from a snapshot taken once the driver was ready.
+    pub restored: Duration,
+    /// The `snapshot` op (pause already done): vCPU, device and memory.
+    pub save: Duration,
+    pub memory_pages: u64,
+}
+
+/// Spawns podvisor-vmm on `config` and times it to the guest's echo over
+/// the hybrid-vsock socket `uds`.
+fn time_to_echo(config: &serde_json::Value, uds: &Path) -> Result<Duration> {
+    use std::io::{BufRead, BufReader, Write};
+    let started = Instant::now();
+    let mut child = Command::new(vmm_binary())
+        .args(["--config-json", &config.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let result = (|| -> Result<Duration> {
+        let s = loop {
+            match std::os::unix::net::UnixStream::connect(uds) {
+                Ok(s) => break s,
+                Err(_) if started.elapsed() < Duration::from_secs(30) => {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err(e) => bail!("{}: {e}", uds.display()),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        (&s).write_all(b"CONNECT 1024\n")?;
+        let mut r = BufReader::new(&s);
+        let mut ok = String::new();
+        r.read_line(&mut ok)?;
+        (&s).write_all(b"ping")?;
+        let mut echo = [0u8; 4];
+        std::io::Read::read_exact(&mut r, &mut echo)?;
+        if !ok.starts_with("OK ") || &echo != b"ping" {
+            bail!("the guest answered {ok:?} and echoed {echo:?}");
+        }
+        Ok(started.elapsed())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+pub fn snapshot_run() -> Result<SnapshotFigures> {
+    let dir = tempfile::tempdir()?;
+    let guest = test_guest(dir.path(), "vsock")?;
+    let config = |name: &str| {
+        serde_json::json!({
+            "vcpus": 1, "memory_mib": GUEST_MIB, "kernel": guest,
+            "vsock": {"cid": 3, "uds": dir.path().join(name)},
+        })
+    };
+    let mut cold = Vec::new();
+    for i in 0..RUNS {
+        let c = config(&format!("cold-{i}"));
+        cold.push(time_to_echo(&c, &dir.path().join(format!("cold-{i}")))?);
+    }
+    // The snapshot, once the driver is ready.
+    let (console, control) = (dir.path().join("console"), dir.path().join("control"));
+    let (memory, state) = (dir.path().join("memory"), dir.path().join("state"));
+    let mut c = config("template");
+    c["console"] = serde_json::json!(console);
+    c["control_socket"] = serde_json::json!(control);
+    let mut template = Command::new(vmm_binary())
+        .args(["--config-json", &c.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let saved = (|| -> Result<serde_json::Value> {
+        let t = Instant::now();
+        while !std::fs::read_to_string(&console).is_ok_and(|c| c.contains("ready")) {
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("the vsock guest printed no \"ready\"");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let send = podvisor_vmm_config::control::send;
+        send(&control, &serde_json::json!({"op": "pause"}))?;
+        Ok(send(
+            &control,
+            &serde_json::json!({"op": "snapshot", "memory": memory, "state": state}),
+        )?)
+    })();
+    let _ = template.kill();
+    let _ = template.wait();
+    let saved = saved?;
+    if saved["ok"] != true {
+        bail!("snapshot: {saved}");
+    }
+    let mut restored = Vec::new();
+    for i in 0..RUNS {
+        let mut c = config(&format!("restored-{i}"));
+        c["restore"] = serde_json::json!({"memory": memory, "state": state});
+        restored.push(time_to_echo(&c, &dir.path().join(format!("restored-{i}")))?);
+    }
+    Ok(SnapshotFigures {
+        cold: median(cold),
+        restored: median(restored),
+        save: Duration::from_secs_f64(saved["ms"].as_f64().unwrap_or(0.0) / 1000.0),
+        memory_pages: saved["memory_pages"].as_u64().unwrap_or(0),
+    })
 }

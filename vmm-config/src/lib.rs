@@ -6,6 +6,7 @@
 //!   <file>` reads it, and its validation: every mistake a user can make in
 //!   it is reported before anything is built;
 //! - [`limits`]: the VMM's limits that validation checks;
+//! - [`control`]: the client side of the VMM's control socket;
 //! - [`probe::Verdict`]: what `podvisor-vmm --probe` prints.
 //!
 //! ```json
@@ -20,13 +21,15 @@
 //!   "block": [ { "path": "disk.img", "read_only": true } ],
 //!   "net": [ { "tap": "tap0", "mac": "02:00:00:00:00:01" } ],
 //!   "rng": true, "mmio_on_cmdline": false,
-//!   "cpuid_hide": [ { "leaf": 7, "subleaf": 0, "register": "ebx", "bits": 65536 } ] }
+//!   "cpuid_hide": [ { "leaf": 7, "subleaf": 0, "register": "ebx", "bits": 65536 } ],
+//!   "restore": { "memory": "/var/lib/x/memory", "state": "/var/lib/x/state" } }
 //! ```
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub mod control;
 pub mod limits;
 pub mod probe;
 
@@ -72,6 +75,25 @@ pub struct VmConfig {
     /// (Firecracker's CPU templates do the same).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cpuid_hide: Vec<CpuidBits>,
+    /// Resume a snapshot instead of booting `kernel` (which is then not
+    /// read): the guest memory and the vCPU and device state a paused VM
+    /// saved (control op `snapshot`). The config must describe the same
+    /// VM (vCPUs, memory, the same devices in the same order); its paths
+    /// (console, sockets, taps) are the new VM's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreConfig>,
+}
+
+/// A snapshot to resume: its files, as the control op `snapshot` wrote
+/// them. Both are only read: each VM restored from them gets its own copy
+/// of guest memory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreConfig {
+    /// Guest memory (a sparse file: holes are zero pages).
+    pub memory: PathBuf,
+    /// vCPU, interrupt controller, clock and device state (JSON).
+    pub state: PathBuf,
 }
 
 /// Bits of one CPUID register to clear: `bits` of `register` in leaf
@@ -255,7 +277,9 @@ mod tests {
         v["net"] = serde_json::json!([{"tap": "tap0", "mac": "02:00:00:00:00:01"}]);
         v["rng"] = serde_json::json!(true);
         v["cpuid_hide"] = serde_json::json!([{"leaf": 7, "register": "ebx", "bits": 65536}]);
+        v["restore"] = serde_json::json!({"memory": "/m", "state": "/s"});
         let c = parse(v).unwrap();
+        assert_eq!(c.restore.as_ref().unwrap().state, PathBuf::from("/s"));
         assert_eq!(c.virtio_device_count(), 4);
         assert_eq!(
             c.cpuid_hide,

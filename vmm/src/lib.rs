@@ -24,6 +24,7 @@ pub mod devices;
 pub mod exit;
 pub mod memory;
 pub mod probe;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 

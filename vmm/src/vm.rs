@@ -2,16 +2,19 @@
 //!
 //! [`Vm::build`] does everything that can fail on bad input before any
 //! vCPU runs: KVM setup (irqchip, PIT), guest memory, devices, ACPI and MP
-//! tables, kernel and initramfs, vCPU registers. [`Vm::run`] starts one
-//! thread per vCPU and runs the device event loop on the calling thread
-//! until the guest powers off, reboots or fails, or the control socket
-//! stops it.
+//! tables, kernel and initramfs, vCPU registers; or, for a config that
+//! restores a snapshot, its memory and saved state instead of a boot.
+//! [`Vm::run`] starts one thread per vCPU and runs the device event loop
+//! on the calling thread until the guest powers off, reboots or fails, or
+//! the control socket stops it. [`Handle`] is what the control socket may
+//! do meanwhile: pause, snapshot, resume.
 
 use std::fs::File;
 use std::io::{LineWriter, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -24,8 +27,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::acpi::{self, MmioDevice};
 use crate::arch::boot::{self, BootSpec};
 use crate::arch::layout::{self, ACPI_PM, COM1, I8042, KVM_IDENTITY_MAP, KVM_TSS};
+use crate::arch::state::{self, StateError};
 use crate::arch::{cpuid, mptable, regs};
-use crate::control::{ControlSocket, Facts};
+use crate::control::{Control, ControlSocket, Facts};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::Serial;
@@ -36,7 +40,8 @@ use crate::devices::virtio::{
 use crate::devices::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::{self, GuestMemoryMmap};
-use crate::vcpu::{self, Vcpu};
+use crate::snapshot::{self, SnapshotError, VmState};
+use crate::vcpu::{self, Pause, Vcpu};
 use podvisor_vmm_config::{parse_mac, VmConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +65,12 @@ pub enum BuildError {
     Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    #[error("restoring the snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
+    #[error("restoring the snapshot: {0}")]
+    State(#[from] StateError),
+    #[error("restoring the snapshot: vCPU {index}: {source}")]
+    Vcpu { index: u8, source: StateError },
     #[error("{what}: {source}")]
     Device {
         what: String,
@@ -84,13 +95,26 @@ fn dev_err<E: std::error::Error + Send + Sync + 'static>(
 #[derive(Debug)]
 pub struct Vm {
     _kvm: Kvm,
-    _vm: VmFd,
-    mem: GuestMemoryMmap,
+    handle: Arc<Handle>,
     vcpus: Vec<Vcpu>,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
-    exit: Arc<ExitSignal>,
     control: Option<ControlSocket>,
     mmio_devices: Vec<MmioDevice>,
+}
+
+/// A running VM as the control socket sees it: enough to pause it, save
+/// it and let it go on.
+#[derive(Debug)]
+pub struct Handle {
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    facts: Facts,
+    pause: Arc<Pause>,
+    exit: Arc<ExitSignal>,
+    serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Why this host cannot save this VM, if it cannot.
+    no_snapshot: Option<String>,
 }
 
 /// The virtio devices a config asks for, by name, in slot order.
@@ -103,38 +127,105 @@ struct Attached {
     windows: Vec<MmioDevice>,
 }
 
+/// The port-I/O devices with state a snapshot keeps.
+struct Legacy {
+    pio: Bus,
+    serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
+}
+
+/// How long every vCPU may take to leave the guest for a pause.
+const PAUSE_WITHIN: Duration = Duration::from_secs(5);
+
+fn locked<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Vm {
     /// Builds the VM in named steps (Firecracker's builder is the model);
     /// every step that can fail on bad input runs before any vCPU does.
+    /// A config with `restore` resumes that snapshot instead of booting.
     pub fn build(config: &VmConfig) -> Result<Vm, BuildError> {
-        let build_started = std::time::Instant::now();
+        let build_started = Instant::now();
         config.validate()?;
+        let saved = match &config.restore {
+            Some(r) => {
+                let s = VmState::read(&r.state)?;
+                s.check_shape(config)?;
+                Some(s)
+            }
+            None => None,
+        };
         let (kvm, vm) = create_vm(config)?;
         // Guest RAM first: on a nested host, a memory slot added after the
         // in-kernel irqchip costs milliseconds more.
-        let mem = guest_memory(&vm, config)?;
+        let mem = match &config.restore {
+            Some(r) => memory::load(&r.memory, config.memory_mib)?,
+            None => memory::create(config.memory_mib)?,
+        };
+        register_memory(&vm, &mem)?;
         platform(&vm)?;
         let exit = Arc::new(ExitSignal::new().map_err(dev_err("exit eventfd".into()))?);
-        let pio = legacy_devices(&vm, config, &exit)?;
+        let legacy = legacy_devices(&vm, config, &exit, saved.as_ref())?;
         let attached = attach_virtio(&vm, &mem, virtio_devices(config)?)?;
-        let rip = load_guest(config, &mem, &attached.windows)?;
-        let vcpus = create_vcpus(&kvm, &vm, config, rip, |index, fd| Vcpu {
+        let boot = match &saved {
+            Some(_) => None,
+            None => Some(load_guest(config, &mem, &attached.windows)?),
+        };
+        let no_snapshot = state::check_xsave(&kvm).err().map(|e| e.to_string());
+        let msrs = Arc::new(state::msr_list(&kvm)?);
+        let pause = Arc::new(Pause::default());
+        let vcpus = create_vcpus(&kvm, &vm, config, boot, |index, fd| Vcpu {
             index,
             fd,
-            pio: pio.clone(),
+            pio: legacy.pio.clone(),
             mmio: attached.mmio.clone(),
             exit: exit.clone(),
+            pause: pause.clone(),
+            msrs: msrs.clone(),
             mem: mem.clone(),
             build_started: (index == 0).then_some(build_started),
         })?;
-        let control = control_socket(config, &exit)?;
+        if let Some(s) = &saved {
+            if let Some(why) = &no_snapshot {
+                return Err(BuildError::Snapshot(SnapshotError::Host(why.clone())));
+            }
+            // The vCPUs first: restoring the interrupt controllers may
+            // deliver to their LAPICs. The devices last: what they raise
+            // on restore must meet restored controllers.
+            for (v, st) in vcpus.iter().zip(&s.vcpus) {
+                state::restore_vcpu(&v.fd, st).map_err(|source| BuildError::Vcpu {
+                    index: v.index,
+                    source,
+                })?;
+            }
+            state::restore_platform(&vm, &s.platform)?;
+            restore_transports(&attached.transports, s)?;
+            locked(&legacy.serial).retrigger();
+            tracing::info!(
+                "restored a snapshot in {:.2} ms",
+                build_started.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+        let handle = Arc::new(Handle {
+            vm,
+            mem,
+            facts: Facts {
+                vcpus: config.vcpus,
+                memory_mib: config.memory_mib,
+            },
+            pause,
+            exit,
+            serial: legacy.serial,
+            i8042: legacy.i8042,
+            transports: attached.transports,
+            no_snapshot,
+        });
+        let control = control_socket(config, &handle)?;
         Ok(Vm {
             _kvm: kvm,
-            _vm: vm,
-            mem,
+            handle,
             vcpus,
-            transports: attached.transports,
-            exit,
             control,
             mmio_devices: attached.windows,
         })
@@ -142,7 +233,7 @@ impl Vm {
 
     /// Guest memory, as built (for inspection before `run`).
     pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.mem
+        &self.handle.mem
     }
 
     /// The virtio-mmio windows, in slot order.
@@ -152,7 +243,7 @@ impl Vm {
 
     /// Lets another thread (a signal handler thread) end the VM.
     pub fn exit_signal(&self) -> Arc<ExitSignal> {
-        self.exit.clone()
+        self.handle.exit.clone()
     }
 
     /// Runs the VM to its end.
@@ -177,10 +268,11 @@ impl Vm {
                 .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
                 .map_err(|e| ExitReason::Failed(format!("epoll_ctl: {e}")))
         };
-        if let Err(r) = watch(self.exit.eventfd().as_raw_fd(), EXIT, EventSet::IN) {
+        let h = self.handle.clone();
+        if let Err(r) = watch(h.exit.eventfd().as_raw_fd(), EXIT, EventSet::IN) {
             return r;
         }
-        for (ti, t) in self.transports.iter().enumerate() {
+        for (ti, t) in h.transports.iter().enumerate() {
             let Ok(t) = t.lock() else { continue };
             let base = (ti as u64) << 16;
             if t.handles_kicks() {
@@ -207,7 +299,7 @@ impl Vm {
             match v.spawn() {
                 Ok(t) => threads.push(t),
                 Err(e) => {
-                    self.exit
+                    h.exit
                         .trigger(ExitReason::Failed(format!("starting vCPU {index}: {e}")));
                     break;
                 }
@@ -215,12 +307,12 @@ impl Vm {
         }
 
         let mut events = vec![EpollEvent::default(); 32];
-        'outer: while !self.exit.is_set() {
+        'outer: while !h.exit.is_set() {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => {
-                    self.exit
+                    h.exit
                         .trigger(ExitReason::Failed(format!("epoll_wait: {e}")));
                     break;
                 }
@@ -230,7 +322,7 @@ impl Vm {
                 if token == EXIT {
                     break 'outer;
                 }
-                let Some(t) = self.transports.get((token >> 16) as usize) else {
+                let Some(t) = h.transports.get((token >> 16) as usize) else {
                     continue;
                 };
                 let Ok(mut t) = t.lock() else { continue };
@@ -243,7 +335,7 @@ impl Vm {
             }
         }
         vcpu::stop_all(threads, Duration::from_secs(5));
-        self.exit
+        h.exit
             .reason()
             .unwrap_or_else(|| ExitReason::Failed("the VM stopped without a reason".into()))
     }
@@ -276,8 +368,7 @@ fn create_vm(config: &VmConfig) -> Result<(Kvm, VmFd), BuildError> {
 }
 
 /// Guest RAM, registered with KVM slot by slot.
-fn guest_memory(vm: &VmFd, config: &VmConfig) -> Result<GuestMemoryMmap, BuildError> {
-    let mem = memory::create(config.memory_mib)?;
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), BuildError> {
     for (slot, r) in mem.iter().enumerate() {
         let region = kvm_userspace_memory_region {
             slot: u32::try_from(slot).map_err(|e| dev_err("memory slot".into())(e))?,
@@ -286,12 +377,12 @@ fn guest_memory(vm: &VmFd, config: &VmConfig) -> Result<GuestMemoryMmap, BuildEr
             memory_size: r.len(),
             userspace_addr: r.as_ptr() as u64,
         };
-        // SAFETY: the mapping lives in `mem`, which the Vm keeps until
-        // after the VM fd is closed.
+        // SAFETY: the mapping lives in the VM's handle, as long as the VM
+        // fd it is registered with.
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
-    Ok(mem)
+    Ok(())
 }
 
 /// KVM's platform pieces: TSS and identity map, the in-kernel IOAPIC and
@@ -317,8 +408,14 @@ fn bus_err(e: crate::devices::BusOverlap) -> BuildError {
     }
 }
 
-/// The port-I/O bus: serial console, i8042 (reset), ACPI power register.
-fn legacy_devices(vm: &VmFd, config: &VmConfig, exit: &Arc<ExitSignal>) -> Result<Bus, BuildError> {
+/// The port-I/O bus: serial console, i8042 (reset), ACPI power register;
+/// the first two in a snapshot's state when there is one.
+fn legacy_devices(
+    vm: &VmFd,
+    config: &VmConfig,
+    exit: &Arc<ExitSignal>,
+    saved: Option<&VmState>,
+) -> Result<Legacy, BuildError> {
     let mut pio = Bus::default();
     let console: Box<dyn Write + Send> = match &config.console {
         Some(p) => Box::new(LineWriter::new(
@@ -327,25 +424,41 @@ fn legacy_devices(vm: &VmFd, config: &VmConfig, exit: &Arc<ExitSignal>) -> Resul
         None => Box::new(std::io::sink()),
     };
     let serial_irq = irqfd(vm, layout::COM1_GSI)?;
-    pio.insert(
-        u64::from(COM1),
-        8,
-        Arc::new(Mutex::new(Serial::new(serial_irq, console))),
-    )
-    .map_err(bus_err)?;
-    pio.insert(
-        u64::from(I8042),
-        5,
-        Arc::new(Mutex::new(I8042::new(exit.clone()))),
-    )
-    .map_err(bus_err)?;
+    let serial = match saved {
+        Some(s) => Serial::restored(serial_irq, console, &s.serial)
+            .map_err(|e| BuildError::Snapshot(SnapshotError::Mismatch(e)))?,
+        None => Serial::new(serial_irq, console),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    pio.insert(u64::from(COM1), 8, serial.clone())
+        .map_err(bus_err)?;
+    let mut i8042 = I8042::new(exit.clone());
+    if let Some(s) = saved {
+        i8042.restore(&s.i8042);
+    }
+    let i8042 = Arc::new(Mutex::new(i8042));
+    pio.insert(u64::from(I8042), 5, i8042.clone())
+        .map_err(bus_err)?;
     pio.insert(
         u64::from(ACPI_PM),
         2,
         Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
     )
     .map_err(bus_err)?;
-    Ok(pio)
+    Ok(Legacy { pio, serial, i8042 })
+}
+
+/// Puts each saved transport back in its slot (guest memory loaded).
+fn restore_transports(
+    transports: &[Arc<Mutex<MmioTransport>>],
+    saved: &VmState,
+) -> Result<(), BuildError> {
+    for (t, s) in transports.iter().zip(&saved.devices) {
+        locked(t)
+            .restore(s)
+            .map_err(|e| BuildError::Snapshot(SnapshotError::Mismatch(e)))?;
+    }
+    Ok(())
 }
 
 /// Each virtio device the config asks for, opened (sockets bound, backends
@@ -442,13 +555,14 @@ fn load_guest(
     Ok(entry.rip)
 }
 
-/// One vCPU per config vCPU: CPUID, MSRs, FPU, LAPIC LINTs; the boot vCPU
-/// also gets 64-bit mode at `rip` (the others wait for INIT/SIPI).
+/// One vCPU per config vCPU with its CPUID; for a boot (`rip` given)
+/// also boot MSRs, FPU, LAPIC LINTs, and for the boot vCPU 64-bit mode at
+/// `rip` (the others wait for INIT/SIPI). A restore sets the rest.
 fn create_vcpus(
     kvm: &Kvm,
     vm: &VmFd,
     config: &VmConfig,
-    rip: u64,
+    rip: Option<u64>,
     make: impl Fn(u8, kvm_ioctls::VcpuFd) -> Vcpu,
 ) -> Result<Vec<Vcpu>, BuildError> {
     let supported = kvm
@@ -467,15 +581,17 @@ fn create_vcpus(
             &config.cpuid_hide,
         ))
         .map_err(kvm_err("KVM_SET_CPUID2"))?;
-        regs::setup_msrs(&fd)?;
-        if amd {
-            regs::setup_amd_hwcr(&fd);
-        }
-        regs::setup_fpu(&fd)?;
-        regs::setup_lint(&fd)?;
-        if index == 0 {
-            regs::setup_sregs(&fd)?;
-            regs::setup_regs(&fd, rip)?;
+        if let Some(rip) = rip {
+            regs::setup_msrs(&fd)?;
+            if amd {
+                regs::setup_amd_hwcr(&fd);
+            }
+            regs::setup_fpu(&fd)?;
+            regs::setup_lint(&fd)?;
+            if index == 0 {
+                regs::setup_sregs(&fd)?;
+                regs::setup_regs(&fd, rip)?;
+            }
         }
         vcpus.push(make(index, fd));
     }
@@ -485,21 +601,79 @@ fn create_vcpus(
 /// The control socket, where the config names one.
 fn control_socket(
     config: &VmConfig,
-    exit: &Arc<ExitSignal>,
+    handle: &Arc<Handle>,
 ) -> Result<Option<ControlSocket>, BuildError> {
     let Some(p) = &config.control_socket else {
         return Ok(None);
     };
-    ControlSocket::bind(
-        p,
-        Facts {
-            vcpus: config.vcpus,
-            memory_mib: config.memory_mib,
-        },
-        exit.clone(),
-    )
-    .map(Some)
-    .map_err(dev_err(format!("control socket {}", p.display())))
+    ControlSocket::bind(p, handle.clone(), handle.exit.clone())
+        .map(Some)
+        .map_err(dev_err(format!("control socket {}", p.display())))
+}
+
+impl Control for Handle {
+    fn facts(&self) -> Facts {
+        self.facts
+    }
+
+    fn paused(&self) -> bool {
+        self.pause.is_paused()
+    }
+
+    fn pause(&self) -> Result<(), String> {
+        self.pause.pause(self.facts.vcpus, &self.exit, PAUSE_WITHIN)
+    }
+
+    fn resume(&self) {
+        self.pause.resume();
+    }
+
+    /// Saves a paused VM with the device event loop held off (every
+    /// transport locked), so that no device moves a ring or raises an
+    /// interrupt between the parts: first the vCPUs (each saves itself
+    /// now), then the interrupt controllers, PIT and clock, the devices,
+    /// and guest memory. Each file is written aside and renamed into
+    /// place, memory first: a failed snapshot leaves no state beside a
+    /// memory file it does not match.
+    fn snapshot(&self, memory: &Path, state: &Path) -> Result<serde_json::Value, String> {
+        let started = Instant::now();
+        if let Some(why) = &self.no_snapshot {
+            return Err(why.clone());
+        }
+        if memory == state {
+            return Err(format!("memory and state are both {}", memory.display()));
+        }
+        if !self.pause.is_paused() {
+            return Err("the VM is running; pause it first".into());
+        }
+        let transports: Vec<MutexGuard<'_, MmioTransport>> =
+            self.transports.iter().map(|t| locked(t)).collect();
+        let devices = transports
+            .iter()
+            .map(|t| t.save())
+            .collect::<Result<Vec<_>, _>>()?;
+        let vcpus = self
+            .pause
+            .save_all(self.facts.vcpus, &self.exit, PAUSE_WITHIN)?;
+        let saved = VmState {
+            format: snapshot::FORMAT,
+            memory_mib: self.facts.memory_mib,
+            vcpus,
+            platform: state::save_platform(&self.vm).map_err(|e| e.to_string())?,
+            serial: locked(&self.serial).save(),
+            i8042: locked(&self.i8042).save(),
+            devices,
+        };
+        let partial = snapshot::partial(memory);
+        let pages = memory::save(&self.mem, &partial).map_err(|e| e.to_string())?;
+        std::fs::rename(&partial, memory)
+            .map_err(|e| format!("renaming {} into place: {e}", partial.display()))?;
+        saved.write(state).map_err(|e| e.to_string())?;
+        drop(transports);
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!("snapshot: {pages} memory pages in {ms:.1} ms");
+        Ok(serde_json::json!({"ok": true, "memory_pages": pages, "ms": ms}))
+    }
 }
 
 /// An eventfd KVM injects as an edge on IOAPIC pin `gsi`.

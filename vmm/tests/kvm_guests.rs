@@ -28,6 +28,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
+use podvisor_vmm::snapshot::VmState;
 use podvisor_vmm::{ExitReason, Vm, VmConfig};
 use podvisor_vmm_config::{BlockConfig, FsConfig, NetConfig, VsockConfig};
 use vm_memory::{Bytes, GuestAddress};
@@ -84,6 +85,7 @@ fn config(kernel: PathBuf, name: &str) -> VmConfig {
         rng: false,
         mmio_on_cmdline: false,
         cpuid_hide: vec![],
+        restore: None,
     }
 }
 
@@ -352,12 +354,12 @@ fn control_socket_stops_a_halted_guest() -> Result {
         check(Instant::now() < deadline, "guest never printed")?;
         std::thread::sleep(Duration::from_millis(10));
     }
-    let st = podvisor_vmm::control::request(&sock, "status").map_err(|e| e.to_string())?;
+    let st = podvisor_vmm_config::control::request(&sock, "status").map_err(|e| e.to_string())?;
     check(
         st["state"] == "running" && st["vcpus"] == 1,
         format!("status: {st}"),
     )?;
-    let ok = podvisor_vmm::control::request(&sock, "shutdown").map_err(|e| e.to_string())?;
+    let ok = podvisor_vmm_config::control::request(&sock, "shutdown").map_err(|e| e.to_string())?;
     check(ok["ok"] == true, format!("shutdown: {ok}"))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !t.is_finished() {
@@ -373,7 +375,6 @@ fn control_socket_stops_a_halted_guest() -> Result {
 /// whole path through KVM ioeventfds, the event loop, the device, the
 /// hybrid-vsock socket, and the device's interrupt status.
 fn vsock_echo_through_a_guest_driver() -> Result {
-    use std::io::{BufRead, BufReader, Read, Write};
     let mut c = config(guest("vsock")?, "vsock");
     let uds = scratch().join("echo-vsock");
     c.vsock = Some(VsockConfig {
@@ -385,41 +386,11 @@ fn vsock_echo_through_a_guest_driver() -> Result {
     let exit = vm.exit_signal();
     let t = std::thread::spawn(move || vm.run());
     let talk = || -> std::result::Result<String, Failed> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !console(&c).contains("ready") {
-            check(
-                Instant::now() < deadline,
-                format!("guest driver not ready: {}", console(&c)),
-            )?;
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let mut s = std::os::unix::net::UnixStream::connect(&uds).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| e.to_string())?;
-        s.write_all(b"CONNECT 1024\n").map_err(|e| e.to_string())?;
-        let mut ok = String::new();
-        BufReader::new(&s)
-            .read_line(&mut ok)
-            .map_err(|e| format!("reading OK: {e}"))?;
-        check(
-            ok.starts_with("OK "),
-            format!("answer to CONNECT: {ok:?}; console: {}", console(&c)),
-        )?;
-        s.write_all(b"ping").map_err(|e| e.to_string())?;
-        let mut echo = [0u8; 4];
-        s.read_exact(&mut echo)
-            .map_err(|e| format!("reading the echo: {e}; console: {}", console(&c)))?;
-        Ok(String::from_utf8_lossy(&echo).into_owned())
+        wait_for_console(&c, "ready")?;
+        echo_over_vsock(&c, &uds, b"ping")
     };
     let echoed = talk();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !t.is_finished() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    if !t.is_finished() {
-        exit.trigger(ExitReason::Stopped);
-    }
-    let reason = t.join().map_err(|_| "VM thread panicked")?;
+    let reason = join(t, &exit, Duration::from_secs(30))?;
     let out = console(&c);
     let echoed = echoed.map_err(|e| format!("{:?}; VM ended: {reason}", e.message()))?;
     check(
@@ -446,6 +417,318 @@ fn vsock_echo_through_a_guest_driver() -> Result {
         format!("no used-buffer interrupt seen; console:\n{out}"),
     )?;
     check(!uds.exists(), "vsock socket left behind")
+}
+
+/// Waits until the guest has printed `needle`.
+fn wait_for_console(c: &VmConfig, needle: &str) -> Result {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !console(c).contains(needle) {
+        check(
+            Instant::now() < deadline,
+            format!("no {needle:?} on the console: {}", console(c)),
+        )?;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Connects to the vsock guest's port 1024 through the hybrid-vsock
+/// socket `uds` and returns what it echoes of `payload`.
+fn echo_over_vsock(
+    c: &VmConfig,
+    uds: &Path,
+    payload: &[u8],
+) -> std::result::Result<String, Failed> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(uds).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"CONNECT 1024\n").map_err(|e| e.to_string())?;
+    let mut ok = String::new();
+    BufReader::new(&s)
+        .read_line(&mut ok)
+        .map_err(|e| format!("reading OK: {e}"))?;
+    check(
+        ok.starts_with("OK "),
+        format!("answer to CONNECT: {ok:?}; console: {}", console(c)),
+    )?;
+    s.write_all(payload).map_err(|e| e.to_string())?;
+    let mut echo = vec![0u8; payload.len()];
+    s.read_exact(&mut echo)
+        .map_err(|e| format!("reading the echo: {e}; console: {}", console(c)))?;
+    Ok(String::from_utf8_lossy(&echo).into_owned())
+}
+
+/// Waits for a VM thread to end (stopping it after `within`).
+fn join(
+    t: std::thread::JoinHandle<ExitReason>,
+    exit: &podvisor_vmm::exit::ExitSignal,
+    within: Duration,
+) -> std::result::Result<ExitReason, Failed> {
+    let deadline = Instant::now() + within;
+    while !t.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !t.is_finished() {
+        exit.trigger(ExitReason::Stopped);
+    }
+    t.join().map_err(|_| "VM thread panicked".into())
+}
+
+/// The vsock guest, its driver up and waiting for a host connection, is
+/// paused and saved; the original resumes and two VMs restored from the
+/// snapshot (each its own console, socket and copy of memory) go on from
+/// that very point: each answers its own connection, echoes its own
+/// bytes and powers off, none printing what the guest printed before.
+fn snapshot_resumes_and_restores_two_clones() -> Result {
+    let mut c = config(guest("vsock")?, "snap-orig");
+    let uds = scratch().join("snap-orig-vsock");
+    let ctl = scratch().join("snap-orig.sock");
+    c.vsock = Some(VsockConfig {
+        cid: 3,
+        uds: uds.clone(),
+    });
+    c.control_socket = Some(ctl.clone());
+    let vm = Vm::build(&c).map_err(|e| e.to_string())?;
+    hand_to_guest(&vm, &[vm.mmio_devices()[0].addr])?;
+    let exit = vm.exit_signal();
+    let t = std::thread::spawn(move || vm.run());
+    wait_for_console(&c, "ready")?;
+    let ask = |req: serde_json::Value| -> std::result::Result<serde_json::Value, Failed> {
+        podvisor_vmm_config::control::send(&ctl, &req).map_err(|e| format!("{req}: {e}").into())
+    };
+    let (memory, state) = (scratch().join("snap.memory"), scratch().join("snap.state"));
+    let snap = serde_json::json!({"op": "snapshot", "memory": memory, "state": state});
+    let running = ask(snap.clone())?;
+    check(
+        running["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("pause it first")),
+        format!("snapshot of a running VM: {running}"),
+    )?;
+    check(
+        ask(serde_json::json!({"op": "pause"}))?["ok"] == true,
+        "pause",
+    )?;
+    let st = ask(serde_json::json!({"op": "status"}))?;
+    check(st["state"] == "paused", format!("status: {st}"))?;
+    let saved = ask(snap)?;
+    check(saved["ok"] == true, format!("snapshot: {saved}"))?;
+    let pages = saved["memory_pages"].as_u64().unwrap_or(0);
+    check(
+        pages > 0 && pages < 2048,
+        format!("{pages} pages saved of a guest that touches a few"),
+    )?;
+    check(
+        ask(serde_json::json!({"op": "resume"}))?["ok"] == true,
+        "resume",
+    )?;
+    let echoed = echo_over_vsock(&c, &uds, b"orig");
+    let reason = join(t, &exit, Duration::from_secs(30))?;
+    check(
+        echoed.as_deref().ok() == Some("orig") && reason == ExitReason::PowerOff,
+        format!(
+            "original after resume: {echoed:?}, {reason}; console:\n{}",
+            console(&c)
+        ),
+    )?;
+
+    let state_bytes = std::fs::read(&state).map_err(|e| e.to_string())?;
+    let memory_bytes = std::fs::read(&memory).map_err(|e| e.to_string())?;
+    let mut clones = Vec::new();
+    for name in ["snap-a", "snap-b"] {
+        let mut cc = config(guest("vsock")?, name);
+        let u = scratch().join(format!("{name}-vsock"));
+        cc.vsock = Some(VsockConfig {
+            cid: 3,
+            uds: u.clone(),
+        });
+        cc.restore = Some(podvisor_vmm_config::RestoreConfig {
+            memory: memory.clone(),
+            state: state.clone(),
+        });
+        let vm = Vm::build(&cc).map_err(|e| format!("restoring {name}: {e}"))?;
+        let exit = vm.exit_signal();
+        clones.push((name, cc, u, exit, std::thread::spawn(move || vm.run())));
+    }
+    for (name, cc, u, exit, t) in clones {
+        let echoed = echo_over_vsock(&cc, &u, name.as_bytes());
+        let reason = join(t, &exit, Duration::from_secs(30))?;
+        let out = console(&cc);
+        check(
+            echoed.as_deref().ok() == Some(name),
+            format!("{name}: echo {echoed:?}; {reason}; console:\n{out}"),
+        )?;
+        check(
+            reason == ExitReason::PowerOff,
+            format!("{name}: {reason}; console:\n{out}"),
+        )?;
+        check(
+            !out.contains("ready") && out.contains(&format!("got {name}")),
+            format!("{name} did not go on from the snapshot; console:\n{out}"),
+        )?;
+        check(!u.exists(), format!("{name}: vsock socket left behind"))?;
+    }
+    // The snapshot's files are only read.
+    check(
+        std::fs::read(&state).ok() == Some(state_bytes)
+            && std::fs::read(&memory).ok() == Some(memory_bytes),
+        "restoring changed the snapshot's files",
+    )?;
+    let again = VmState::read(&state).map_err(|e| e.to_string())?;
+    check(again.vcpus.len() == 1, "state file unreadable")
+}
+
+/// A snapshot that does not fit the config, or a damaged one, is refused
+/// before anything runs, naming what is wrong; a device that cannot be
+/// saved now says why.
+fn snapshot_and_restore_refuse_what_does_not_fit() -> Result {
+    let mut c = config(guest("vsock")?, "snap-bad");
+    let uds = scratch().join("snap-bad-vsock");
+    let ctl = scratch().join("snap-bad.sock");
+    c.vsock = Some(VsockConfig {
+        cid: 3,
+        uds: uds.clone(),
+    });
+    c.control_socket = Some(ctl.clone());
+    let vm = Vm::build(&c).map_err(|e| e.to_string())?;
+    hand_to_guest(&vm, &[vm.mmio_devices()[0].addr])?;
+    let exit = vm.exit_signal();
+    let t = std::thread::spawn(move || vm.run());
+    wait_for_console(&c, "ready")?;
+    let dir = scratch().join("snap-bad");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let (memory, state) = (dir.join("memory"), dir.join("state"));
+    let snap = serde_json::json!({"op": "snapshot", "memory": memory, "state": state});
+    let ask = |req: &serde_json::Value| {
+        podvisor_vmm_config::control::send(&ctl, req).map_err(|e| Failed::from(e.to_string()))
+    };
+    // A host connection held open: vsock cannot be saved with it.
+    let held = std::os::unix::net::UnixStream::connect(&uds).map_err(|e| e.to_string())?;
+    std::io::Write::write_all(&mut &held, b"CONNECT 1024\n").map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(200));
+    ask(&serde_json::json!({"op": "pause"}))?;
+    let refused = ask(&snap)?;
+    check(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("vsock connections are open")),
+        format!("snapshot with an open connection: {refused}"),
+    )?;
+    check(!state.exists(), "a refused snapshot wrote its state")?;
+    drop(held);
+    exit.trigger(ExitReason::Stopped);
+    let _ = t.join();
+
+    // A good snapshot to damage: a guest with no device at all.
+    let mut spin = config(guest("spin")?, "snap-spin");
+    let sctl = scratch().join("snap-spin.sock");
+    spin.control_socket = Some(sctl.clone());
+    let vm = Vm::build(&spin).map_err(|e| e.to_string())?;
+    let exit = vm.exit_signal();
+    let t = std::thread::spawn(move || vm.run());
+    wait_for_console(&spin, "spinning")?;
+    podvisor_vmm_config::control::request(&sctl, "pause").map_err(|e| e.to_string())?;
+    let same = serde_json::json!({"op": "snapshot", "memory": state, "state": state});
+    let refused = podvisor_vmm_config::control::send(&sctl, &same).map_err(|e| e.to_string())?;
+    check(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("are both")),
+        format!("memory and state at one path: {refused}"),
+    )?;
+    let saved = podvisor_vmm_config::control::send(&sctl, &snap).map_err(|e| e.to_string())?;
+    check(saved["ok"] == true, format!("snapshot: {saved}"))?;
+    exit.trigger(ExitReason::Stopped);
+    let _ = t.join();
+
+    let restoring = |edit: &dyn Fn(&mut VmConfig)| -> String {
+        let mut r = config(spin.kernel.clone(), "snap-restored");
+        r.restore = Some(podvisor_vmm_config::RestoreConfig {
+            memory: memory.clone(),
+            state: state.clone(),
+        });
+        edit(&mut r);
+        match Vm::build(&r) {
+            Ok(_) => "built".into(),
+            Err(e) => e.to_string(),
+        }
+    };
+    type Edit = fn(&mut VmConfig);
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        ("as saved", |_| {}, "built"),
+        (
+            "more memory",
+            |r| r.memory_mib = 64,
+            "memory_mib: 32 in the snapshot, 64 in the config",
+        ),
+        (
+            "two vCPUs",
+            |r| r.vcpus = 2,
+            "vcpus: 1 in the snapshot, 2 in the config",
+        ),
+        (
+            "a device added",
+            |r| r.rng = true,
+            "virtio devices: 0 () in the snapshot, 1 in the config",
+        ),
+        (
+            "another CPU (a feature hidden)",
+            |r| {
+                r.cpuid_hide = vec![podvisor_vmm_config::CpuidBits {
+                    leaf: 0x4000_0001,
+                    subleaf: 0,
+                    register: podvisor_vmm_config::CpuidRegister::Eax,
+                    bits: 1 << 3, // KVM_FEATURE_CLOCKSOURCE2
+                }]
+            },
+            "CPUID leaf 0x40000001 subleaf 0x0 differs from the snapshot's",
+        ),
+        (
+            "no state file",
+            |r| {
+                if let Some(x) = r.restore.as_mut() {
+                    x.state = scratch().join("no-such-state");
+                }
+            },
+            "no-such-state",
+        ),
+    ];
+    for (what, edit, want) in cases {
+        let got = restoring(&edit);
+        check(
+            got.contains(want),
+            format!("{what}: {got:?}, wanted {want:?}"),
+        )?;
+    }
+    // Damaged files: a truncated memory file, a state that is not JSON,
+    // a state of another format.
+    let len = std::fs::metadata(&memory).map_err(|e| e.to_string())?.len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&memory)
+        .map_err(|e| e.to_string())?;
+    f.set_len(len / 2).map_err(|e| e.to_string())?;
+    let got = restoring(&|_| {});
+    check(
+        got.contains("memory file") && got.contains("16777216 bytes"),
+        format!("truncated memory: {got}"),
+    )?;
+    f.set_len(len).map_err(|e| e.to_string())?;
+    let text = std::fs::read_to_string(&state).map_err(|e| e.to_string())?;
+    std::fs::write(&state, &text[..text.len() / 2]).map_err(|e| e.to_string())?;
+    let got = restoring(&|_| {});
+    check(
+        got.contains("is not a podvisor-vmm snapshot state"),
+        format!("truncated state: {got}"),
+    )?;
+    std::fs::write(&state, text.replacen("\"format\":1", "\"format\":99", 1))
+        .map_err(|e| e.to_string())?;
+    let got = restoring(&|_| {});
+    check(
+        got.contains("snapshot format 99"),
+        format!("other format: {got}"),
+    )
 }
 
 fn binary() -> PathBuf {
@@ -645,6 +928,14 @@ fn main() {
             control_socket_stops_a_halted_guest,
         ),
         ("binary_exit_statuses_and_sigterm", binary_exit_statuses),
+        (
+            "snapshot_resumes_and_restores_two_clones",
+            snapshot_resumes_and_restores_two_clones,
+        ),
+        (
+            "snapshot_and_restore_refuse_what_does_not_fit",
+            snapshot_and_restore_refuse_what_does_not_fit,
+        ),
         (
             "bad_input_refused_before_the_vm_runs",
             bad_input_is_refused_before_the_vm_runs,

@@ -6,6 +6,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use super::BusDevice;
 use crate::exit::{ExitReason, ExitSignal};
 
@@ -25,7 +27,32 @@ pub struct I8042 {
     last_was_cmd: bool,
 }
 
+/// The controller's state, as a snapshot holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042Snapshot {
+    pub control: u8,
+    pub out: Vec<u8>,
+    pub pending: Option<u8>,
+    pub last_was_cmd: bool,
+}
+
 impl I8042 {
+    pub fn save(&self) -> I8042Snapshot {
+        I8042Snapshot {
+            control: self.control,
+            out: self.out.iter().copied().collect(),
+            pending: self.pending,
+            last_was_cmd: self.last_was_cmd,
+        }
+    }
+
+    pub fn restore(&mut self, s: &I8042Snapshot) {
+        self.control = s.control;
+        self.out = s.out.iter().copied().collect();
+        self.pending = s.pending;
+        self.last_was_cmd = s.last_was_cmd;
+    }
+
     pub fn new(exit: Arc<ExitSignal>) -> I8042 {
         I8042 {
             exit,
@@ -124,6 +151,19 @@ mod tests {
         let mut b = [0u8];
         d.read(off, &mut b);
         b[0]
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let (mut d, _) = dev();
+        d.write(CMD, &[0x60]);
+        d.write(DATA, &[0x47]);
+        d.write(CMD, &[0x20]);
+        let snap = d.save();
+        let (mut e, _) = dev();
+        e.restore(&snap);
+        assert_eq!(e.save(), snap);
+        assert_eq!(rd(&mut e, DATA), 0x47);
     }
 
     #[test]

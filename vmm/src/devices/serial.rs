@@ -1,9 +1,12 @@
 //! COM1 (an 8250/16550 UART from vm-superio): the guest console. Output
 //! goes to a file or a pipe; interrupts reach the guest through an irqfd.
 //! There is no console input: podvisor guests are reached over vsock.
+//! Its registers are part of a snapshot ([`SerialSnapshot`]).
 
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial as Uart, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -33,11 +36,76 @@ impl std::fmt::Debug for Serial {
     }
 }
 
+/// The UART's registers and receive FIFO, as a snapshot holds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub registers: [u8; 9],
+    pub fifo: Vec<u8>,
+}
+
 impl Serial {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Serial {
         Serial {
             uart: Uart::new(IrqTrigger(irq), out),
             write_failed: false,
+        }
+    }
+
+    /// A UART in a snapshot's state (an interrupt it had pending is
+    /// raised again).
+    pub fn restored(
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+        snap: &SerialSnapshot,
+    ) -> Result<Serial, String> {
+        let [dll, dlm, ier, iir, lcr, lsr, mcr, msr, scr] = snap.registers;
+        let state = SerialState {
+            baud_divisor_low: dll,
+            baud_divisor_high: dlm,
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch: scr,
+            in_buffer: snap.fifo.clone(),
+        };
+        let uart = Uart::from_state(&state, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(Serial {
+            uart,
+            write_failed: false,
+        })
+    }
+
+    /// Raises the interrupt again if the UART has one pending (after a
+    /// restore: one raised before the interrupt controllers were restored
+    /// was lost).
+    pub fn retrigger(&self) {
+        if self.uart.state().interrupt_identification & 1 == 0 {
+            if let Err(e) = self.uart.interrupt_evt().trigger() {
+                tracing::warn!("raising the serial interrupt: {e}");
+            }
+        }
+    }
+
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            fifo: s.in_buffer,
         }
     }
 }
@@ -103,5 +171,26 @@ mod tests {
         let mut wide = [0u8; 4];
         s.read(9, &mut wide);
         assert_eq!(wide[0], 0xff);
+    }
+
+    #[test]
+    fn state_round_trips_and_bad_state_is_refused() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = Serial::new(irq.try_clone().unwrap(), Box::new(std::io::sink()));
+        s.write(3, &[0x03]); // LCR: 8N1
+        s.write(7, &[0x5a]); // scratch
+        let snap = s.save();
+        let r =
+            Serial::restored(irq.try_clone().unwrap(), Box::new(std::io::sink()), &snap).unwrap();
+        assert_eq!(r.save(), snap);
+        let mut scr = [0u8];
+        let mut r = r;
+        r.read(7, &mut scr);
+        assert_eq!(scr[0], 0x5a);
+        let too_full = SerialSnapshot {
+            fifo: vec![0; 1000],
+            ..snap
+        };
+        assert!(Serial::restored(irq, Box::new(std::io::sink()), &too_full).is_err());
     }
 }

@@ -5,7 +5,8 @@
  * be trusted to deliver interrupts, so the test checks the device's
  * INTERRUPT_STATUS instead (the irqfd is written alongside).
  *
- * The test writes the device's MMIO base at 0x180000. Rings (16
+ * The test writes the device's MMIO base at 0x180000 (none: the first
+ * virtio-mmio slot, where a config's only device is). Rings (16
  * entries): RX at 0x200000/0x201000/0x202000, TX at
  * 0x210000/0x211000/0x212000; buffers at 0x300000 (RX) and 0x310000 (TX);
  * the interrupt status bits seen are ORed at 0x160000. */
@@ -22,6 +23,10 @@
         .globl _start
 _start:
         mov 0x180000, %rbx              /* device */
+        test %rbx, %rbx
+        jnz 1f
+        mov $0xd0000000, %rbx           /* VIRTIO_MMIO_BASE */
+1:
         /* virtio: reset, ACKNOWLEDGE|DRIVER, VERSION_1, FEATURES_OK */
         movl $0, 0x70(%rbx)
         movl $1, 0x70(%rbx)

@@ -187,6 +187,9 @@ impl Block {
 }
 
 impl VirtioDevice for Block {
+    fn active(&self) -> Option<&Active> {
+        self.active.as_ref()
+    }
     fn device_type(&self) -> u32 {
         TYPE_BLOCK
     }

@@ -131,6 +131,9 @@ impl Fs {
 }
 
 impl VirtioDevice for Fs {
+    fn active(&self) -> Option<&Active> {
+        self.active.as_ref()
+    }
     fn device_type(&self) -> u32 {
         TYPE_FS
     }
@@ -165,6 +168,12 @@ impl VirtioDevice for Fs {
     }
     fn queue_event(&mut self, _index: usize) -> Result<(), DeviceError> {
         Ok(())
+    }
+    fn snapshot_blocker(&self) -> Option<String> {
+        Some(
+            "virtio-fs keeps its state in its vhost-user backend (virtiofsd), which cannot save it"
+                .into(),
+        )
     }
     fn handles_kicks(&self) -> bool {
         false

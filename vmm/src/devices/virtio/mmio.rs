@@ -1,10 +1,12 @@
 //! The virtio-mmio transport (virtio 1.2, section 4.2.2, version 2): the
 //! register window a driver programs (features, queues, status), and the
-//! hand-over of queues to the device on DRIVER_OK.
+//! hand-over of queues to the device on DRIVER_OK, and what a snapshot
+//! keeps of both ([`TransportSnapshot`]).
 
 use std::os::fd::RawFd;
 
-use virtio_queue::QueueT;
+use serde::{Deserialize, Serialize};
+use virtio_queue::{QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{lo32, Active, DeviceError, Interrupt, Queue, VirtioDevice, F_VERSION_1};
@@ -24,6 +26,69 @@ const S_DRIVER_OK: u32 = 4;
 const S_FEATURES_OK: u32 = 8;
 const S_NEEDS_RESET: u32 = 0x40;
 const S_FAILED: u32 = 0x80;
+
+/// A transport's registers and queues, as a snapshot holds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportSnapshot {
+    pub name: String,
+    pub device_type: u32,
+    pub status: u32,
+    pub driver_features: u64,
+    pub queue_select: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub active: bool,
+    pub failed: bool,
+    pub queues: Vec<QueueSnapshot>,
+}
+
+/// One queue's layout and ring positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> QueueSnapshot {
+        QueueSnapshot {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> QueueState {
+        QueueState {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx,
+        }
+    }
+}
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -193,36 +258,125 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        let r = self
+            .hand_over()
+            .and_then(|active| self.device.activate(active));
+        self.active = true;
+        self.check(r);
+    }
+
+    /// What the device gets on activation: its queues (each checked to
+    /// fit in guest memory) and their notify eventfds.
+    fn hand_over(&self) -> Result<Active, DeviceError> {
         let mut queues = Vec::new();
         for (i, q) in self.queues.iter().enumerate() {
             if q.ready() && !q.is_valid(&self.mem) {
-                return self.check(Err(DeviceError::Chain(format!(
+                return Err(DeviceError::Chain(format!(
                     "queue {i} does not fit in guest memory"
-                ))));
+                )));
             }
-            match Queue::try_from(q.state()) {
-                Ok(q) => queues.push(q),
-                Err(e) => return self.check(Err(e.into())),
-            }
+            queues.push(Queue::try_from(q.state())?);
         }
-        let kicks = match self
+        let kicks = self
             .kicks
             .iter()
             .map(|k| k.try_clone())
-            .collect::<Result<Vec<_>, _>>()
-        {
-            Ok(k) => k,
-            Err(e) => return self.check(Err(e.into())),
-        };
-        let r = self.device.activate(Active {
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Active {
             mem: self.mem.clone(),
             queues,
             irq: self.irq.clone(),
             kicks,
             features: self.driver_features,
-        });
-        self.active = true;
-        self.check(r);
+        })
+    }
+
+    /// The transport and its queues for a snapshot, or why the device
+    /// cannot be saved now.
+    pub fn save(&self) -> Result<TransportSnapshot, String> {
+        if let Some(why) = self.device.snapshot_blocker() {
+            return Err(format!("{}: {why}", self.name));
+        }
+        Ok(TransportSnapshot {
+            name: self.name.clone(),
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            config_generation: self.config_generation,
+            interrupt_status: self.irq.status(),
+            active: self.active,
+            failed: self.failed,
+            // A live device moves its own copies of the queues.
+            queues: self
+                .device
+                .active()
+                .map_or(&self.queues, |a| &a.queues)
+                .iter()
+                .map(|q| q.state().into())
+                .collect(),
+        })
+    }
+
+    /// Puts a saved transport back (guest memory already restored): the
+    /// same device in the same slot, its queues where the driver left
+    /// them, a live device handed its queues again.
+    pub fn restore(&mut self, s: &TransportSnapshot) -> Result<(), String> {
+        let name = self.name.clone();
+        let fail = |what: String| format!("{name}: {what}");
+        if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
+            return Err(fail(format!(
+                "the snapshot has device type {} with {} queues here ({}), the config type {} with {}",
+                s.device_type,
+                s.queues.len(),
+                s.name,
+                self.device.device_type(),
+                self.queues.len()
+            )));
+        }
+        let mut queues = Vec::new();
+        for (i, (saved, q)) in s.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != q.max_size() {
+                return Err(fail(format!(
+                    "queue {i} holds {} entries at most, not {}",
+                    q.max_size(),
+                    saved.max_size
+                )));
+            }
+            queues.push(
+                Queue::try_from(QueueState::from(*saved))
+                    .map_err(|e| fail(format!("queue {i}: {e}")))?,
+            );
+        }
+        self.queues = queues;
+        self.status = s.status;
+        self.driver_features = s.driver_features;
+        self.queue_select = s.queue_select;
+        self.device_features_select = s.device_features_select;
+        self.driver_features_select = s.driver_features_select;
+        self.config_generation = s.config_generation;
+        self.irq.ack(u32::MAX);
+        self.irq.set(s.interrupt_status);
+        self.failed = s.failed;
+        if s.active && !s.failed {
+            let active = self.hand_over().map_err(|e| fail(e.to_string()))?;
+            self.device
+                .activate(active)
+                .map_err(|e| fail(e.to_string()))?;
+            self.active = true;
+            self.device.restored().map_err(|e| fail(e.to_string()))?;
+        }
+        self.active = s.active;
+        // An interrupt the driver had not acknowledged: raised again (the
+        // controllers may not hold it; a spurious one is harmless).
+        if self.irq.status() != 0 {
+            if let Err(e) = self.irq.irqfd().write(1) {
+                tracing::warn!("{name}: raising its interrupt after a restore: {e}");
+            }
+        }
+        Ok(())
     }
 
     fn read_reg(&mut self, offset: u64) -> u32 {
@@ -374,6 +528,9 @@ pub(crate) mod tests {
     }
 
     impl VirtioDevice for Dummy {
+        fn active(&self) -> Option<&Active> {
+            self.active.as_ref()
+        }
         fn device_type(&self) -> u32 {
             42
         }
@@ -516,6 +673,50 @@ pub(crate) mod tests {
         assert!(!t.is_active());
         assert_eq!(log.lock().unwrap()[1], "reset");
         assert_eq!(rd(&mut t, 0x70), 0);
+    }
+
+    /// A transport restored from a snapshot taken after the device had
+    /// used two chains goes on at the third: its ring positions are the
+    /// device's, not those of the activation.
+    #[test]
+    fn snapshot_keeps_ring_positions_and_restore_goes_on_from_them() {
+        let (mut t, mem, _) = transport(false);
+        drive(&mut t, &mem, F_VERSION_1 | 1);
+        let m = mock(&mem, 0);
+        for i in 0..2u16 {
+            add_chain(&m, &[(i, desc(0x100000, 8, F_WRITE, 0))], i);
+        }
+        t.kick(0);
+        assert_eq!(used_count(&m), 2);
+        let snap = t.save().unwrap();
+        assert_eq!(
+            (snap.queues[0].next_avail, snap.queues[0].next_used),
+            (2, 2)
+        );
+        assert!(snap.active && snap.interrupt_status & 1 == 1);
+
+        let (mut r, _, log) = transport(false);
+        // The restored device shares guest memory with the first (as a
+        // restored VM's memory holds the saved rings).
+        r.mem = mem.clone();
+        r.restore(&snap).unwrap();
+        assert!(r.is_active());
+        assert_eq!(
+            log.lock().unwrap()[0],
+            format!("activate {:#x} 2", F_VERSION_1 | 1)
+        );
+        assert_eq!(r.save().unwrap(), snap);
+        add_chain(&m, &[(2, desc(0x100000, 8, F_WRITE, 0))], 2);
+        r.kick(0);
+        assert_eq!(used_count(&m), 3, "the third chain, used once");
+        assert!(r.is_active());
+
+        // Another device in the slot is refused, naming both.
+        let mut other = snap.clone();
+        other.device_type = 2;
+        let (mut x, _, _) = transport(false);
+        let e = x.restore(&other).unwrap_err();
+        assert!(e.contains("device type 2") && e.contains("type 42"), "{e}");
     }
 
     #[test]

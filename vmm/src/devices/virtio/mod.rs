@@ -94,6 +94,12 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Sets status bits without raising the interrupt (a restore: the
+    /// interrupt controller's own state says whether it is pending).
+    pub fn set(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
+
     pub fn irqfd(&self) -> &EventFd {
         &self.irqfd
     }
@@ -112,6 +118,9 @@ pub struct Active {
 }
 
 pub trait VirtioDevice: Send {
+    /// What the device was handed on activation (its queues as it moves
+    /// them), none before.
+    fn active(&self) -> Option<&Active>;
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; their count is the device's queue count.
     fn queue_max_sizes(&self) -> Vec<u16>;
@@ -134,6 +143,15 @@ pub trait VirtioDevice: Send {
     }
     /// `fds()[index]` is ready.
     fn fd_event(&mut self, _index: usize) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// Why the device cannot be saved in a snapshot now, if it cannot.
+    fn snapshot_blocker(&self) -> Option<String> {
+        None
+    }
+    /// A restore handed the device its queues again (after `activate`):
+    /// tell the driver what did not survive.
+    fn restored(&mut self) -> Result<(), DeviceError> {
         Ok(())
     }
 }

@@ -169,6 +169,9 @@ impl Net {
 }
 
 impl VirtioDevice for Net {
+    fn active(&self) -> Option<&Active> {
+        self.active.as_ref()
+    }
     fn device_type(&self) -> u32 {
         TYPE_NET
     }

@@ -40,6 +40,9 @@ fn fill(buf: &mut [u8]) -> std::io::Result<()> {
 }
 
 impl VirtioDevice for Rng {
+    fn active(&self) -> Option<&Active> {
+        self.active.as_ref()
+    }
     fn device_type(&self) -> u32 {
         TYPE_RNG
     }

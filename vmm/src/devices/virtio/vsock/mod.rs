@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::{
     complete, pop_chain, used_bytes, with_active, Active, DeviceError, VirtioDevice, F_VERSION_1,
@@ -43,6 +43,10 @@ use packet::*;
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
+const EVENT: usize = 2;
+/// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: the driver drops its connections
+/// and reads the guest CID again.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 pub const HOST_CID: u64 = 2;
 /// Largest payload per packet to the guest.
@@ -235,6 +239,9 @@ impl Vsock {
 }
 
 impl VirtioDevice for Vsock {
+    fn active(&self) -> Option<&Active> {
+        self.active.as_ref()
+    }
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
     }
@@ -249,7 +256,10 @@ impl VirtioDevice for Vsock {
     }
     fn activate(&mut self, active: Active) -> Result<(), DeviceError> {
         self.active = Some(active);
-        Ok(())
+        // Host clients that came before the driver was ready: the VMM's
+        // loop saw their sockets' edge while the device was inactive and
+        // will not see it again.
+        self.sockets_ready()
     }
     fn reset(&mut self) {
         self.active = None;
@@ -271,6 +281,32 @@ impl VirtioDevice for Vsock {
     }
     fn fd_event(&mut self, _index: usize) -> Result<(), DeviceError> {
         self.sockets_ready()
+    }
+    fn snapshot_blocker(&self) -> Option<String> {
+        let open = self.conns.len() + self.pending.len();
+        (open > 0).then(|| format!("{open} vsock connections are open; close them first"))
+    }
+    fn restored(&mut self) -> Result<(), DeviceError> {
+        with_active(
+            self,
+            |v| &mut v.active,
+            |_, a| {
+                if !a.queues[EVENT].ready() {
+                    return Ok(());
+                }
+                let Some(chain) = pop_chain(&mut a.queues[EVENT], &a.mem)? else {
+                    tracing::debug!("vsock: no event buffer for the transport reset");
+                    return Ok(());
+                };
+                let head = chain.head_index();
+                let mut w = chain
+                    .writer(&a.mem)
+                    .map_err(|e| DeviceError::Chain(format!("vsock event: {e}")))?;
+                w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes())
+                    .map_err(|e| DeviceError::Chain(format!("vsock event: {e}")))?;
+                complete(&mut a.queues[EVENT], &a.mem, &a.irq, head, 4)
+            },
+        )
     }
 }
 
@@ -303,14 +339,17 @@ mod tests {
 
     impl Rig {
         fn new() -> Rig {
+            let mut r = Rig::inactive();
+            r.activate();
+            r
+        }
+
+        /// The device before the driver sets DRIVER_OK.
+        fn inactive() -> Rig {
             let dir = tempfile::tempdir().unwrap();
             let uds = dir.path().join("v.sock");
             let mem = mem();
-            let mut dev = Vsock::new(GUEST_CID, &uds).unwrap();
-            let queues = (0..3)
-                .map(|i| mock(&mem, i).create_queue().unwrap())
-                .collect();
-            dev.activate(active(&mem, queues, F_VERSION_1).0).unwrap();
+            let dev = Vsock::new(GUEST_CID, &uds).unwrap();
             Rig {
                 mem,
                 dev,
@@ -319,6 +358,15 @@ mod tests {
                 rx_used: 0,
                 next_desc: 0,
             }
+        }
+
+        fn activate(&mut self) {
+            let queues = (0..3)
+                .map(|i| mock(&self.mem, i).create_queue().unwrap())
+                .collect();
+            self.dev
+                .activate(active(&self.mem, queues, F_VERSION_1).0)
+                .unwrap();
         }
 
         fn q(&self, i: u64) -> Mock<'_> {
@@ -396,6 +444,17 @@ mod tests {
             out.push(b[0]);
         }
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_host_client_before_the_driver_is_ready_is_served_once_it_is() {
+        let mut r = Rig::inactive();
+        let mut client = UnixStream::connect(&r.uds).unwrap();
+        client.write_all(b"CONNECT 1024\n").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        r.activate();
+        let (req, _) = r.rx().expect("REQUEST for the guest after activation");
+        assert_eq!((req.op, req.dst_port), (OP_REQUEST, 1024));
     }
 
     #[test]

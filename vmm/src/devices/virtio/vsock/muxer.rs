@@ -109,6 +109,8 @@ impl Vsock {
                             line: Vec::new(),
                         },
                     );
+                    // Its CONNECT line may be there already.
+                    self.pending_readable(t);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
