@@ -161,7 +161,7 @@ async fn snapshot_figures(cold: &console_boot::ConsoleBoot) -> Result<()> {
         console_boot::snapshot_boot(console_boot::SNAPSHOT_AT, Duration::from_secs(600)).await?;
     let pages = snap.saved["memory_pages"].as_u64().unwrap_or(0);
     row(
-        "podvisor-vmm snapshot of a booting 256 MiB Linux guest, 2 vCPUs (pause + save)",
+        "podvisor-vmm snapshot of a booting 256 MiB Linux guest, 2 vCPUs (vCPUs paused)",
         format!(
             "{:.0} ms, {:.1} MiB of memory",
             snap.saved["ms"].as_f64().unwrap_or(0.0),
