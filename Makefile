@@ -166,10 +166,12 @@ test-guest-kernel: guest-kernel
 # podvisor's kernel (its test-only `emulated` variant) booted by podvisor-vmm
 # with 2 vCPUs and every device, read from its console, under the /dev/kvm
 # there is (where KVM runs at hardware speed, test-vmm's full boot runs
-# instead); and the same kernel under QEMU TCG up to the agent.
+# instead), the same boot saved half-way and resumed by another VMM; and
+# the same kernel under QEMU TCG up to the agent. One at a time: two
+# emulated boots side by side each take more than twice as long.
 test-vmm-linux: guest-kernel guest-image
 	$(CARGO) build -p podvisor-vmm --bins
-	PODVISOR_KERNEL_DIR=$(CURDIR)/$(KERNEL_DIR) $(CARGO) test -p podvisor-testkit --test vmm_linux
+	PODVISOR_KERNEL_DIR=$(CURDIR)/$(KERNEL_DIR) $(CARGO) test -p podvisor-testkit --test vmm_linux -- --test-threads=1
 
 # The shim under Debian's containerd 1.6, then under 2.x.
 test-containerd: guest-image
