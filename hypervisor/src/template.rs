@@ -9,11 +9,11 @@
 //! restore ([`crate::Hypervisor::save_template`], [`crate::Hypervisor::restore`]).
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use podvisor_vmm_config::sparse::next_data;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
@@ -401,18 +401,6 @@ fn copy_memory(dir: &Path, to: Option<&File>) -> Result<(u64, String), Hyperviso
         pos = end;
     }
     Ok((pages, format!("{:032x}", h.digest128())))
-}
-
-/// The next data extent of `f` at or after `pos`: (start, end).
-fn next_data(f: &File, pos: u64, len: u64) -> Option<(u64, u64)> {
-    let seek = |off: u64, whence| {
-        // SAFETY: lseek on a descriptor the caller owns.
-        let r = unsafe { libc::lseek(f.as_raw_fd(), i64::try_from(off).ok()?, whence) };
-        u64::try_from(r).ok()
-    };
-    let start = seek(pos, libc::SEEK_DATA)?;
-    let end = seek(start, libc::SEEK_HOLE).unwrap_or(len).min(len);
-    Some((start, end))
 }
 
 fn checksum(data: &[u8]) -> String {

@@ -57,6 +57,21 @@ fn before(console: &str, first: &str, second: &str) -> Result<()> {
     Ok(())
 }
 
+/// Each of `drivers` bound a virtio device (the emulated kernel's
+/// "<driver> virtioN: podvisor: bound" line).
+fn bound(console: &str, drivers: &[&str]) -> Result<()> {
+    for driver in drivers {
+        let prefix = format!("{driver} virtio");
+        ensure!(
+            console
+                .lines()
+                .any(|l| l.starts_with(&prefix) && l.contains("podvisor: bound")),
+            "{driver} did not bind: no \"{prefix}N: podvisor: bound\" line"
+        );
+    }
+    Ok(())
+}
+
 async fn linux_sees_the_vmm_platform() -> Result<()> {
     let boot = console_boot::boot(BOOT_LIMIT).await?;
     eprintln!(
@@ -75,20 +90,16 @@ async fn linux_sees_the_vmm_platform() -> Result<()> {
         line_with(c, "ACPI: Interpreter enabled")?;
         line_with(c, "smp: Brought up 1 node, 2 CPUs")?;
         // Each virtio device, found through the DSDT and bound.
-        for driver in [
-            "vmw_vsock_virtio_transport",
-            "virtiofs",
-            "virtio_blk",
-            "virtio_net",
-            "virtio_rng",
-        ] {
-            let prefix = format!("{driver} virtio");
-            ensure!(
-                c.lines()
-                    .any(|l| l.starts_with(&prefix) && l.contains("podvisor: bound")),
-                "{driver} did not bind: no \"{prefix}N: podvisor: bound\" line"
-            );
-        }
+        bound(
+            c,
+            &[
+                "vmw_vsock_virtio_transport",
+                "virtiofs",
+                "virtio_blk",
+                "virtio_net",
+                "virtio_rng",
+            ],
+        )?;
         line_with(c, "podvisor: tag <podvisor>")?;
         line_with(
             c,
@@ -134,19 +145,15 @@ async fn linux_resumes_from_a_snapshot_taken_mid_boot() -> Result<()> {
             !c.contains("BIOS-e820") && !c.contains(SNAPSHOT_AT),
             "the restored guest booted again instead of going on"
         );
-        for driver in [
-            "vmw_vsock_virtio_transport",
-            "virtio_blk",
-            "virtio_net",
-            "virtio_rng",
-        ] {
-            let prefix = format!("{driver} virtio");
-            ensure!(
-                c.lines()
-                    .any(|l| l.starts_with(&prefix) && l.contains("podvisor: bound")),
-                "{driver} did not bind after the restore"
-            );
-        }
+        bound(
+            c,
+            &[
+                "vmw_vsock_virtio_transport",
+                "virtio_blk",
+                "virtio_net",
+                "virtio_rng",
+            ],
+        )?;
         let eth0 = line_with(c, "device=eth0")?;
         ensure!(eth0.contains(&format!("hwaddr={MAC}")), "eth0: {eth0}");
         before(c, "virtio_rng virtio", "random: crng init done")?;

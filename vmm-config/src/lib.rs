@@ -7,6 +7,7 @@
 //!   it is reported before anything is built;
 //! - [`limits`]: the VMM's limits that validation checks;
 //! - [`control`]: the client side of the VMM's control socket;
+//! - [`sparse`]: walking a snapshot's sparse memory file;
 //! - [`probe::Verdict`]: what `podvisor-vmm --probe` prints.
 //!
 //! ```json
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 pub mod control;
 pub mod limits;
 pub mod probe;
+pub mod sparse;
 
 use limits::{
     CMDLINE_MAX, FS_TAG_MAX, IFNAMSIZ, MAX_CPUID_HIDE, MAX_CPUS, MAX_MEMORY_MIB,

@@ -5,10 +5,11 @@
 //! sparse file in RAM order whose holes are zero pages.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use podvisor_vmm_config::sparse::next_data;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
@@ -154,21 +155,6 @@ fn guest_addr(ranges: &[(GuestAddress, u64)], mut offset: u64) -> u64 {
         offset -= len;
     }
     u64::MAX
-}
-
-/// The next data extent of `f` at or after `pos`: (start, end).
-fn next_data(f: &File, pos: u64, len: u64) -> Option<(u64, u64)> {
-    if pos >= len {
-        return None;
-    }
-    let seek = |off: u64, whence| {
-        // SAFETY: lseek on a descriptor `f` owns.
-        let r = unsafe { libc::lseek(f.as_raw_fd(), i64::try_from(off).ok()?, whence) };
-        u64::try_from(r).ok()
-    };
-    let start = seek(pos, libc::SEEK_DATA)?;
-    let end = seek(start, libc::SEEK_HOLE).unwrap_or(len).min(len);
-    Some((start, end))
 }
 
 /// The guest-physical ranges RAM occupies for a guest of `size` bytes.

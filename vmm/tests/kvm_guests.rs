@@ -475,15 +475,21 @@ fn join(
     t.join().map_err(|_| "VM thread panicked".into())
 }
 
-/// The vsock guest, its driver up and waiting for a host connection, is
-/// paused and saved; the original resumes and two VMs restored from the
-/// snapshot (each its own console, socket and copy of memory) go on from
-/// that very point: each answers its own connection, echoes its own
-/// bytes and powers off, none printing what the guest printed before.
-fn snapshot_resumes_and_restores_two_clones() -> Result {
-    let mut c = config(guest("vsock")?, "snap-orig");
-    let uds = scratch().join("snap-orig-vsock");
-    let ctl = scratch().join("snap-orig.sock");
+/// The vsock guest with a control socket, running on a thread once its
+/// driver is ready: its config, hybrid-vsock socket, control socket, exit
+/// signal and thread.
+struct ControlledVsockGuest {
+    c: VmConfig,
+    uds: PathBuf,
+    ctl: PathBuf,
+    exit: std::sync::Arc<podvisor_vmm::exit::ExitSignal>,
+    thread: std::thread::JoinHandle<ExitReason>,
+}
+
+fn controlled_vsock_guest(name: &str) -> std::result::Result<ControlledVsockGuest, Failed> {
+    let mut c = config(guest("vsock")?, name);
+    let uds = scratch().join(format!("{name}-vsock"));
+    let ctl = scratch().join(format!("{name}.sock"));
     c.vsock = Some(VsockConfig {
         cid: 3,
         uds: uds.clone(),
@@ -492,8 +498,30 @@ fn snapshot_resumes_and_restores_two_clones() -> Result {
     let vm = Vm::build(&c).map_err(|e| e.to_string())?;
     hand_to_guest(&vm, &[vm.mmio_devices()[0].addr])?;
     let exit = vm.exit_signal();
-    let t = std::thread::spawn(move || vm.run());
+    let thread = std::thread::spawn(move || vm.run());
     wait_for_console(&c, "ready")?;
+    Ok(ControlledVsockGuest {
+        c,
+        uds,
+        ctl,
+        exit,
+        thread,
+    })
+}
+
+/// The vsock guest, its driver up and waiting for a host connection, is
+/// paused and saved; the original resumes and two VMs restored from the
+/// snapshot (each its own console, socket and copy of memory) go on from
+/// that very point: each answers its own connection, echoes its own
+/// bytes and powers off, none printing what the guest printed before.
+fn snapshot_resumes_and_restores_two_clones() -> Result {
+    let ControlledVsockGuest {
+        c,
+        uds,
+        ctl,
+        exit,
+        thread: t,
+    } = controlled_vsock_guest("snap-orig")?;
     let ask = |req: serde_json::Value| -> std::result::Result<serde_json::Value, Failed> {
         podvisor_vmm_config::control::send(&ctl, &req).map_err(|e| format!("{req}: {e}").into())
     };
@@ -583,19 +611,13 @@ fn snapshot_resumes_and_restores_two_clones() -> Result {
 /// before anything runs, naming what is wrong; a device that cannot be
 /// saved now says why.
 fn snapshot_and_restore_refuse_what_does_not_fit() -> Result {
-    let mut c = config(guest("vsock")?, "snap-bad");
-    let uds = scratch().join("snap-bad-vsock");
-    let ctl = scratch().join("snap-bad.sock");
-    c.vsock = Some(VsockConfig {
-        cid: 3,
-        uds: uds.clone(),
-    });
-    c.control_socket = Some(ctl.clone());
-    let vm = Vm::build(&c).map_err(|e| e.to_string())?;
-    hand_to_guest(&vm, &[vm.mmio_devices()[0].addr])?;
-    let exit = vm.exit_signal();
-    let t = std::thread::spawn(move || vm.run());
-    wait_for_console(&c, "ready")?;
+    let ControlledVsockGuest {
+        uds,
+        ctl,
+        exit,
+        thread: t,
+        ..
+    } = controlled_vsock_guest("snap-bad")?;
     let dir = scratch().join("snap-bad");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (memory, state) = (dir.join("memory"), dir.join("state"));
