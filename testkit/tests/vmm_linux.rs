@@ -72,6 +72,24 @@ fn bound(console: &str, drivers: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The boot's end, once the devices are bound: eth0 with its MAC, the
+/// crng seeded by virtio-rng (neither the CPU nor the boot loader is
+/// trusted on this boot) before `Run /init`; init cannot run here, so the
+/// kernel panics and resets (panic=-1, reboot=k), and the VMM's status
+/// for a reset is 3.
+fn ends_as_designed(c: &str, status: std::process::ExitStatus) -> Result<()> {
+    let eth0 = line_with(c, "device=eth0")?;
+    ensure!(eth0.contains(&format!("hwaddr={MAC}")), "eth0: {eth0}");
+    before(c, "virtio_rng virtio", "random: crng init done")?;
+    before(c, "random: crng init done", RUN_INIT)?;
+    line_with(c, "Kernel panic - not syncing")?;
+    ensure!(
+        status.code() == Some(3),
+        "podvisor-vmm exited {status}; a reset is 3"
+    );
+    Ok(())
+}
+
 async fn linux_sees_the_vmm_platform() -> Result<()> {
     let boot = console_boot::boot(BOOT_LIMIT).await?;
     eprintln!(
@@ -105,20 +123,7 @@ async fn linux_sees_the_vmm_platform() -> Result<()> {
             c,
             &format!("[vda] {} 512-byte logical blocks", DISK_BYTES / 512),
         )?;
-        let eth0 = line_with(c, "device=eth0")?;
-        ensure!(eth0.contains(&format!("hwaddr={MAC}")), "eth0: {eth0}");
-        // Seeded by virtio-rng: neither the CPU nor the boot loader is
-        // trusted on this boot.
-        before(c, "virtio_rng virtio", "random: crng init done")?;
-        before(c, "random: crng init done", RUN_INIT)?;
-        // The end: init cannot run here; the kernel panics and resets
-        // (panic=-1, reboot=k), the VMM's status for a reset is 3.
-        line_with(c, "Kernel panic - not syncing")?;
-        ensure!(
-            boot.status.code() == Some(3),
-            "podvisor-vmm exited {}; a reset is 3",
-            boot.status
-        );
+        ends_as_designed(c, boot.status)?;
         ensure!(boot.helpers_gone, "virtiofsd outlived the VM");
         Ok(())
     };
@@ -154,16 +159,7 @@ async fn linux_resumes_from_a_snapshot_taken_mid_boot() -> Result<()> {
                 "virtio_rng",
             ],
         )?;
-        let eth0 = line_with(c, "device=eth0")?;
-        ensure!(eth0.contains(&format!("hwaddr={MAC}")), "eth0: {eth0}");
-        before(c, "virtio_rng virtio", "random: crng init done")?;
-        before(c, "random: crng init done", RUN_INIT)?;
-        line_with(c, "Kernel panic - not syncing")?;
-        ensure!(
-            r.status.code() == Some(3),
-            "the restored podvisor-vmm exited {}; a reset is 3",
-            r.status
-        );
+        ends_as_designed(c, r.status)?;
         line_with(&r.vmm_log, "restored a snapshot in")?;
         Ok(())
     };
