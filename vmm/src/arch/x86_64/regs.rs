@@ -37,6 +37,15 @@ const CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
+/// MSR `index` with value `data`, as KVM_GET/SET_MSRS take it.
+pub fn msr_entry(index: u32, data: u64) -> kvm_msr_entry {
+    kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    }
+}
+
 /// A GDT descriptor from its flags, base and limit.
 const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
     ((base as u64 & 0xff00_0000) << 32)
@@ -166,11 +175,7 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), RegsError> {
         (0x2ff, (1 << 11) | 6),           // MTRRdefType: enabled, WB
     ]
     .iter()
-    .map(|&(index, data)| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    })
+    .map(|&(index, data)| msr_entry(index, data))
     .collect();
     let msrs = Msrs::from_entries(&entries).map_err(|_| RegsError::Msrs {
         set: 0,

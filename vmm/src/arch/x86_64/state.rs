@@ -14,6 +14,8 @@ use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+
+use super::regs::msr_entry;
 use serde::{Deserialize, Serialize};
 
 /// The legacy XSAVE area this format holds; hosts whose guests may use
@@ -112,13 +114,7 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, StateError
     let mut i = 0;
     while i < indices.len() {
         let batch = &indices[i..indices.len().min(i + MSR_BATCH)];
-        let entries: Vec<kvm_msr_entry> = batch
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
+        let entries: Vec<kvm_msr_entry> = batch.iter().map(|&i| msr_entry(i, 0)).collect();
         let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError::Kvm {
             ioctl: "KVM_GET_MSRS",
             source: kvm_ioctls::Error::new(libc::E2BIG),
@@ -200,15 +196,8 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
     fd.set_debug_regs(&s.debug_regs)
         .map_err(kvm("KVM_SET_DEBUGREGS"))?;
     fd.set_lapic(&s.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
-    let mut entries: Vec<kvm_msr_entry> = s
-        .msrs
-        .iter()
-        .map(|&(index, data)| kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        })
-        .collect();
+    let mut entries: Vec<kvm_msr_entry> =
+        s.msrs.iter().map(|&(i, data)| msr_entry(i, data)).collect();
     // The TSC deadline is relative to the TSC: set it after.
     entries.sort_by_key(|e| e.index == MSR_TSC_DEADLINE);
     for batch in entries.chunks(MSR_BATCH) {
