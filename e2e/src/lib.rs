@@ -163,10 +163,22 @@ impl Cluster {
         .map_err(|e| anyhow!("{e}\n{}", self.describe(pod)))
     }
 
-    /// `kubectl describe pod` for an error message.
+    /// `kubectl describe pod` for an error message, with the nodes' taints
+    /// and conditions (a pod that never schedules says why only there).
     pub fn describe(&self, pod: &str) -> String {
-        self.kubectl(&["describe", "pod", pod])
-            .unwrap_or_else(|e| e.to_string())
+        let pod = self
+            .kubectl(&["describe", "pod", pod])
+            .unwrap_or_else(|e| e.to_string());
+        let nodes = self
+            .kubectl(&[
+                "get",
+                "nodes",
+                "-o",
+                "jsonpath={range .items[*]}node {.metadata.name} taints: {.spec.taints}{\"\\n\"}\
+                 {range .status.conditions[*]}  {.type}={.status} {.reason}: {.message}{\"\\n\"}{end}{end}",
+            ])
+            .unwrap_or_else(|e| e.to_string());
+        format!("{pod}\n{nodes}")
     }
 
     /// Polls `check` every half second until it returns Some, for `secs`.
