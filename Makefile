@@ -21,7 +21,7 @@ CONFIG_DIR   ?= /etc/podvisor
 DEB_PACKAGES := qemu-system-x86 qemu-system-common seabios busybox-static \
                 containerd containernetworking-plugins iproute2 bsdutils \
                 cpio kmod zstd file ca-certificates binutils openssl curl \
-                iptables musl-tools docker-registry \
+                iptables musl-tools docker-registry strace \
                 linux-source-6.12 xz-utils make gcc flex bison bc libelf-dev patch
 VHOST_DEVICE_VSOCK_VERSION := 0.3.0
 MUSL_RELEASE := target/$(AGENT_TARGET)/release
@@ -37,7 +37,7 @@ SHELL        := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: guest-image-debian test-guest-kernel test-vmm-linux test-guest-debian help deps build agent guest-kernel guest-image shim install uninstall demo bench \
-        test lint test-unit test-vmm test-guest test-containerd test-network test-warm \
+        test lint test-unit test-vmm test-security test-guest test-containerd test-network test-warm \
         test-cri upstream cluster-up cluster-down test-e2e e2e-kind clean \
         static crds controller-image test-controller
 
@@ -120,7 +120,7 @@ bench: shim guest-image guest-image-debian install upstream
 	cluster/with.sh target/release/podvisor-pod-bench
 
 # test-controller last: it ends with the node installer's uninstall.
-test: lint test-unit test-guest-kernel test-vmm test-vmm-linux test-guest test-guest-debian test-containerd test-network test-warm test-cri test-e2e test-controller
+test: lint test-unit test-guest-kernel test-vmm test-vmm-linux test-security test-guest test-guest-debian test-containerd test-network test-warm test-cri test-e2e test-controller
 
 # Crates only the VMM may link: the shim and the hypervisor layer know
 # nothing of KVM ioctls (they run podvisor-vmm, and its probe, as programs).
@@ -140,9 +140,19 @@ test-unit:
 # Small guests under /dev/kvm (any KVM, even nested), then the guest image
 # on the VMM (only where KVM runs guest code at hardware speed).
 test-vmm: guest-image
-	$(CARGO) test -p podvisor-vmm --test kvm_guests
+	$(CARGO) test -p podvisor-vmm --features test-hooks --test kvm_guests
 	$(CARGO) build -p podvisor-vmm --bins
 	$(CARGO) test -p podvisor-testkit --test vmm
+
+# The host-side confinement of a VM's processes, checked from outside: a
+# QEMU VM and its helpers, the in-tree VMM's threads, and a VMM killed by
+# its seccomp filter (a copy built with the test-only hook, beside the
+# real one).
+test-security: guest-image
+	$(CARGO) build -p podvisor-vmm --bins --features test-hooks
+	cp target/debug/podvisor-vmm target/debug/podvisor-vmm-test-hooks
+	$(CARGO) build -p podvisor-vmm --bins
+	PODVISOR_VMM_HOOKS=$(CURDIR)/target/debug/podvisor-vmm-test-hooks $(CARGO) test -p podvisor-testkit --test security
 
 test-guest: guest-image
 	$(CARGO) test -p podvisor-testkit --test agent

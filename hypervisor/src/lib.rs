@@ -17,9 +17,11 @@
 //! - [`template`]: warm start, VMs restored from a saved template (QEMU;
 //!   [`qmp`] drives it);
 //! - [`process`]: supervision of every process above;
+//! - [`jail`]: how those processes are confined on the host;
 //! - [`probe`]: the KVM probe's verdict, cached once per host boot;
 //! - [`select`]: which backend a VM gets, and why.
 
+pub mod jail;
 pub mod probe;
 pub mod process;
 pub mod qemu;
@@ -35,9 +37,10 @@ use async_trait::async_trait;
 use podvisor_names::paths;
 use serde::Deserialize;
 
+pub use jail::Jail;
 pub use podvisor_vmm_config::CpuidBits;
 pub use probe::Verdict;
-pub use process::{log_tails, run_in_netns, Supervised};
+pub use process::{describe_exit, log_tails, run_in_netns, Supervised};
 pub use qemu::Accel;
 
 /// The guest CID; each VM has its own vsock device, so one value serves all.
@@ -245,15 +248,16 @@ impl Default for Paths {
 pub async fn select(
     kind: HypervisorKind,
     paths: &Paths,
+    jail: Jail,
     state_root: &Path,
 ) -> Result<(Box<dyn Hypervisor>, String), HypervisorError> {
     let verdict = probe::verdict(&paths.vmm, state_root).await;
     let fast = verdict.is_fast();
     let accel = if fast { Accel::Kvm } else { Accel::Tcg };
-    let qemu = || -> Box<dyn Hypervisor> { Box::new(qemu::Qemu::new(paths.clone(), accel)) };
+    let qemu = || -> Box<dyn Hypervisor> { Box::new(qemu::Qemu::new(paths.clone(), accel, jail)) };
     Ok(match (kind, fast) {
         (HypervisorKind::Vmm, true) | (HypervisorKind::Auto, true) => (
-            Box::new(vmm::Vmm::new(paths.clone())),
+            Box::new(vmm::Vmm::new(paths.clone(), jail)),
             format!("{kind:?} -> vmm: {verdict}"),
         ),
         (HypervisorKind::Vmm, false) => {
@@ -263,7 +267,7 @@ pub async fn select(
                 )));
             }
             (
-                Box::new(vmm::Vmm::new(paths.clone())),
+                Box::new(vmm::Vmm::new(paths.clone(), jail)),
                 format!("Vmm -> vmm as configured, although {verdict}"),
             )
         }

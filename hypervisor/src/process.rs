@@ -178,6 +178,20 @@ impl Supervised {
     }
 }
 
+/// How a VM-side process ended, in words. SIGSYS is a seccomp filter's
+/// verdict: the process made a system call its filter forbids (a bug in
+/// the rules, or a guest that took over the process).
+pub fn describe_exit(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (_, Some(libc::SIGSYS)) => {
+            "killed by SIGSYS: a system call outside its seccomp filter".into()
+        }
+        (_, Some(sig)) => format!("killed by signal {sig}"),
+        (Some(code), None) => format!("exit status {code}"),
+        (None, None) => status.to_string(),
+    }
+}
+
 /// Start time of `pid` (jiffies since boot, field 22 of /proc/<pid>/stat),
 /// if it runs: with the pid, it names one process for good.
 pub fn process_start_time(pid: u32) -> Option<u64> {
@@ -210,7 +224,7 @@ pub async fn wait_until(
         if let Some(st) = child.exited() {
             return Err(HypervisorError::EarlyExit {
                 name: child.name,
-                status: st.to_string(),
+                status: describe_exit(st),
                 log: log.to_owned(),
             });
         }
@@ -351,6 +365,16 @@ mod tests {
         })
         .await
         .unwrap();
+    }
+
+    #[test]
+    fn exits_are_described_and_sigsys_names_seccomp() {
+        assert_eq!(describe_exit(ExitStatus::from_raw(3 << 8)), "exit status 3");
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(libc::SIGKILL)),
+            "killed by signal 9"
+        );
+        assert!(describe_exit(ExitStatus::from_raw(libc::SIGSYS)).contains("seccomp filter"));
     }
 
     #[test]

@@ -25,7 +25,8 @@ use crate::process::{place_vm, wait_for_socket, wait_until, Supervised, HELPER_R
 use crate::qmp::Qmp;
 use crate::template::{self, Template};
 use crate::{
-    virtiofsd, Hypervisor, HypervisorError, Paths, RunningVm, VmSpec, GUEST_CID, GUEST_PARAMS,
+    jail, virtiofsd, Hypervisor, HypervisorError, Jail, Paths, RunningVm, VmSpec, GUEST_CID,
+    GUEST_PARAMS,
 };
 
 /// TCG translation cache per VM, MiB.
@@ -59,6 +60,7 @@ impl Accel {
 pub struct Qemu {
     paths: Paths,
     accel: Accel,
+    jail: Jail,
 }
 
 /// The helpers a VM's vhost-user devices are served by, and their sockets.
@@ -77,8 +79,8 @@ impl Helpers {
 }
 
 impl Qemu {
-    pub fn new(paths: Paths, accel: Accel) -> Qemu {
-        Qemu { paths, accel }
+    pub fn new(paths: Paths, accel: Accel, jail: Jail) -> Qemu {
+        Qemu { paths, accel, jail }
     }
 
     /// Starts vhost-device-vsock and virtiofsd for `spec`; returns once
@@ -93,18 +95,15 @@ impl Qemu {
         for stale in [&vsock_sock, &spec.vsock] {
             let _ = std::fs::remove_file(stale);
         }
-        let mut vsock = Supervised::spawn(
-            "vhost-device-vsock",
-            Command::new(&self.paths.vhost_device_vsock)
-                .arg("--vm")
-                .arg(format!(
-                    "guest-cid={GUEST_CID},socket={},uds-path={}",
-                    vsock_sock.display(),
-                    spec.vsock.display()
-                )),
-            &vsock_log,
-        )?;
-        let (mut fs, fs_sock) = match virtiofsd::start(&self.paths, spec).await {
+        let mut cmd = Command::new(&self.paths.vhost_device_vsock);
+        cmd.arg("--vm").arg(format!(
+            "guest-cid={GUEST_CID},socket={},uds-path={}",
+            vsock_sock.display(),
+            spec.vsock.display()
+        ));
+        self.jail.confine(&mut cmd, spec);
+        let mut vsock = Supervised::spawn("vhost-device-vsock", &mut cmd, &vsock_log)?;
+        let (mut fs, fs_sock) = match virtiofsd::start(&self.paths, self.jail, spec).await {
             Ok(fs) => fs,
             Err(e) => {
                 vsock.kill().await;
@@ -146,6 +145,11 @@ impl Qemu {
             ])
             .args(["-m", &format!("{mem}M"), "-smp", &spec.vcpus.to_string()])
             .args(["-nodefaults", "-nographic", "-no-reboot"])
+            .args(if self.jail.enabled {
+                &["-sandbox", jail::QEMU_SANDBOX][..]
+            } else {
+                &[]
+            })
             .args([
                 "-object",
                 &format!("{memory_backend},id=mem,size={mem}M,share=on"),
@@ -189,11 +193,13 @@ impl Qemu {
     }
 
     async fn spawn_vm(
+        &self,
         qemu: &mut Command,
         spec: &VmSpec,
         helpers: Helpers,
     ) -> Result<(Supervised, Helpers), HypervisorError> {
         match place_vm(qemu, spec)
+            .map(|()| self.jail.confine(qemu, spec))
             .and_then(|()| Supervised::spawn("qemu", qemu, &spec.dir.join("qemu.log")))
         {
             Ok(vm) => Ok((vm, helpers)),
@@ -278,6 +284,22 @@ impl Qemu {
         }
         Ok(())
     }
+}
+
+/// Runs `command` ("migrate" or "migrate-incoming") to completion on
+/// `file`, a template's device state, with `x-ignore-shared` (RAM stays
+/// in its shared file). The file goes over QMP as a descriptor: the
+/// sandboxed QEMU may not spawn a helper to read or write it.
+async fn migrate(qmp: &mut Qmp, command: &str, file: std::fs::File) -> Result<(), HypervisorError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+    )
+    .await?;
+    qmp.getfd("state", file.as_fd()).await?;
+    drop(file);
+    qmp.execute(command, json!({"uri": "fd:state"})).await?;
+    qmp.wait_migration(MIGRATION_TIMEOUT).await
 }
 
 /// Opens the tap `name` in `netns` (a thread enters it; the process stays
@@ -378,7 +400,7 @@ impl Hypervisor for Qemu {
                 &format!("virtio-net-pci,netdev=net{i},mac={}", n.mac),
             ]);
         }
-        let (vm, helpers) = Self::spawn_vm(&mut qemu, spec, helpers).await?;
+        let (vm, helpers) = self.spawn_vm(&mut qemu, spec, helpers).await?;
         Ok(self.running(spec, vm, helpers))
     }
 
@@ -392,6 +414,7 @@ impl Hypervisor for Qemu {
         );
         Self::warm_devices(&mut qemu, d);
         place_vm(&mut qemu, spec)?;
+        self.jail.confine(&mut qemu, spec);
         let mut vm = Supervised::spawn("qemu", &mut qemu, &d.join("qemu.log"))?;
         let saved = async {
             let console = d.join("console.log");
@@ -407,19 +430,13 @@ impl Hypervisor for Qemu {
             )
             .await?;
             let mut qmp = Qmp::connect(&d.join("qmp.sock"), HELPER_READY).await?;
-            qmp.execute(
-                "migrate-set-capabilities",
-                json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
-            )
-            .await?;
             qmp.execute("stop", json!({})).await?;
             let state = d.join(template::STATE);
-            qmp.execute(
-                "migrate",
-                json!({"uri": format!("exec:cat > '{}'", state.display())}),
-            )
-            .await?;
-            qmp.wait_migration(MIGRATION_TIMEOUT).await?;
+            let out = std::fs::File::create(&state).map_err(|source| HypervisorError::Io {
+                what: format!("creating {}", state.display()),
+                source,
+            })?;
+            migrate(&mut qmp, "migrate", out).await?;
             let _ = qmp.execute("quit", json!({})).await;
             Ok::<_, HypervisorError>(())
         }
@@ -502,21 +519,15 @@ impl Hypervisor for Qemu {
                 Ok(())
             });
         }
-        let (mut vm, helpers) = Self::spawn_vm(&mut qemu, spec, helpers).await?;
+        let (mut vm, helpers) = self.spawn_vm(&mut qemu, spec, helpers).await?;
         drop(memfd);
         let resumed = async {
             let mut qmp = Qmp::connect(&spec.dir.join("qmp.sock"), HELPER_READY).await?;
-            qmp.execute(
-                "migrate-set-capabilities",
-                json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
-            )
-            .await?;
-            qmp.execute(
-                "migrate-incoming",
-                json!({"uri": format!("exec:cat '{}'", state_file.display())}),
-            )
-            .await?;
-            qmp.wait_migration(MIGRATION_TIMEOUT).await?;
+            let state = std::fs::File::open(&state_file).map_err(|source| HypervisorError::Io {
+                what: format!("opening {}", state_file.display()),
+                source,
+            })?;
+            migrate(&mut qmp, "migrate-incoming", state).await?;
             Self::plug_and_resume(&mut qmp, spec, &helpers).await
         }
         .await;

@@ -12,7 +12,7 @@ use tokio::process::Command;
 
 use crate::process::{place_vm, wait_for_socket, Supervised};
 use crate::{
-    virtiofsd, Hypervisor, HypervisorError, Paths, RunningVm, VmSpec, GUEST_CID, GUEST_PARAMS,
+    virtiofsd, Hypervisor, HypervisorError, Jail, Paths, RunningVm, VmSpec, GUEST_CID, GUEST_PARAMS,
 };
 
 /// How long the VMM may take to build the VM (it binds the vsock socket
@@ -27,11 +27,12 @@ const BASE_PARAMS: &str = "reboot=k i8042.noaux i8042.nomux i8042.dumbkbd";
 #[derive(Debug)]
 pub struct Vmm {
     paths: Paths,
+    jail: Jail,
 }
 
 impl Vmm {
-    pub fn new(paths: Paths) -> Vmm {
-        Vmm { paths }
+    pub fn new(paths: Paths, jail: Jail) -> Vmm {
+        Vmm { paths, jail }
     }
 
     /// The VMM's config for `spec`, with virtiofsd at `fs_socket`.
@@ -86,7 +87,7 @@ impl Hypervisor for Vmm {
     }
 
     async fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError> {
-        let (mut fs_helper, fs_sock) = virtiofsd::start(&self.paths, spec).await?;
+        let (mut fs_helper, fs_sock) = virtiofsd::start(&self.paths, self.jail, spec).await?;
         let io = |what: String| move |source| HypervisorError::Io { what, source };
         let written = Self::config(spec, &fs_sock).and_then(|c| {
             c.validate()
@@ -106,8 +107,12 @@ impl Hypervisor for Vmm {
         };
         let log = spec.dir.join("vmm.log");
         let mut cmd = Command::new(&self.paths.vmm);
+        if !self.jail.enabled {
+            cmd.arg("--no-seccomp");
+        }
         cmd.arg("--config").arg(&config);
         let vm = match place_vm(&mut cmd, spec)
+            .map(|()| self.jail.confine(&mut cmd, spec))
             .and_then(|()| Supervised::spawn("podvisor-vmm", &mut cmd, &log))
         {
             Ok(vm) => vm,

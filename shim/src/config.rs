@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use podvisor_hypervisor::{CpuidBits, HypervisorKind, Paths, VmSpec};
+use podvisor_hypervisor::{CpuidBits, HypervisorKind, Jail, Paths, VmSpec};
 use podvisor_names::annotations::{
     self, HYPERVISOR as ANNOTATION_HYPERVISOR, KERNEL_PARAMS as ANNOTATION_KERNEL_PARAMS,
     MEMORY_MIB as ANNOTATION_MEMORY, VCPUS as ANNOTATION_VCPUS,
@@ -63,6 +63,8 @@ pub struct Config {
     /// (`[[cpuid_hide]]` tables: leaf, subleaf, register, bits).
     pub cpuid_hide: Vec<CpuidBits>,
     pub paths: Paths,
+    /// `[jail]`: how the VM's processes are confined on the host.
+    pub jail: Jail,
     pub warm: Warm,
     /// The file this was read from, if one was named (a pool filler the
     /// shim starts reads the same).
@@ -116,6 +118,7 @@ impl Default for Config {
             allow_host_namespaces: false,
             cpuid_hide: Vec::new(),
             paths: Paths::default(),
+            jail: Jail::default(),
             warm: Warm::default(),
             source: None,
         }

@@ -223,7 +223,9 @@ impl PodNetwork {
     async fn join(netns: &Path, l: &Link) -> Result<(), NetworkError> {
         let mtu = l.mtu.to_string();
         let steps: [&[&str]; 3] = [
-            &["ip", "tuntap", "add", "dev", &l.tap, "mode", "tap"],
+            // Owned by root: the VM process, root without capabilities
+            // (hypervisor::jail), may then attach to it.
+            &["ip", "tuntap", "add", "dev", &l.tap, "mode", "tap", "user", "0"],
             &["ip", "link", "set", "dev", &l.tap, "mtu", &mtu],
             &["ip", "link", "set", "dev", &l.tap, "up"],
         ];

@@ -106,8 +106,13 @@ impl Pod {
                 });
             }
         }
-        let (hv, why) =
-            hypervisor::select(sizing.hypervisor, &config.paths, Path::new(STATE_ROOT)).await?;
+        let (hv, why) = hypervisor::select(
+            sizing.hypervisor,
+            &config.paths,
+            config.jail,
+            Path::new(STATE_ROOT),
+        )
+        .await?;
         tracing::info!(sandbox = id, "hypervisor: {why}");
         // A pool VM of the pod's shape, if one is ready: its directory
         // becomes the sandbox's.
@@ -256,6 +261,13 @@ impl Pod {
         let _ = rx.wait_for(|s| s.is_some()).await;
     }
 
+    /// How the VM process ended, in words; none while it runs.
+    pub fn exit_reason(&self) -> Option<String> {
+        self.vm_exit
+            .borrow()
+            .map(podvisor_hypervisor::describe_exit)
+    }
+
     pub fn is_dead(&self) -> bool {
         self.vm_exit.borrow().is_some()
     }
@@ -343,7 +355,7 @@ impl Boot<'_> {
         let agent = tokio::select! {
             r = connect_agent(&vm.vsock, ready, within) => r.map_err(|source| PodError::Agent { source, console: console() })?,
             st = vm.vm.wait() => return Err(PodError::DiedBooting {
-                status: st.map(|s| s.to_string()).unwrap_or_default(),
+                status: st.map(podvisor_hypervisor::describe_exit).unwrap_or_default(),
                 console: console(),
             }),
         };

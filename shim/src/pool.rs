@@ -361,8 +361,13 @@ pub fn spawn_fill(config: &Config, sizing: &VmSizing) {
 /// `pool_size` of them, or until all shapes' pool VMs would pass
 /// `pool_max_mib`. Returns how many it added.
 pub async fn fill(config: &Config, sizing: &VmSizing) -> Result<usize, PoolError> {
-    let (hv, _) =
-        hypervisor::select(sizing.hypervisor, &config.paths, Path::new(STATE_ROOT)).await?;
+    let (hv, _) = hypervisor::select(
+        sizing.hypervisor,
+        &config.paths,
+        config.jail,
+        Path::new(STATE_ROOT),
+    )
+    .await?;
     if !serves(config, sizing, &*hv) {
         return Err(PoolError::Refused(format!(
             "the pool serves no VM of this shape on {} (pool_size {}, templates {}, kernel parameters {:?})",

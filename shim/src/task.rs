@@ -172,7 +172,8 @@ impl TaskService {
         pod.reap().await;
         tracing::warn!(
             sandbox = pod.id,
-            "the VM exited; its processes are reported dead"
+            "the VM exited ({}); its processes are reported dead",
+            pod.exit_reason().unwrap_or_default()
         );
     }
 

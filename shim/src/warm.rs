@@ -61,6 +61,7 @@ pub async fn cli(args: &[String]) -> Result<(), Box<dyn std::error::Error + Send
     let (hv, why) = hypervisor::select(
         sizing.hypervisor,
         &config.paths,
+        config.jail,
         Path::new(podvisor_names::paths::STATE_ROOT),
     )
     .await?;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use podvisor_hypervisor::vmm::Vmm;
-use podvisor_hypervisor::{run_in_netns, virtiofsd, NetDevice, Supervised, VmSpec};
+use podvisor_hypervisor::{run_in_netns, virtiofsd, Jail, NetDevice, Supervised, VmSpec};
 use podvisor_vmm_config::{BlockConfig, CpuidBits, CpuidRegister, RestoreConfig, VmConfig};
 
 use crate::vm::{image_dir, ip, paths, vmm_binary};
@@ -312,7 +312,7 @@ struct Ended {
 /// `limit` for the VMM to exit.
 pub async fn boot(limit: Duration) -> Result<ConsoleBoot> {
     let rig = Rig::new()?;
-    let (mut fs, fs_sock) = virtiofsd::start(&paths(), &rig.spec).await?;
+    let (mut fs, fs_sock) = virtiofsd::start(&paths(), Jail::default(), &rig.spec).await?;
     let config = rig.config(Some(&fs_sock))?;
     let mut vm = rig.start(&config, "vmm")?;
     let ended = match vm.wait_exit(limit).await {

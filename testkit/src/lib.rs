@@ -9,17 +9,20 @@
 //! - [`image`], [`registry`]: busybox-based images, a registry on loopback;
 //! - [`critest`]: the CRI validation suite, podvisor beside runc;
 //! - [`console_boot`]: podvisor's kernel on the in-tree VMM, read from its
-//!   console (where KVM emulates guest code and runs no user space).
+//!   console (where KVM emulates guest code and runs no user space);
+//! - [`harness`]: what the async test binaries share.
 //!
 //! Tests: `tests/agent.rs` (the agent in a real guest), `tests/vmm.rs`
 //! (the guest on the in-tree VMM, where KVM is fast),
 //! `tests/vmm_linux.rs` (Linux's view of the VMM's platform, and the same
-//! kernel under QEMU), `tests/containerd.rs` (the shim under containerd),
+//! kernel under QEMU), `tests/security.rs` (the VM's processes confined
+//! on the host), `tests/containerd.rs` (the shim under containerd),
 //! `tests/cri.rs` (critest). The guest image itself is built by `guest/build-image.sh`.
 
 pub mod console_boot;
 pub mod containerd;
 pub mod critest;
+pub mod harness;
 pub mod image;
 pub mod io;
 pub mod registry;

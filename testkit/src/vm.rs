@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use podvisor_hypervisor::qemu::Qemu;
 use podvisor_hypervisor::vmm::Vmm;
-use podvisor_hypervisor::{Accel, Hypervisor, NetDevice, Paths, RunningVm, VmSpec};
+use podvisor_hypervisor::{Accel, Hypervisor, Jail, NetDevice, Paths, RunningVm, VmSpec};
 use podvisor_protocol::api::{self, AgentClient};
 use podvisor_protocol::hybrid_vsock;
 
@@ -225,9 +225,11 @@ impl TestVm {
         let ready = hybrid_vsock::ReadyListener::bind(&spec.vsock)?;
         let started = Instant::now();
         let vm = if cfg.vmm {
-            Vmm::new(paths()).launch(&spec).await?
+            Vmm::new(paths(), Jail::default()).launch(&spec).await?
         } else {
-            Qemu::new(paths(), cfg.accel).launch(&spec).await?
+            Qemu::new(paths(), cfg.accel, Jail::default())
+                .launch(&spec)
+                .await?
         };
         let agent = tokio::select! {
             r = hybrid_vsock::connect_agent(&vm.vsock, Some(&ready), cfg.boot_timeout) => {
@@ -268,6 +270,11 @@ impl TestVm {
     /// The console and helper logs, for a failure message.
     pub fn diagnostics(&self) -> String {
         diagnostics(self.dir.path())
+    }
+
+    /// Names and pids of the VM process and its helpers, the VM first.
+    pub fn processes(&self) -> Vec<(&'static str, u32)> {
+        self.vm.processes()
     }
 
     /// Pids of QEMU and the helpers, for leak checks.

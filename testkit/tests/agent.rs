@@ -1498,7 +1498,8 @@ struct HostTap(String);
 impl HostTap {
     fn create(name: &str, cidr: &str) -> Result<HostTap> {
         use podvisor_testkit::vm::ip;
-        ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
+        // Owned by root, as the shim makes them: QEMU has no capabilities.
+        ip(&["tuntap", "add", "dev", name, "mode", "tap", "user", "0"])?;
         let tap = HostTap(name.to_string());
         ip(&["addr", "add", cidr, "dev", name])?;
         ip(&["link", "set", name, "up"])?;

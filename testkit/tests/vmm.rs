@@ -20,8 +20,9 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Trial};
 use podvisor_protocol::api;
+use podvisor_testkit::harness::{async_trials, AsyncTest};
 use podvisor_testkit::spec::container;
 use podvisor_testkit::{ctx, vm::manifest, vm::vmm_binary, Accel, TestVm, VmConfig};
 
@@ -129,8 +130,6 @@ fn probe_out_of_process_is_cached(in_process: &podvisor_vmm::probe::Verdict) -> 
     Ok(())
 }
 
-type TestFn = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
-
 fn main() {
     let args = Arguments::from_args();
     let verdict = podvisor_vmm::probe::probe();
@@ -143,31 +142,19 @@ fn main() {
             vmm_binary().display()
         );
     }
-    let rt = std::sync::Arc::new(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime"),
-    );
-    let tests: Vec<(&str, TestFn)> = vec![
-        ("linux_boots_on_the_vmm_and_runs_a_container", || {
-            Box::pin(boots_and_runs_a_container())
-        }),
-        ("destroy_sandbox_powers_the_vmm_off", || {
-            Box::pin(destroy_sandbox_powers_off())
-        }),
+    let tests: Vec<(&str, AsyncTest, bool)> = vec![
+        (
+            "linux_boots_on_the_vmm_and_runs_a_container",
+            || Box::pin(boots_and_runs_a_container()),
+            skip,
+        ),
+        (
+            "destroy_sandbox_powers_the_vmm_off",
+            || Box::pin(destroy_sandbox_powers_off()),
+            skip,
+        ),
     ];
-    let mut trials: Vec<Trial> = tests
-        .into_iter()
-        .map(|(name, f)| {
-            let rt = rt.clone();
-            Trial::test(name, move || {
-                rt.block_on(f()).map_err(|e| Failed::from(format!("{e:#}")))
-            })
-            .with_ignored_flag(skip)
-        })
-        .collect();
+    let mut trials = async_trials(tests).expect("tokio runtime");
     trials.push(Trial::test(
         "probe_out_of_process_agrees_and_is_cached",
         move || probe_out_of_process_is_cached(&verdict).map_err(|e| format!("{e:#}").into()),

@@ -27,8 +27,9 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Arguments;
 use podvisor_testkit::console_boot::{self, emulated, DISK_BYTES, MAC, RUN_INIT, SNAPSHOT_AT};
+use podvisor_testkit::harness::{async_trials, AsyncTest};
 use podvisor_testkit::spec::container;
 use podvisor_testkit::{Accel, TestVm, VmConfig};
 use podvisor_vmm::probe::Verdict;
@@ -201,8 +202,6 @@ async fn same_kernel_reaches_the_agent_under_tcg() -> Result<()> {
     Ok(())
 }
 
-type TestFn = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
-
 fn main() {
     let args = Arguments::from_args();
     let verdict = podvisor_vmm::probe::probe();
@@ -218,14 +217,7 @@ fn main() {
             "SKIPPING linux_sees_the_vmm_platform, linux_resumes_from_a_snapshot_taken_mid_boot: {why}"
         );
     }
-    let rt = std::sync::Arc::new(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime"),
-    );
-    let tests: Vec<(&str, TestFn, bool)> = vec![
+    let tests: Vec<(&str, AsyncTest, bool)> = vec![
         (
             "linux_sees_the_vmm_platform",
             || Box::pin(linux_sees_the_vmm_platform()),
@@ -242,15 +234,5 @@ fn main() {
             false,
         ),
     ];
-    let trials = tests
-        .into_iter()
-        .map(|(name, f, ignored)| {
-            let rt = rt.clone();
-            Trial::test(name, move || {
-                rt.block_on(f()).map_err(|e| Failed::from(format!("{e:#}")))
-            })
-            .with_ignored_flag(ignored)
-        })
-        .collect();
-    libtest_mimic::run(&args, trials).exit();
+    libtest_mimic::run(&args, async_trials(tests).expect("tokio runtime")).exit();
 }

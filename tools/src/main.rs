@@ -222,11 +222,20 @@ fn critest_figures() -> Result<()> {
 
 /// The in-tree VMM beside QEMU microvm, on the same tiny guest.
 fn vmm_figures() -> Result<()> {
-    let (ours, qemu) = vmm_bench::run()?;
+    let vmm_bench::Starts {
+        vmm: ours,
+        vmm_no_seccomp,
+        qemu,
+    } = vmm_bench::run()?;
     row(
         "podvisor-vmm start to guest's first I/O, wall, median (KVM)",
         ms(ours.wall),
         "<= 5 ms (Firecracker ~12 ms to first KVM_RUN)",
+    );
+    row(
+        "  the jail's cost: the same without seccomp filters (--no-seccomp), wall / CPU",
+        format!("{} / {}", ms(vmm_no_seccomp.wall), ms(vmm_no_seccomp.cpu)),
+        "-",
     );
     row(
         "podvisor-vmm CPU time by then",

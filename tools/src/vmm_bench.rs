@@ -174,8 +174,16 @@ fn reset_vector_firmware(dir: &Path) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// podvisor-vmm, then QEMU microvm; `None` for QEMU where it cannot run.
-pub fn run() -> Result<(Figures, std::result::Result<Figures, String>)> {
+/// podvisor-vmm, with its seccomp filters and without (`--no-seccomp`,
+/// runs interleaved), then QEMU microvm; `Err` for QEMU where it cannot
+/// run.
+pub struct Starts {
+    pub vmm: Figures,
+    pub vmm_no_seccomp: Figures,
+    pub qemu: std::result::Result<Figures, String>,
+}
+
+pub fn run() -> Result<Starts> {
     let dir = tempfile::tempdir()?;
     let fifo = dir.path().join("console");
     let guest = test_guest(dir.path(), "spin")?;
@@ -187,13 +195,18 @@ pub fn run() -> Result<(Figures, std::result::Result<Figures, String>)> {
         "vcpus": 1, "memory_mib": GUEST_MIB, "kernel": guest, "console": fifo,
     })
     .to_string();
-    let mut ours = Vec::new();
+    let (mut ours, mut unfiltered) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
         ours.push(measure(
             &fifo,
             Command::new(&vmm).args(["--config-json", &config]),
         )?);
+        unfiltered.push(measure(
+            &fifo,
+            Command::new(&vmm).args(["--no-seccomp", "--config-json", &config]),
+        )?);
     }
+    let (vmm, vmm_no_seccomp) = (figures(ours), figures(unfiltered));
 
     let fw = reset_vector_firmware(dir.path())?;
     let qemu = tool("QEMU", "qemu-system-x86_64");
@@ -223,10 +236,20 @@ pub fn run() -> Result<(Figures, std::result::Result<Figures, String>)> {
         );
         match r {
             Ok(s) => theirs.push(s),
-            Err(e) => return Ok((figures(ours), Err(format!("{e:#}")))),
+            Err(e) => {
+                return Ok(Starts {
+                    vmm,
+                    vmm_no_seccomp,
+                    qemu: Err(format!("{e:#}")),
+                })
+            }
         }
     }
-    Ok((figures(ours), Ok(figures(theirs))))
+    Ok(Starts {
+        vmm,
+        vmm_no_seccomp,
+        qemu: Ok(figures(theirs)),
+    })
 }
 
 /// Cold boot against restore, on the `vsock` guest (its driver answers one

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::exit::{ExitReason, ExitSignal};
+use crate::seccomp::{self, ThreadKind};
 
 #[derive(Debug)]
 pub struct ControlSocket {
@@ -112,6 +113,10 @@ impl ControlSocket {
         let thread = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
+                if let Err(e) = seccomp::apply(ThreadKind::Control) {
+                    exit.trigger(ExitReason::Failed(e.to_string()));
+                    return;
+                }
                 while !exit.is_set() {
                     match listener.accept() {
                         Ok((s, _)) => {

@@ -22,6 +22,7 @@
 //!   snapshot, resume).
 //! - [`snapshot`]: a saved VM's state file and its check against the
 //!   config that restores it (the KVM part is `arch::state`).
+//! - [`seccomp`]: the system-call filter each kind of thread installs.
 //! - [`probe`]: whether `/dev/kvm` runs guest code at hardware speed.
 
 pub mod arch;
@@ -30,6 +31,7 @@ pub mod devices;
 pub mod exit;
 pub mod memory;
 pub mod probe;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

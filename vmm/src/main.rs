@@ -5,19 +5,31 @@
 //! ```text
 //! podvisor-vmm --config vm.json
 //! podvisor-vmm --config-json '{"vcpus":1,"memory_mib":128,"kernel":"vmlinux"}'
+//! podvisor-vmm --no-seccomp --config vm.json   # without the seccomp filters
 //! podvisor-vmm --probe        # does /dev/kvm run guests at hardware speed?
 //!                             # (one JSON line on stdout, the sentence on stderr)
 //! ```
 
 use anyhow::{bail, Context, Result};
+use podvisor_vmm::seccomp::{self, ThreadKind};
 use podvisor_vmm::{ExitReason, Vm, VmConfig};
 
 fn usage() -> &'static str {
-    "usage: podvisor-vmm --config <file> | --config-json <json> | --probe"
+    "usage: podvisor-vmm [--no-seccomp] --config <file> | --config-json <json> | --probe"
 }
 
-fn config_from_args() -> Result<Option<VmConfig>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+/// What the command line asks for: a VM to run, and whether under the
+/// seccomp filters.
+struct Args {
+    config: VmConfig,
+    seccomp: bool,
+}
+
+fn config_from_args() -> Result<Option<Args>> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let before = args.len();
+    args.retain(|a| a != "--no-seccomp");
+    let seccomp = args.len() == before;
     let text = match args
         .iter()
         .map(String::as_str)
@@ -40,7 +52,10 @@ fn config_from_args() -> Result<Option<VmConfig>> {
         }
         _ => bail!("{}", usage()),
     };
-    Ok(Some(VmConfig::from_json(&text)?))
+    Ok(Some(Args {
+        config: VmConfig::from_json(&text)?,
+        seccomp,
+    }))
 }
 
 fn stop_signals() -> libc::sigset_t {
@@ -74,6 +89,10 @@ fn handle_signals(vm: &Vm) -> Result<()> {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
+                if let Err(e) = seccomp::apply(ThreadKind::Vmm) {
+                    exit.trigger(ExitReason::Failed(e.to_string()));
+                    return;
+                }
                 let mut sig = 0;
                 if libc::sigwait(&set, &mut sig) == 0 {
                     tracing::info!("signal {sig}: stopping the VM");
@@ -93,8 +112,8 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
-    let config = match config_from_args() {
-        Ok(Some(c)) => c,
+    let Args { config, seccomp } = match config_from_args() {
+        Ok(Some(a)) => a,
         Ok(None) => return,
         Err(e) => {
             eprintln!("podvisor-vmm: {e:#}");
@@ -104,6 +123,12 @@ fn main() {
     if let Err(e) = block_signals() {
         eprintln!("podvisor-vmm: {e:#}");
         std::process::exit(1);
+    }
+    if seccomp {
+        if let Err(e) = seccomp::enable() {
+            eprintln!("podvisor-vmm: {e}");
+            std::process::exit(1);
+        }
     }
     let vm = match Vm::build(&config) {
         Ok(vm) => vm,

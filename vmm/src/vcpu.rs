@@ -17,6 +17,7 @@ use crate::arch::state::{self, VcpuState};
 use crate::devices::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::GuestMemoryMmap;
+use crate::seccomp::{self, ThreadKind};
 
 #[derive(Debug)]
 pub struct Vcpu {
@@ -54,6 +55,11 @@ fn install_kick_handler() {
 impl Vcpu {
     /// Runs until the VM ends; returns when this vCPU has stopped.
     pub fn run(mut self) {
+        if let Err(e) = seccomp::apply(ThreadKind::Vcpu) {
+            self.exit
+                .trigger(ExitReason::Failed(format!("vCPU {}: {e}", self.index)));
+            return;
+        }
         if let Some(t) = self.build_started {
             tracing::info!(
                 "vCPU {}: first KVM_RUN {:.2} ms after the VM build began",

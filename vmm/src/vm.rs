@@ -40,6 +40,7 @@ use crate::devices::virtio::{
 use crate::devices::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::{self, GuestMemoryMmap};
+use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::{self, SnapshotError, VmState};
 use crate::vcpu::{self, Pause, Vcpu};
 use podvisor_vmm_config::{parse_mac, VmConfig};
@@ -306,6 +307,10 @@ impl Vm {
             }
         }
 
+        // Installed once the vCPUs (each with its own filter) have started.
+        if let Err(e) = seccomp::apply(ThreadKind::Vmm) {
+            h.exit.trigger(ExitReason::Failed(e.to_string()));
+        }
         let mut events = vec![EpollEvent::default(); 32];
         'outer: while !h.exit.is_set() {
             let n = match epoll.wait(-1, &mut events) {

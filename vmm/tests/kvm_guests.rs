@@ -814,21 +814,7 @@ fn binary_exit_statuses() -> Result {
         }
     }
     // SIGTERM ends a guest that would never end by itself.
-    let c = config(guest("spin")?, "bin-spin");
-    let json = serde_json::to_string(&c).map_err(|e| e.to_string())?;
-    let mut child = Command::new(binary())
-        .args(["--config-json", &json])
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !console(&c).contains("spinning") {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            return Err("spin guest never printed".into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (child, _) = spin_binary("bin-spin", &[])?;
     // SAFETY: signalling our own child.
     unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
@@ -840,6 +826,159 @@ fn binary_exit_statuses() -> Result {
         String::from_utf8_lossy(&out.stderr).contains("stopped"),
         "SIGTERM: not logged as stopped",
     )
+}
+
+/// The spin guest on the binary, with a control socket; returns the child
+/// once the guest has printed.
+fn spin_binary(
+    name: &str,
+    extra: &[&str],
+) -> std::result::Result<(std::process::Child, PathBuf), Failed> {
+    let mut c = config(guest("spin")?, name);
+    c.vcpus = 2;
+    let sock = scratch().join(format!("{name}.sock"));
+    c.control_socket = Some(sock.clone());
+    let json = serde_json::to_string(&c).map_err(|e| e.to_string())?;
+    let mut child = Command::new(binary())
+        .args(extra)
+        .args(["--config-json", &json])
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !console(&c).contains("spinning") {
+        if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+            let _ = child.kill();
+            let out = child.wait_with_output().map_err(|e| e.to_string())?;
+            return Err(format!(
+                "{name}: the spin guest never printed ({:?}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok((child, sock))
+}
+
+/// Each of the VMM's own threads (not KVM's kernel workers), with its
+/// `Seccomp:` and `NoNewPrivs:` values from /proc.
+fn thread_seccomp(pid: u32) -> std::result::Result<Vec<(String, String, String)>, Failed> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| e.to_string())? {
+        let t = t.map_err(|e| e.to_string())?.path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        let comm = comm.trim().to_string();
+        if comm.starts_with("kvm-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        };
+        out.push((comm, field("Seccomp:"), field("NoNewPrivs:")));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Every thread of a running podvisor-vmm (main, signals, control, each
+/// vCPU) runs under its seccomp filter with no_new_privs, and the work of
+/// each (guest exits, pause, snapshot, resume, shutdown) fits its filter;
+/// `--no-seccomp` runs without. A test build's hook makes a thread of
+/// each kind issue a call outside its filter: the process dies of SIGSYS.
+fn seccomp_filters_every_thread() -> Result {
+    let (child, sock) = spin_binary("seccomp", &[])?;
+    let threads = thread_seccomp(child.id())?;
+    let names: Vec<&str> = threads.iter().map(|t| t.0.as_str()).collect();
+    let all_filtered = threads.iter().all(|t| t.1 == "2" && t.2 == "1");
+    let snapshot = (|| -> std::io::Result<Vec<serde_json::Value>> {
+        use podvisor_vmm_config::control::{request, send};
+        Ok(vec![
+            request(&sock, "pause")?,
+            send(
+                &sock,
+                &serde_json::json!({"op": "snapshot",
+                    "memory": scratch().join("seccomp.mem"),
+                    "state": scratch().join("seccomp.state")}),
+            )?,
+            request(&sock, "resume")?,
+            request(&sock, "status")?,
+            request(&sock, "shutdown")?,
+        ])
+    })();
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    check(
+        names == ["control", "podvisor-vmm", "signals", "vcpu0", "vcpu1"],
+        format!("threads: {threads:?}"),
+    )?;
+    check(all_filtered, format!("Seccomp and NoNewPrivs: {threads:?}"))?;
+    let answers = snapshot.map_err(|e| format!("control ops: {e}\n{err}"))?;
+    check(
+        answers.iter().all(|a| a.get("error").is_none())
+            && answers[1]["memory_pages"].as_u64().is_some_and(|n| n > 0)
+            && answers[3]["state"] == "running",
+        format!("control ops under the filters: {answers:?}\n{err}"),
+    )?;
+    check(
+        out.status.code() == Some(0),
+        format!("shutdown: {:?}\n{err}", out.status),
+    )?;
+
+    let (mut child, _) = spin_binary("no-seccomp", &["--no-seccomp"])?;
+    let threads = thread_seccomp(child.id())?;
+    let _ = child.kill();
+    let _ = child.wait();
+    check(
+        threads.iter().all(|t| t.1 == "0"),
+        format!("--no-seccomp: {threads:?}"),
+    )?;
+
+    if !cfg!(feature = "test-hooks") {
+        return Err(
+            "built without the test-hooks feature, so the SIGSYS hook is missing: \
+                    cargo test -p podvisor-vmm --features test-hooks --test kvm_guests"
+                .into(),
+        );
+    }
+    for kind in podvisor_vmm::seccomp::ThreadKind::ALL {
+        let mut c = config(guest("spin")?, &format!("sigsys-{}", kind.name()));
+        c.control_socket = Some(scratch().join(format!("sigsys-{}.sock", kind.name())));
+        let json = serde_json::to_string(&c).map_err(|e| e.to_string())?;
+        let mut child = Command::new(binary())
+            .args(["--config-json", &json])
+            .env("PODVISOR_VMM_TEST_SIGSYS", kind.name())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(format!("{}: still running after its stray call", kind.name()).into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        use std::os::unix::process::ExitStatusExt;
+        check(
+            out.status.signal() == Some(libc::SIGSYS),
+            format!("{}: {:?}\n{err}", kind.name(), out.status),
+        )?;
+        check(
+            err.contains(&format!("a {} thread calls ptrace", kind.name())),
+            format!("{}: the hook did not run:\n{err}", kind.name()),
+        )?;
+    }
+    Ok(())
 }
 
 fn bad_input_is_refused_before_the_vm_runs() -> Result {
@@ -950,6 +1089,10 @@ fn main() {
             control_socket_stops_a_halted_guest,
         ),
         ("binary_exit_statuses_and_sigterm", binary_exit_statuses),
+        (
+            "seccomp_filters_every_thread_and_sigsys_ends_a_stray_call",
+            seccomp_filters_every_thread,
+        ),
         (
             "snapshot_resumes_and_restores_two_clones",
             snapshot_resumes_and_restores_two_clones,

@@ -1,0 +1,327 @@
+//! The host-side confinement of a VM's processes (`hypervisor::jail`, the
+//! VMM's seccomp filters), checked from outside as an operator would:
+//! /proc/<pid>/status and limits of the VM process and each helper, what
+//! virtiofsd's root shows, and a VMM killed by its filter reported as such
+//! with nothing of it left. Run with `make test-security`.
+
+// An integration-test crate: every function here is test code.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::tests_outside_test_module
+)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use libtest_mimic::Arguments;
+use podvisor_hypervisor::jail::MAX_OPEN_FILES;
+use podvisor_hypervisor::vmm::Vmm;
+use podvisor_hypervisor::{describe_exit, Hypervisor, HypervisorError, Jail, VmSpec};
+use podvisor_testkit::harness::{async_trials, kvm_unusable, AsyncTest};
+use podvisor_testkit::vm::{image_dir, paths};
+use podvisor_testkit::{detect_accel, TestVm, VmConfig};
+
+/// A field of /proc/<pid>/status (of one thread with `task`).
+fn status(proc_dir: &Path, key: &str) -> String {
+    std::fs::read_to_string(proc_dir.join("status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// A row of /proc/<pid>/limits: (soft, hard).
+fn limit(pid: u32, name: &str) -> (String, String) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    let row = text.lines().find(|l| l.starts_with(name)).unwrap_or("");
+    let mut w = row[name.len().min(row.len())..].split_whitespace();
+    (
+        w.next().unwrap_or("").to_string(),
+        w.next().unwrap_or("").to_string(),
+    )
+}
+
+/// Checks what the jail gives the VM process and its vsock helper, of a
+/// `memory_mib` guest: no capabilities (effective, permitted, bounding),
+/// no_new_privs, no core dumps, bounded open files and file size.
+fn check_confined(name: &str, pid: u32, memory_mib: u32) -> Result<()> {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    for caps in ["CapEff:", "CapPrm:", "CapBnd:", "CapAmb:"] {
+        ensure!(
+            status(&proc_dir, caps) == "0000000000000000",
+            "{name} (pid {pid}): {caps} {:?}",
+            status(&proc_dir, caps)
+        );
+    }
+    ensure!(
+        status(&proc_dir, "NoNewPrivs:") == "1",
+        "{name} (pid {pid}): NoNewPrivs is {:?}",
+        status(&proc_dir, "NoNewPrivs:")
+    );
+    let zero = ("0".to_string(), "0".to_string());
+    ensure!(
+        limit(pid, "Max core file size") == zero,
+        "{name}: core dumps allowed: {:?}",
+        limit(pid, "Max core file size")
+    );
+    let files = MAX_OPEN_FILES.to_string();
+    ensure!(
+        limit(pid, "Max open files") == (files.clone(), files),
+        "{name}: open files {:?}",
+        limit(pid, "Max open files")
+    );
+    let size = ((u64::from(memory_mib) << 20) + (1 << 30)).to_string();
+    ensure!(
+        limit(pid, "Max file size") == (size.clone(), size),
+        "{name}: file size {:?}",
+        limit(pid, "Max file size")
+    );
+    Ok(())
+}
+
+/// What the jail gives virtiofsd: no_new_privs and no core dumps (its
+/// descriptors and file sizes are its own business).
+fn check_file_server(pid: u32) -> Result<()> {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    ensure!(
+        status(&proc_dir, "NoNewPrivs:") == "1",
+        "virtiofsd: NoNewPrivs is {:?}",
+        status(&proc_dir, "NoNewPrivs:")
+    );
+    ensure!(
+        limit(pid, "Max core file size") == ("0".to_string(), "0".to_string()),
+        "virtiofsd: core dumps allowed: {:?}",
+        limit(pid, "Max core file size")
+    );
+    Ok(())
+}
+
+/// Processes whose command line names `dir` (the test's own VM
+/// directory): what a leak check may look for.
+fn processes_naming(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// A pod's VM on QEMU (TCG here, KVM where fast): QEMU under its seccomp
+/// sandbox; virtiofsd under its own filter, its root the shared directory
+/// (a host file is not there); every process confined by the jail; and
+/// the agent answering through all of it.
+async fn qemu_processes_are_confined() -> Result<()> {
+    let cfg = VmConfig::new(detect_accel().0);
+    let vm = TestVm::boot(&cfg).await?;
+    let marker = vm.dir().join("host-only");
+    std::fs::write(&marker, "host")?;
+    std::fs::write(vm.shared().join("shared-marker"), "shared")?;
+    let checked = (|| -> Result<()> {
+        let procs = vm.processes();
+        let names: Vec<&str> = procs.iter().map(|p| p.0).collect();
+        ensure!(
+            names == ["qemu", "vhost-device-vsock", "virtiofsd"],
+            "processes: {procs:?}"
+        );
+        for &(name, pid) in &procs {
+            if name == "virtiofsd" {
+                check_file_server(pid)?;
+            } else {
+                check_confined(name, pid, cfg.memory_mib)?;
+            }
+            let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+            let seccomp = status(&proc_dir, "Seccomp:");
+            match name {
+                // vhost-device-vsock has no filter of its own.
+                "vhost-device-vsock" => {}
+                _ => ensure!(seccomp == "2", "{name}: Seccomp {seccomp:?}"),
+            }
+            if name == "qemu" {
+                let cmdline = std::fs::read(proc_dir.join("cmdline"))?;
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                ensure!(
+                    cmdline.contains(&format!(
+                        "-sandbox {}",
+                        podvisor_hypervisor::jail::QEMU_SANDBOX
+                    )),
+                    "qemu: {cmdline}"
+                );
+            }
+            if name == "virtiofsd" {
+                let root = proc_dir.join("root");
+                ensure!(
+                    !root.join(marker.strip_prefix("/")?).exists(),
+                    "virtiofsd sees the host's {}",
+                    marker.display()
+                );
+                ensure!(
+                    std::fs::read_to_string(root.join("shared-marker"))
+                        .ok()
+                        .as_deref()
+                        == Some("shared"),
+                    "virtiofsd's root is not the shared directory"
+                );
+            }
+        }
+        Ok(())
+    })();
+    let dir = vm.dir().to_owned();
+    let stopped = vm.power_off(Duration::from_secs(30)).await;
+    checked.with_context(|| format!("in {}", dir.display()))?;
+    stopped?;
+    Ok(())
+}
+
+/// The spec of a VM on the in-tree VMM in `dir`: the guest image's kernel,
+/// which need not get far (the checks look at the VMM process).
+fn vmm_spec(dir: &Path) -> Result<VmSpec> {
+    let image = image_dir();
+    std::fs::create_dir_all(dir.join("shared"))?;
+    Ok(VmSpec {
+        kernel: image.join("kernel"),
+        vmlinux: Some(image.join("vmlinux")).filter(|k| k.exists()),
+        initramfs: image.join("initramfs"),
+        vcpus: 2,
+        memory_mib: 256,
+        kernel_params: String::new(),
+        dir: dir.to_owned(),
+        vsock: dir.join("vm.vsock"),
+        shared_dir: dir.join("shared"),
+        net: vec![],
+        netns: None,
+        cpuid_hide: vec![],
+    })
+}
+
+/// A pod's VM on the in-tree VMM: every thread of podvisor-vmm (main,
+/// signals, each vCPU) under its seccomp filter with no_new_privs, and
+/// the jail's limits on it and virtiofsd.
+async fn vmm_processes_are_confined() -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("podvisor-sec-").tempdir()?;
+    let spec = vmm_spec(dir.path())?;
+    let mut vm = Vmm::new(paths(), Jail::default()).launch(&spec).await?;
+    // The vCPU threads start once the VM is built: give them a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let checked = (|| -> Result<()> {
+        for (name, pid) in vm.processes() {
+            if name == "virtiofsd" {
+                check_file_server(pid)?;
+                continue;
+            }
+            check_confined(name, pid, spec.memory_mib)?;
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))?;
+            let mut seen = Vec::new();
+            for t in tasks {
+                let t = t?.path();
+                let comm = std::fs::read_to_string(t.join("comm"))?.trim().to_string();
+                // KVM's own kernel workers run in the process too.
+                if comm.starts_with("kvm-") {
+                    continue;
+                }
+                let (seccomp, nnp) = (status(&t, "Seccomp:"), status(&t, "NoNewPrivs:"));
+                ensure!(
+                    seccomp == "2" && nnp == "1",
+                    "{name} thread {comm}: Seccomp {seccomp:?}, NoNewPrivs {nnp:?}"
+                );
+                seen.push(comm);
+            }
+            if name == "podvisor-vmm" {
+                seen.sort();
+                ensure!(
+                    seen == ["podvisor-vmm", "signals", "vcpu0", "vcpu1"],
+                    "VMM threads: {seen:?}"
+                );
+            }
+        }
+        Ok(())
+    })();
+    vm.stop(Duration::ZERO).await;
+    checked?;
+    ensure!(
+        processes_naming(dir.path()).is_empty(),
+        "left running: {:?}",
+        processes_naming(dir.path())
+    );
+    Ok(())
+}
+
+/// A VMM thread that makes a call outside its filter (the test build's
+/// hook, `PODVISOR_VMM_TEST_SIGSYS`): the VMM dies of SIGSYS, the
+/// hypervisor layer says so, and nothing of the VM is left running.
+async fn vmm_killed_by_its_filter_is_reported() -> Result<()> {
+    let Some(hooked) = std::env::var_os("PODVISOR_VMM_HOOKS") else {
+        bail!("PODVISOR_VMM_HOOKS (podvisor-vmm built with --features test-hooks) is not set: run `make test-security`");
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("podvisor-sigsys-")
+        .tempdir()?;
+    let spec = vmm_spec(dir.path())?;
+    let mut p = paths();
+    p.vmm = PathBuf::from(hooked);
+    let why = match Vmm::new(p, Jail::default()).launch(&spec).await {
+        Ok(mut vm) => {
+            let st = tokio::time::timeout(Duration::from_secs(30), vm.vm.wait())
+                .await
+                .context("the VMM outlived its stray call")?
+                .context("no exit status")?;
+            vm.stop(Duration::ZERO).await;
+            describe_exit(st)
+        }
+        // It may die before its socket is seen.
+        Err(HypervisorError::EarlyExit { status, .. }) => status,
+        Err(e) => return Err(e.into()),
+    };
+    ensure!(
+        why.contains("SIGSYS") && why.contains("seccomp"),
+        "reported as: {why}\nvmm.log:\n{}",
+        std::fs::read_to_string(dir.path().join("vmm.log")).unwrap_or_default()
+    );
+    let log = std::fs::read_to_string(dir.path().join("vmm.log")).unwrap_or_default();
+    ensure!(log.contains("calls ptrace"), "the hook did not run:\n{log}");
+    ensure!(
+        processes_naming(dir.path()).is_empty(),
+        "left running: {:?}",
+        processes_naming(dir.path())
+    );
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    // The hook fires in the hooked binary only; set before any thread.
+    std::env::set_var("PODVISOR_VMM_TEST_SIGSYS", "vcpu");
+    let args = Arguments::from_args();
+    let no_kvm = kvm_unusable();
+    if let Some(why) = &no_kvm {
+        eprintln!("SKIPPING the in-tree VMM's checks: {why}");
+    }
+    let tests: Vec<(&str, AsyncTest, bool)> = vec![
+        (
+            "qemu_vm_processes_are_confined",
+            || Box::pin(qemu_processes_are_confined()),
+            false,
+        ),
+        (
+            "vmm_processes_are_confined",
+            || Box::pin(vmm_processes_are_confined()),
+            no_kvm.is_some(),
+        ),
+        (
+            "vmm_killed_by_its_seccomp_filter_is_reported_and_leaves_nothing",
+            || Box::pin(vmm_killed_by_its_filter_is_reported()),
+            no_kvm.is_some(),
+        ),
+    ];
+    libtest_mimic::run(&args, async_trials(tests).expect("tokio runtime")).exit_code()
+}
