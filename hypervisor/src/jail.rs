@@ -33,6 +33,22 @@ const MAX_CAPS: libc::c_int = 64;
 /// (NOROOT), nothing raises ambient ones, both locked.
 const SECUREBITS: libc::c_ulong = 0b1100_0011;
 
+/// capset(2)'s header and data (linux/capability.h, version 3: two data
+/// words for 64 capabilities).
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
 /// QEMU's seccomp sandbox: its default deny list, and the optional
 /// groups, every one denied.
 pub const QEMU_SANDBOX: &str =
@@ -100,15 +116,28 @@ impl Jail {
                     }
                     for cap in 0..MAX_CAPS {
                         if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
-                            && std::io::Error::last_os_error().raw_os_error()
-                                != Some(libc::EINVAL)
+                            && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
                         {
                             return Err(std::io::Error::last_os_error());
                         }
                     }
-                    if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-                        != 0
+                    if libc::prctl(
+                        libc::PR_CAP_AMBIENT,
+                        libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                        0,
+                        0,
+                        0,
+                    ) != 0
                     {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // Effective, permitted and inheritable: all empty.
+                    let header = CapHeader {
+                        version: CAPABILITY_VERSION_3,
+                        pid: 0,
+                    };
+                    let data = [CapData::default(); 2];
+                    if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }

@@ -225,7 +225,9 @@ impl PodNetwork {
         let steps: [&[&str]; 3] = [
             // Owned by root: the VM process, root without capabilities
             // (hypervisor::jail), may then attach to it.
-            &["ip", "tuntap", "add", "dev", &l.tap, "mode", "tap", "user", "0"],
+            &[
+                "ip", "tuntap", "add", "dev", &l.tap, "mode", "tap", "user", "0",
+            ],
             &["ip", "link", "set", "dev", &l.tap, "mtu", &mtu],
             &["ip", "link", "set", "dev", &l.tap, "up"],
         ];

@@ -894,7 +894,7 @@ fn thread_seccomp(pid: u32) -> std::result::Result<Vec<(String, String, String)>
 /// `--no-seccomp` runs without. A test build's hook makes a thread of
 /// each kind issue a call outside its filter: the process dies of SIGSYS.
 fn seccomp_filters_every_thread() -> Result {
-    let (child, sock) = spin_binary("seccomp", &[])?;
+    let (mut child, sock) = spin_binary("seccomp", &[])?;
     let threads = thread_seccomp(child.id())?;
     let names: Vec<&str> = threads.iter().map(|t| t.0.as_str()).collect();
     let all_filtered = threads.iter().all(|t| t.1 == "2" && t.2 == "1");
@@ -913,6 +913,9 @@ fn seccomp_filters_every_thread() -> Result {
             request(&sock, "shutdown")?,
         ])
     })();
+    if snapshot.is_err() {
+        let _ = child.kill();
+    }
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
     let err = String::from_utf8_lossy(&out.stderr);
     check(
@@ -952,10 +955,11 @@ fn seccomp_filters_every_thread() -> Result {
         let mut c = config(guest("spin")?, &format!("sigsys-{}", kind.name()));
         c.control_socket = Some(scratch().join(format!("sigsys-{}.sock", kind.name())));
         let json = serde_json::to_string(&c).map_err(|e| e.to_string())?;
+        let log = scratch().join(format!("sigsys-{}.log", kind.name()));
         let mut child = Command::new(binary())
             .args(["--config-json", &json])
             .env("PODVISOR_VMM_TEST_SIGSYS", kind.name())
-            .stderr(Stdio::piped())
+            .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?)
             .spawn()
             .map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -966,12 +970,12 @@ fn seccomp_filters_every_thread() -> Result {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        let err = String::from_utf8_lossy(&out.stderr);
+        let status = child.wait().map_err(|e| e.to_string())?;
+        let err = std::fs::read_to_string(&log).unwrap_or_default();
         use std::os::unix::process::ExitStatusExt;
         check(
-            out.status.signal() == Some(libc::SIGSYS),
-            format!("{}: {:?}\n{err}", kind.name(), out.status),
+            status.signal() == Some(libc::SIGSYS),
+            format!("{}: {status:?}\n{err}", kind.name()),
         )?;
         check(
             err.contains(&format!("a {} thread calls ptrace", kind.name())),
