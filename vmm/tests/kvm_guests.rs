@@ -51,8 +51,16 @@ fn scratch() -> &'static Path {
         .path()
 }
 
-/// `tests/guests/<name>.S` assembled by `tests/guests/build.sh`.
+/// `tests/guests/<name>.S` assembled by `tests/guests/build.sh`, once:
+/// tests run in parallel, and one must not read a guest another is
+/// still writing.
 fn guest(name: &str) -> std::result::Result<PathBuf, Failed> {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let elf = scratch().join(format!("{name}.elf"));
+    if built.iter().any(|b| b == name) {
+        return Ok(elf);
+    }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests/build.sh");
     let out = Command::new(&script)
         .arg(name)
@@ -66,7 +74,8 @@ fn guest(name: &str) -> std::result::Result<PathBuf, Failed> {
             String::from_utf8_lossy(&out.stderr)
         ),
     )?;
-    Ok(scratch().join(format!("{name}.elf")))
+    built.push(name.to_string());
+    Ok(elf)
 }
 
 fn config(kernel: PathBuf, name: &str) -> VmConfig {
