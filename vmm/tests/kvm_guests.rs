@@ -56,7 +56,9 @@ fn scratch() -> &'static Path {
 /// still writing.
 fn guest(name: &str) -> std::result::Result<PathBuf, Failed> {
     static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let elf = scratch().join(format!("{name}.elf"));
     if built.iter().any(|b| b == name) {
         return Ok(elf);
