@@ -72,6 +72,16 @@ impl Bundle {
         })
     }
 
+    /// The spec's `linux.cgroupsPath`: for a sandbox, the pod's cgroup.
+    pub fn cgroups_path(&self) -> Option<String> {
+        self.spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().as_ref())
+            .map(|p| p.to_string_lossy().into_owned())
+            .filter(|p| !p.is_empty())
+    }
+
     pub fn annotations(&self) -> HashMap<String, String> {
         self.spec.annotations().clone().unwrap_or_default()
     }

@@ -16,6 +16,8 @@
 //! - `network`, `port_forward`: the pod network carried into the VM, and
 //!   `kubectl port-forward` from the pod's namespace into the guest;
 //! - `sandbox_dir`: `/run/podvisor/<sandbox-id>/` and crash cleanup;
+//! - `cgroup`: the pod's cgroup on the host, where the shim, the VM and
+//!   its helpers run;
 //! - `config`: `/etc/podvisor/config.toml` and VM sizing;
 //! - [`warm`]: a VM restored from its shape's template, or why it boots
 //!   cold; the `template` subcommand;
@@ -24,6 +26,7 @@
 //! - [`info`]: `-info`, the runtime features containerd 2.x asks for.
 
 mod bundle;
+mod cgroup;
 mod config;
 mod container;
 mod convert;

@@ -19,6 +19,7 @@ use podvisor_protocol::hybrid_vsock::{connect_agent, ReadyListener};
 use tokio::sync::{watch, Mutex};
 
 use crate::bundle::{Bundle, PodRef};
+use crate::cgroup::{CgroupError, PodCgroup};
 use crate::config::{Config, VmSizing};
 use crate::container::{Exit, Guest};
 use crate::error::{Result, ShimError};
@@ -59,6 +60,8 @@ pub enum PodError {
     },
     #[error(transparent)]
     Network(#[from] NetworkError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
     #[error("agent {call}: {source}")]
     Call {
         call: &'static str,
@@ -83,6 +86,8 @@ pub struct Pod {
     network: Option<PodNetwork>,
     /// Stops with the pod (dropped).
     _port_forward: Option<PortForward>,
+    /// Left (dropped) once the VM's processes are gone.
+    cgroup: std::sync::Mutex<Option<PodCgroup>>,
 }
 
 fn ctx() -> ttrpc::context::Context {
@@ -90,13 +95,16 @@ fn ctx() -> ttrpc::context::Context {
 }
 
 impl Pod {
-    /// Creates the sandbox directory, starts the VM and waits for the agent.
+    /// Creates the sandbox directory, starts the VM in the pod's cgroup
+    /// (`cgroups_path`, where the shim moves first) and waits for the
+    /// agent.
     pub async fn boot(
         id: &str,
         config: &Config,
         sizing: &VmSizing,
         hostname: &str,
         netns: Option<&std::path::Path>,
+        cgroups_path: Option<&str>,
     ) -> Result<Pod, PodError> {
         for (what, path) in [("kernel", &config.kernel), ("initramfs", &config.initramfs)] {
             if !path.exists() {
@@ -106,6 +114,8 @@ impl Pod {
                 });
             }
         }
+        // Left when it drops: on any failure below, after the processes.
+        let cgroup = cgroups_path.map(PodCgroup::enter).transpose()?;
         let (hv, why) = hypervisor::select(
             sizing.hypervisor,
             &config.paths,
@@ -127,7 +137,14 @@ impl Pod {
             .as_deref()
             .and_then(|k| pool::claim(k, id, &from_pool))
         {
-            Some((dir, processes)) => (dir, Some(processes)),
+            Some((dir, processes)) => {
+                for p in &processes {
+                    if let Some(c) = &cgroup {
+                        c.adopt(p.pid);
+                    }
+                }
+                (dir, Some(processes))
+            }
             None => (SandboxDir::create(id)?, None),
         };
         let network = match netns {
@@ -228,7 +245,7 @@ impl Pod {
         // Refilled after each pod of a pooled shape, whether it took a
         // pool VM or found none.
         if pool_key.is_some() {
-            pool::spawn_fill(config, sizing);
+            pool::spawn_fill(config, sizing, cgroup.as_ref());
         }
         let port_forward = match netns {
             Some(ns) => match PortForward::start(ns, &vm.vsock).await {
@@ -252,6 +269,7 @@ impl Pod {
             vm: Mutex::new(vm),
             network,
             _port_forward: port_forward,
+            cgroup: std::sync::Mutex::new(cgroup),
         })
     }
 
@@ -293,6 +311,8 @@ impl Pod {
         }
         self.vm.lock().await.stop(POWEROFF_GRACE).await;
         remove_host_state(&self.dir, self.network.as_ref()).await;
+        let cgroup = self.cgroup.lock().ok().and_then(|mut c| c.take());
+        drop(cgroup);
         tracing::info!(
             sandbox = self.id,
             "VM stopped and sandbox directory removed"

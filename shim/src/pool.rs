@@ -49,6 +49,7 @@ use podvisor_names::pool::{DRAIN, FILL, FILL_LOG, RECORD, SUBCOMMAND};
 use podvisor_protocol::hybrid_vsock::{connect_agent, ReadyListener};
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup::PodCgroup;
 use crate::config::{Config, ConfigError, VmSizing};
 use crate::sandbox_dir::{kill_recorded, remove_tree, RecordedProcess, SandboxDir, State};
 
@@ -312,7 +313,7 @@ fn kill_and_wait(processes: &[RecordedProcess]) {
 
 /// Starts a detached filler for `sizing`'s shape (it outlives this shim
 /// if it must); its output goes to the pool's `fill.log`.
-pub fn spawn_fill(config: &Config, sizing: &VmSizing) {
+pub fn spawn_fill(config: &Config, sizing: &VmSizing, pod_cgroup: Option<&PodCgroup>) {
     let log_path = root().join(FILL_LOG);
     let started = (|| -> Result<(), PoolError> {
         make_root()?;
@@ -343,6 +344,10 @@ pub fn spawn_fill(config: &Config, sizing: &VmSizing) {
                 libc::setsid();
                 Ok(())
             });
+        }
+        // Nor the pod's cgroup.
+        if let Some(c) = pod_cgroup {
+            c.start_outside(&mut cmd);
         }
         let mut child = cmd
             .spawn()

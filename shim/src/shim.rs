@@ -85,9 +85,8 @@ impl containerd_shim::asynchronous::Shim for Shim {
     /// helpers (verified by start time), unmount and remove what the
     /// container left under /run/podvisor.
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
-        let role = Bundle::load(Path::new("."))
-            .map(|b| b.role())
-            .unwrap_or(Role::Sandbox);
+        let bundle = Bundle::load(Path::new(".")).ok();
+        let role = bundle.as_ref().map_or(Role::Sandbox, Bundle::role);
         let grouping = match &role {
             Role::Sandbox => self.id.as_str(),
             Role::Member { sandbox_id } => sandbox_id.as_str(),
@@ -107,6 +106,9 @@ impl containerd_shim::asynchronous::Shim for Shim {
                     }
                 }
                 remove_host_state(&dir, state.as_ref().and_then(|s| s.network.as_ref())).await;
+                if let Some(path) = bundle.as_ref().and_then(Bundle::cgroups_path) {
+                    crate::cgroup::remove_leftover(&path);
+                }
             }
             Role::Member { sandbox_id } => SandboxDir::open(&sandbox_id).remove_container(&self.id),
         }

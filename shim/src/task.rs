@@ -109,7 +109,18 @@ impl TaskService {
         let sizing = config.vm_sizing(&bundle.annotations())?;
         let hostname = bundle.spec.hostname().clone().unwrap_or_default();
         let netns = crate::network::netns_of(&bundle.spec);
-        let pod = Arc::new(Pod::boot(id, &config, &sizing, &hostname, netns.as_deref()).await?);
+        let cgroups_path = bundle.cgroups_path();
+        let pod = Arc::new(
+            Pod::boot(
+                id,
+                &config,
+                &sizing,
+                &hostname,
+                netns.as_deref(),
+                cgroups_path.as_deref(),
+            )
+            .await?,
+        );
         tracing::info!(
             sandbox = id,
             "VM up ({}, {} vCPU, {} MiB, pid {})",

@@ -43,6 +43,10 @@ fn main() {
             cri_pod_runs_two_containers_in_one_vm,
         ),
         (
+            "cri_pod_runs_in_its_cgroup_and_removes_it",
+            cri_pod_runs_in_its_cgroup_and_removes_it,
+        ),
+        (
             "annotations_are_allow_listed_and_checked",
             annotations_are_allow_listed_and_checked,
         ),
@@ -154,6 +158,7 @@ fn main() {
             Err(_) => eprintln!("containerd still referenced at exit"),
         }
     }
+    remove_test_cgroups();
     std::process::exit(i32::from(failed));
 }
 
@@ -295,6 +300,11 @@ fn host_state() -> Vec<String> {
                 .map(|e| format!("dir {}", e.path().display())),
         );
     }
+    left.extend(
+        test_cgroup_leaves()
+            .into_iter()
+            .map(|l| format!("cgroup {l}")),
+    );
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     left.extend(
         mounts
@@ -621,6 +631,184 @@ fn cri_pod_runs_two_containers_in_one_vm(c: &Containerd) -> Result<()> {
     Ok(())
 }
 
+/// A process and its descendants.
+fn with_descendants(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    let mut i = 0;
+    while let Some(&p) = pids.get(i) {
+        let children =
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        pids.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+        i += 1;
+    }
+    pids
+}
+
+/// The host's mounted cgroup hierarchies: v1's under /sys/fs/cgroup/<name>,
+/// or v2's /sys/fs/cgroup itself.
+fn cgroup_mounts() -> Vec<std::path::PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        return vec![root.to_owned()];
+    }
+    std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("cgroup.procs").exists() && !p.is_symlink())
+        .collect()
+}
+
+/// The cgroup of `pid` in each hierarchy the host mounts, as
+/// /proc/<pid>/cgroup lists them ("memory" → "/a/b").
+fn cgroups_of(pid: u32) -> Result<Vec<(String, String)>> {
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    Ok(std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ':').skip(1);
+            Some((f.next()?.to_string(), f.next()?.to_string()))
+        })
+        // v1 hosts list an unmounted v2 line ("0::/").
+        .filter(|(controllers, _)| v2 == controllers.is_empty())
+        .collect())
+}
+
+/// The cgroup kubelet would have made for pod `name`, below one per run
+/// of the suite ([`remove_test_cgroups`] removes it).
+fn pod_cgroup(name: &str) -> String {
+    format!("/{}/{name}", test_cgroup_root())
+}
+
+fn test_cgroup_root() -> String {
+    format!("podvisor-test-{}", std::process::id())
+}
+
+/// The sandbox cgroups (leaves) below the suite's pod cgroups, in every
+/// hierarchy: what a pod could leave behind.
+fn test_cgroup_leaves() -> Vec<String> {
+    cgroup_mounts()
+        .into_iter()
+        .flat_map(|m| {
+            let pods = names(&m.join(test_cgroup_root()).to_string_lossy())
+                .into_iter()
+                .map(move |p| m.join(test_cgroup_root()).join(p));
+            pods.flat_map(|p| {
+                std::fs::read_dir(&p)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.path().display().to_string())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect()
+}
+
+/// Removes the suite's pod cgroups (kubelet's part) at its end.
+fn remove_test_cgroups() {
+    for m in cgroup_mounts() {
+        let root = m.join(test_cgroup_root());
+        for pod in names(&root.to_string_lossy()) {
+            let _ = std::fs::remove_dir(root.join(pod));
+        }
+        let _ = std::fs::remove_dir(root);
+    }
+}
+
+/// Each of `pids` is in the cgroup `leaf` in every hierarchy.
+fn all_in_cgroup(pids: &[u32], leaf: &str) -> Result<()> {
+    for &pid in pids {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let cgroups = cgroups_of(pid)?;
+        ensure!(
+            !cgroups.is_empty(),
+            "{} (pid {pid}): no cgroups",
+            comm.trim()
+        );
+        for (controllers, path) in cgroups {
+            ensure!(
+                path == leaf,
+                "{} (pid {pid}) is in {controllers}:{path}, not the pod's {leaf}",
+                comm.trim()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A pod whose sandbox names a cgroup parent, as kubelet's do: the shim,
+/// the VM process and every helper run in the sandbox's cgroup below it,
+/// in every hierarchy; the cgroup's memory use covers the VM's anonymous
+/// memory (guest RAM it touched); stopping the pod removes the sandbox's
+/// cgroup and leaves the parent (kubelet's) in place.
+fn cri_pod_runs_in_its_cgroup_and_removes_it(c: &Containerd) -> Result<()> {
+    let parent = pod_cgroup("cg");
+    let pod = json_file(
+        c.dir(),
+        "cg-pod.json",
+        &format!(
+            r#"{{"metadata":{{"name":"cg","namespace":"default","uid":"cg-uid","attempt":0}},"linux":{{"cgroup_parent":"{parent}"}}}}"#
+        ),
+    )?;
+    let sandbox = ok(&mut c.crictl(&["runp", "--runtime", "podvisor", &pod]), 180)?
+        .trim()
+        .to_string();
+    let leaf = format!("{parent}/{sandbox}");
+    let shim: Vec<u32> = leftover_processes()
+        .iter()
+        .filter(|p| {
+            p.contains("containerd-shim-podvisor-v2") && p.contains(&format!("-id {sandbox} "))
+        })
+        .filter_map(|p| p.split(' ').next()?.parse().ok())
+        .collect();
+    ensure!(shim.len() == 1, "one shim for {sandbox}? {shim:?}");
+    let recorded = recorded_pids(
+        &Path::new(podvisor_names::paths::STATE_ROOT)
+            .join(&sandbox)
+            .join("state.json"),
+    )?;
+    ensure!(recorded.len() >= 2, "state.json records {recorded:?}");
+    let mut pids = vec![shim[0]];
+    pids.extend(recorded.iter().flat_map(|&p| with_descendants(p)));
+    all_in_cgroup(&pids, &leaf)?;
+    let vm = recorded[0];
+    let rss_anon_kib: u64 = std::fs::read_to_string(format!("/proc/{vm}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no RssAnon for the VM process")?;
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let usage_file = if v2 {
+        format!("/sys/fs/cgroup{leaf}/memory.current")
+    } else {
+        format!("/sys/fs/cgroup/memory{leaf}/memory.usage_in_bytes")
+    };
+    let usage: u64 = std::fs::read_to_string(&usage_file)
+        .with_context(|| usage_file.clone())?
+        .trim()
+        .parse()?;
+    ensure!(
+        usage >= rss_anon_kib * 1024,
+        "{usage_file}: {usage} bytes, less than the VM's {rss_anon_kib} KiB of anonymous memory"
+    );
+    ok(&mut c.crictl(&["stopp", &sandbox]), 120)?;
+    ok(&mut c.crictl(&["rmp", &sandbox]), 120)?;
+    for m in cgroup_mounts() {
+        let gone = m.join(leaf.trim_start_matches('/'));
+        ensure!(!gone.exists(), "{} is left", gone.display());
+        let kept = m.join(parent.trim_start_matches('/'));
+        ensure!(kept.exists(), "{} was removed too", kept.display());
+    }
+    Ok(())
+}
+
 fn annotations_are_allow_listed_and_checked(c: &Containerd) -> Result<()> {
     // The test config allows vcpus and memory-mib, up to 4 vCPUs.
     let out = ok(
@@ -804,7 +992,8 @@ fn pod_file(d: &Path, name: &str) -> Result<String> {
         d,
         &format!("{name}-pod.json"),
         &format!(
-            r#"{{"metadata":{{"name":"{name}","namespace":"default","uid":"{name}-uid","attempt":0}},"hostname":"{name}","dns_config":{{"servers":["10.88.77.53"],"searches":["podvisor.test"]}},"linux":{{}}}}"#
+            r#"{{"metadata":{{"name":"{name}","namespace":"default","uid":"{name}-uid","attempt":0}},"hostname":"{name}","dns_config":{{"servers":["10.88.77.53"],"searches":["podvisor.test"]}},"linux":{{"cgroup_parent":"{}"}}}}"#,
+            pod_cgroup(name)
         ),
     )
 }
@@ -1399,6 +1588,13 @@ fn warm_pool_hands_out_and_refills(c: &Containerd) -> Result<()> {
             "the sandbox's processes are not the pool VM's {pool_pids:?}"
         );
         ensure!(!ready[0].exists(), "the pool VM taken is still in the pool");
+        // Moved into the pod's cgroup, helpers' children too.
+        let leaf = format!("{}/{sandbox}", pod_cgroup("pool1"));
+        let taken: Vec<u32> = pool_pids
+            .iter()
+            .flat_map(|&p| with_descendants(p))
+            .collect();
+        all_in_cgroup(&taken, &leaf)?;
         let out = ok(
             &mut c.crictl(&["exec", &ctr, "sh", "-c", "uname -r; hostname"]),
             60,
@@ -1414,6 +1610,15 @@ fn warm_pool_hands_out_and_refills(c: &Containerd) -> Result<()> {
         // Refilled with a new VM, and only one: the memory bound holds
         // (checked once the filler has finished).
         let refilled = wait_pool(1, &ready)?;
+        // The pool outlives pods: not in one's cgroup.
+        for pid in recorded_pids(&refilled[0].join(podvisor_names::pool::RECORD))? {
+            for (controllers, path) in cgroups_of(pid)? {
+                ensure!(
+                    !path.starts_with(&format!("/{}", test_cgroup_root())),
+                    "pool VM process {pid} is in a pod's cgroup {controllers}:{path}"
+                );
+            }
+        }
         let deadline = Instant::now() + Duration::from_secs(120);
         let log = loop {
             let log = std::fs::read_to_string(&fill_log)?;
