@@ -101,7 +101,7 @@ impl Qemu {
             vsock_sock.display(),
             spec.vsock.display()
         ));
-        self.jail.confine(&mut cmd, spec);
+        self.jail.confine(&mut cmd, spec)?;
         let mut vsock = Supervised::spawn("vhost-device-vsock", &mut cmd, &vsock_log)?;
         let (mut fs, fs_sock) = match virtiofsd::start(&self.paths, self.jail, spec).await {
             Ok(fs) => fs,
@@ -199,7 +199,7 @@ impl Qemu {
         helpers: Helpers,
     ) -> Result<(Supervised, Helpers), HypervisorError> {
         match place_vm(qemu, spec)
-            .map(|()| self.jail.confine(qemu, spec))
+            .and_then(|()| self.jail.confine(qemu, spec))
             .and_then(|()| Supervised::spawn("qemu", qemu, &spec.dir.join("qemu.log")))
         {
             Ok(vm) => Ok((vm, helpers)),
@@ -414,7 +414,7 @@ impl Hypervisor for Qemu {
         );
         Self::warm_devices(&mut qemu, d);
         place_vm(&mut qemu, spec)?;
-        self.jail.confine(&mut qemu, spec);
+        self.jail.confine(&mut qemu, spec)?;
         let mut vm = Supervised::spawn("qemu", &mut qemu, &d.join("qemu.log"))?;
         let saved = async {
             let console = d.join("console.log");

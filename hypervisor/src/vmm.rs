@@ -112,7 +112,7 @@ impl Hypervisor for Vmm {
         }
         cmd.arg("--config").arg(&config);
         let vm = match place_vm(&mut cmd, spec)
-            .map(|()| self.jail.confine(&mut cmd, spec))
+            .and_then(|()| self.jail.confine(&mut cmd, spec))
             .and_then(|()| Supervised::spawn("podvisor-vmm", &mut cmd, &log))
         {
             Ok(vm) => vm,

@@ -155,6 +155,9 @@ pub struct VmConfig {
     pub image: PathBuf,
     /// A kernel other than the image's (QEMU: a bzImage).
     pub kernel: Option<PathBuf>,
+    /// How the VM's processes are confined (on, as a pod's; off only to
+    /// measure what that costs).
+    pub jail: Jail,
 }
 
 impl VmConfig {
@@ -169,6 +172,7 @@ impl VmConfig {
             net: Vec::new(),
             image: image_dir(),
             kernel: None,
+            jail: Jail::default(),
         }
     }
 }
@@ -225,9 +229,9 @@ impl TestVm {
         let ready = hybrid_vsock::ReadyListener::bind(&spec.vsock)?;
         let started = Instant::now();
         let vm = if cfg.vmm {
-            Vmm::new(paths(), Jail::default()).launch(&spec).await?
+            Vmm::new(paths(), cfg.jail).launch(&spec).await?
         } else {
-            Qemu::new(paths(), cfg.accel, Jail::default())
+            Qemu::new(paths(), cfg.accel, cfg.jail)
                 .launch(&spec)
                 .await?
         };

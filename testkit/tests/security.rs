@@ -101,6 +101,27 @@ fn check_file_server(pid: u32) -> Result<()> {
     Ok(())
 }
 
+/// What the jail's root shows `name` (pid `pid`) of the VM's directory
+/// `dir`: its files, at their host path; and of the host's other files
+/// (`host_file`, `/etc/passwd`): nothing.
+fn check_jail_root(name: &str, pid: u32, dir: &Path, host_file: &Path) -> Result<()> {
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    ensure!(
+        inside(&dir.join("console.log")).exists(),
+        "{name} (pid {pid}) does not see its VM's console.log at {}",
+        dir.display()
+    );
+    for hidden in [host_file, Path::new("/etc/passwd")] {
+        ensure!(
+            !inside(hidden).exists(),
+            "{name} (pid {pid}) sees the host's {}",
+            hidden.display()
+        );
+    }
+    Ok(())
+}
+
 /// The one child process of `pid`.
 fn only_child(pid: u32) -> Result<u32> {
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))?;
@@ -149,6 +170,11 @@ fn processes_naming(dir: &Path) -> Vec<u32> {
 async fn qemu_processes_are_confined() -> Result<()> {
     let cfg = VmConfig::new(detect_accel().0);
     let vm = TestVm::boot(&cfg).await?;
+    let host = tempfile::Builder::new()
+        .prefix("podvisor-host-")
+        .tempdir()?;
+    let host_file = host.path().join("host-only");
+    std::fs::write(&host_file, "host")?;
     let marker = vm.dir().join("host-only");
     std::fs::write(&marker, "host")?;
     std::fs::write(vm.shared().join("shared-marker"), "shared")?;
@@ -164,6 +190,7 @@ async fn qemu_processes_are_confined() -> Result<()> {
                 check_file_server(pid)?;
             } else {
                 check_confined(name, pid, cfg.memory_mib)?;
+                check_jail_root(name, pid, vm.dir(), &host_file)?;
             }
             // virtiofsd forks: its parent only waits for the child, which
             // serves the guest from inside the sandbox.
@@ -241,6 +268,11 @@ fn vmm_spec(dir: &Path) -> Result<VmSpec> {
 async fn vmm_processes_are_confined() -> Result<()> {
     let dir = tempfile::Builder::new().prefix("podvisor-sec-").tempdir()?;
     let spec = vmm_spec(dir.path())?;
+    let host = tempfile::Builder::new()
+        .prefix("podvisor-host-")
+        .tempdir()?;
+    let host_file = host.path().join("host-only");
+    std::fs::write(&host_file, "host")?;
     let mut vm = Vmm::new(paths(), Jail::default()).launch(&spec).await?;
     // The vCPU threads start, and the main thread installs its filter,
     // once the VM is built.
@@ -258,6 +290,7 @@ async fn vmm_processes_are_confined() -> Result<()> {
                 continue;
             }
             check_confined(name, pid, spec.memory_mib)?;
+            check_jail_root(name, pid, dir.path(), &host_file)?;
             let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))?;
             let mut seen = Vec::new();
             for t in tasks {

@@ -4,10 +4,12 @@
 //! - `demo`: starts a private containerd with the podvisor runtime, runs a
 //!   container with `ctr run`, and shows that it ran in a VM (guest kernel
 //!   release and boot id next to the host's).
-//! - `bench [kernel|warm]`: prints the figures of DESIGN.md's target table
-//!   that this machine can measure, each with the backend and accelerator
-//!   used (`kernel`: only the guest kernel's, podvisor's beside Debian's;
-//!   `warm`: only warm start's, cold boot beside a template's clone).
+//! - `bench [kernel|guest|warm|vmm]`: prints the figures of DESIGN.md's
+//!   target table that this machine can measure, each with the backend and
+//!   accelerator used (`kernel`: only the guest kernel's, podvisor's
+//!   beside Debian's; `guest`: QEMU start to the agent, jailed and not,
+//!   and containers in a running VM; `warm`: only warm start's, cold boot
+//!   beside a template's clone; `vmm`: podvisor-vmm's).
 //! - `image ARCHIVE NAME [--add FILE:PATH]... CMD...`: writes the busybox
 //!   test image (plus FILEs) as an OCI archive (the local cluster imports
 //!   it; no registry is reached).
@@ -42,15 +44,19 @@ fn main() -> Result<()> {
         Some("bench") => match std::env::args().nth(2).as_deref() {
             None => rt.block_on(bench()),
             Some("kernel") => rt.block_on(bench_kernel()),
+            Some("guest") => rt.block_on(async {
+                let (accel, note) = bench_head()?;
+                guest_figures(accel, note).await
+            }),
             Some("warm") => warm_bench::figures(bench_head()?.1),
             Some("vmm") => vmm_figures(),
             Some(other) => {
-                bail!("bench {other:?}: no such part (kernel, warm, vmm, or none for all)")
+                bail!("bench {other:?}: no such part (kernel, guest, warm, vmm, or none for all)")
             }
         },
         Some("image") => image(&std::env::args().skip(2).collect::<Vec<_>>()),
         _ => {
-            bail!("usage: podvisor-tools demo|bench [kernel|warm|vmm]|image ARCHIVE NAME [--pause | CMD...]")
+            bail!("usage: podvisor-tools demo|bench [kernel|guest|warm|vmm]|image ARCHIVE NAME [--pause | CMD...]")
         }
     }
 }
@@ -280,8 +286,13 @@ fn vmm_figures() -> Result<()> {
 /// The guest and agent alone, through the shim's QEMU backend.
 async fn guest_figures(accel: Accel, note: &str) -> Result<()> {
     let cfg = VmConfig::new(accel);
-    let mut boots = Vec::new();
+    let unjailed = VmConfig {
+        jail: podvisor_hypervisor::Jail { enabled: false },
+        ..cfg.clone()
+    };
+    let (mut boots, mut unjailed_boots) = (Vec::new(), Vec::new());
     let mut rss_idle = 0;
+    // Jailed and not in turn, so that a noisy moment hits both alike.
     for _ in 0..BOOTS {
         let vm = TestVm::boot(&cfg).await?;
         boots.push(vm.boot_time);
@@ -290,6 +301,9 @@ async fn guest_figures(accel: Accel, note: &str) -> Result<()> {
             .get_guest_details(ctx(), &api::GuestDetailsRequest::new())
             .await?;
         rss_idle = d.agent_rss_bytes;
+        vm.shutdown().await;
+        let vm = TestVm::boot(&unjailed).await?;
+        unjailed_boots.push(vm.boot_time);
         vm.shutdown().await;
     }
     let vm = TestVm::boot(&cfg).await?;
@@ -317,6 +331,11 @@ async fn guest_figures(accel: Accel, note: &str) -> Result<()> {
     row(
         &format!("QEMU start to agent ready, median of {BOOTS} ({note})"),
         ms(median(boots)),
+        "-",
+    );
+    row(
+        "  the jail's cost: the same without it ([jail] enabled = false)",
+        ms(median(unjailed_boots)),
         "-",
     );
     row(

@@ -9,15 +9,20 @@
 //! exec) and bounds on open files and on the size of any file they write
 //! (a guest flooding its console cannot fill the host's `/run`).
 //!
+//! The VM process and its vsock helper also start in a mount namespace of
+//! their own whose root holds only what they need ([`root`]).
+//!
 //! The VM process still runs as root: it reaches root-owned files (its
 //! directory, the kernel, `/dev/kvm`) as their owner, and taps the shim
 //! made with owner 0 (`TUNSETOWNER`), which a process without
 //! CAP_NET_ADMIN may attach to.
 
+pub mod root;
+
 use serde::Deserialize;
 use tokio::process::Command;
 
-use crate::VmSpec;
+use crate::{HypervisorError, VmSpec};
 
 /// Open files a VM-side process may hold.
 pub const MAX_OPEN_FILES: u64 = 8192;
@@ -69,13 +74,30 @@ impl Default for Jail {
 
 impl Jail {
     /// Makes `cmd`, the VM process of `spec` or its vsock helper, start
-    /// confined: no_new_privs, no core dumps, at most [`MAX_OPEN_FILES`],
-    /// no file beyond guest memory plus 1 GiB (a write past it fails with
-    /// EFBIG, SIGXFSZ being ignored, instead of killing the VM).
+    /// confined: in its own root ([`root`]), no capabilities,
+    /// no_new_privs, no core dumps, at most [`MAX_OPEN_FILES`], no file
+    /// beyond guest memory plus 1 GiB (a write past it fails with EFBIG,
+    /// SIGXFSZ being ignored, instead of killing the VM).
     ///
     /// Register it after anything else `cmd` does before exec that needs
     /// privileges (entering the pod's network namespace): it drops them.
-    pub fn confine(&self, cmd: &mut Command, spec: &VmSpec) {
+    pub fn confine(&self, cmd: &mut Command, spec: &VmSpec) -> Result<(), HypervisorError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let std_cmd = cmd.as_std();
+        let program = std::path::PathBuf::from(std_cmd.get_program());
+        let jail_root =
+            root::plan(&program, std_cmd.get_current_dir(), spec).map_err(|source| {
+                HypervisorError::Io {
+                    what: format!("preparing the jail of {}", program.display()),
+                    source,
+                }
+            })?;
+        // SAFETY: in the child between fork and exec, as `enter` requires.
+        unsafe {
+            cmd.pre_exec(move || jail_root.enter());
+        }
         let file_size = (u64::from(spec.memory_mib) << 20) + FILE_SIZE_BEYOND_MEMORY;
         self.apply(
             cmd,
@@ -86,6 +108,7 @@ impl Jail {
             ],
             true,
         );
+        Ok(())
     }
 
     /// Makes `cmd`, virtiofsd, start with no_new_privs and no core dumps;
