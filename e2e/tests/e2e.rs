@@ -306,7 +306,87 @@ fn limits_size_the_vm(c: &Cluster) -> Result<()> {
         (240..=260).contains(&added_mib),
         "a 256Mi limit should add 256 MiB of guest memory: {mem0} KiB without, {mem1} KiB with"
     );
+    vm_is_held_to_the_pods_limit(c, "sized", 256)?;
     delete_pods(c, &["unsized", "sized"])
+}
+
+/// A quantity in Mi ("160Mi").
+fn mebibytes(q: &str) -> Result<u64> {
+    q.strip_suffix("Mi")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("{q:?} is not in Mi"))
+}
+
+/// The VM process of `pod` (memory limit `limit_mib`) on the node sits in
+/// the sandbox's cgroup below kubelet's pod cgroup, which kubelet limits
+/// to the limit plus the RuntimeClass overhead, and whose use covers the
+/// VM's anonymous memory.
+fn vm_is_held_to_the_pods_limit(c: &Cluster, pod: &str, limit_mib: u64) -> Result<()> {
+    let id = c.sandbox_id(pod)?;
+    let uid = field(&c.get("pod", pod)?, "metadata.uid");
+    let rc = c.get("runtimeclass", RUNTIME_CLASS)?;
+    let overhead = mebibytes(rc["overhead"]["podFixed"]["memory"].as_str().unwrap_or(""))?;
+    let vm = c
+        .processes_naming(&id)?
+        .into_iter()
+        .find(|(_, cmd)| {
+            let program = cmd.split(' ').next().unwrap_or("");
+            program.ends_with("qemu-system-x86_64") || program.ends_with("podvisor-vmm")
+        })
+        .with_context(|| format!("no VM process names sandbox {id}"))?
+        .0;
+    let v2 = c
+        .node_sh("test -e /sys/fs/cgroup/cgroup.controllers && echo v2; true")?
+        .contains("v2");
+    let cgroups = c.node_sh(&format!("cat /proc/{vm}/cgroup"))?;
+    let leaf = cgroups
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(1).zip(l.splitn(3, ':').nth(2)))
+        .find(|(controllers, _)| {
+            if v2 {
+                controllers.is_empty()
+            } else {
+                controllers.split(',').any(|c| c == "memory")
+            }
+        })
+        .map(|(_, path)| path.to_string())
+        .with_context(|| format!("no memory cgroup for the VM (pid {vm}): {cgroups}"))?;
+    let pod_cgroup = leaf.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
+    ensure!(
+        leaf.ends_with(&format!("/{id}"))
+            && (pod_cgroup.contains(&uid) || pod_cgroup.contains(&uid.replace('-', "_"))),
+        "the VM (pid {vm}) is in {leaf}, not the sandbox's cgroup in pod {uid}'s"
+    );
+    let (dir, limit_file, usage_file) = if v2 {
+        ("/sys/fs/cgroup".to_string(), "memory.max", "memory.current")
+    } else {
+        (
+            "/sys/fs/cgroup/memory".to_string(),
+            "memory.limit_in_bytes",
+            "memory.usage_in_bytes",
+        )
+    };
+    let read = |path: String| -> Result<u64> {
+        let v = c.node_sh(&format!("cat {path}"))?;
+        v.trim().parse().with_context(|| format!("{path}: {v:?}"))
+    };
+    let limit = read(format!("{dir}{pod_cgroup}/{limit_file}"))?;
+    ensure!(
+        limit == (limit_mib + overhead) << 20,
+        "pod cgroup {pod_cgroup} limited to {limit} bytes, not {limit_mib} MiB + {overhead} MiB overhead"
+    );
+    let usage = read(format!("{dir}{leaf}/{usage_file}"))?;
+    let status = c.node_sh(&format!("cat /proc/{vm}/status"))?;
+    let anon_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no RssAnon for the VM")?;
+    ensure!(
+        usage >= anon_kib * 1024,
+        "{leaf}: {usage} bytes in use, less than the VM's {anon_kib} KiB of anonymous memory"
+    );
+    Ok(())
 }
 
 /// What the node still holds of sandbox `id`: its state directory,

@@ -119,6 +119,19 @@ fn check_jail_root(name: &str, pid: u32, dir: &Path, host_file: &Path) -> Result
             hidden.display()
         );
     }
+    // Its proc: read-only (no sysctl written, no other process's files).
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+    let proc_mount = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/proc"))
+        .with_context(|| format!("{name} (pid {pid}) has no /proc:\n{mounts}"))?;
+    ensure!(
+        proc_mount
+            .split(' ')
+            .nth(5)
+            .is_some_and(|o| o.split(',').any(|f| f == "ro")),
+        "{name} (pid {pid}) has a writable /proc: {proc_mount}"
+    );
     Ok(())
 }
 

@@ -9,7 +9,8 @@
 //! <kernel>, <initramfs>        read-only
 //! <the VM's directory>         read-write: its sockets, logs, template files
 //! /dev/{null,zero,full,random,urandom,kvm,net/tun}   those the host has
-//! /proc                        a proc of its own (/proc/self/fd for templates)
+//! /proc                        a proc of its own, read-only, processes only
+//!                              (/proc/self/fd for templates)
 //! ```
 //!
 //! The host's other files, other VMs' directories and the pod's container
@@ -302,14 +303,21 @@ impl JailRoot {
                         return Err(failed(c"symlink", link));
                     }
                 }
+                // Read-only: a process that is still uid 0 writes no
+                // sysctl (core_pattern) and no other process's files; and
+                // only processes' directories where the kernel can (5.8).
                 Op::Proc(p) => {
+                    let flags =
+                        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY;
+                    let proc_fs = c"proc".as_ptr();
                     if libc::mount(
-                        c"proc".as_ptr(),
+                        proc_fs,
                         p.as_ptr(),
-                        c"proc".as_ptr(),
-                        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                        none.cast(),
+                        proc_fs,
+                        flags,
+                        c"subset=pid".as_ptr().cast(),
                     ) != 0
+                        && libc::mount(proc_fs, p.as_ptr(), proc_fs, flags, none.cast()) != 0
                     {
                         return Err(failed(c"mounting proc at", p));
                     }
