@@ -341,7 +341,10 @@ fn vm_is_held_to_the_pods_limit(c: &Cluster, pod: &str, limit_mib: u64) -> Resul
     let cgroups = c.node_sh(&format!("cat /proc/{vm}/cgroup"))?;
     let leaf = cgroups
         .lines()
-        .filter_map(|l| l.splitn(3, ':').nth(1).zip(l.splitn(3, ':').nth(2)))
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ':').skip(1);
+            f.next().zip(f.next())
+        })
         .find(|(controllers, _)| {
             if v2 {
                 controllers.is_empty()
