@@ -320,7 +320,7 @@ fn mebibytes(q: &str) -> Result<u64> {
 /// The VM process of `pod` (memory limit `limit_mib`) on the node sits in
 /// the sandbox's cgroup below kubelet's pod cgroup, which kubelet limits
 /// to the limit plus the RuntimeClass overhead, and whose use covers the
-/// VM's anonymous memory.
+/// VM's anonymous memory and the guest RAM it touched.
 fn vm_is_held_to_the_pods_limit(c: &Cluster, pod: &str, limit_mib: u64) -> Result<()> {
     let id = c.sandbox_id(pod)?;
     let uid = field(&c.get("pod", pod)?, "metadata.uid");
@@ -379,15 +379,19 @@ fn vm_is_held_to_the_pods_limit(c: &Cluster, pod: &str, limit_mib: u64) -> Resul
         "pod cgroup {pod_cgroup} limited to {limit} bytes, not {limit_mib} MiB + {overhead} MiB overhead"
     );
     let usage = read(format!("{dir}{leaf}/{usage_file}"))?;
+    // Guest RAM is shared memory (QEMU's memfd), the VMM's own anonymous.
     let status = c.node_sh(&format!("cat /proc/{vm}/status"))?;
-    let anon_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no RssAnon for the VM")?;
+    let kib = |key: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("no {key} for the VM"))
+    };
+    let (anon_kib, shmem_kib) = (kib("RssAnon:")?, kib("RssShmem:")?);
     ensure!(
-        usage >= anon_kib * 1024,
-        "{leaf}: {usage} bytes in use, less than the VM's {anon_kib} KiB of anonymous memory"
+        usage >= (anon_kib + shmem_kib) * 1024,
+        "{leaf}: {usage} bytes in use, less than the VM's {anon_kib} KiB anonymous and {shmem_kib} KiB guest RAM"
     );
     Ok(())
 }

@@ -7,16 +7,18 @@
 //!
 //! The shim moves itself in before it starts the VM, so the VM process,
 //! its helpers and the shim's own per-pod work are born there, and moves
-//! the processes of a pool VM it takes over in (their memory with them,
-//! where v1 can). The pod's overhead and guest memory are then accounted
+//! the processes of a pool VM it takes over in (on v1 their memory with
+//! them; on v2 what they already hold stays charged where the pool
+//! started). The pod's overhead and guest memory are then accounted
 //! and limited where Kubernetes says: kubelet sets the pod cgroup's
 //! limits to the RuntimeClass overhead plus the containers' limits. What
 //! outlives the pod (the pool filler and its VMs) starts where the shim
 //! was. At teardown the shim goes back there and removes the leaf; after
 //! a crashed shim, `delete` removes it. The leaf is made directly in the
 //! cgroup filesystem (with the systemd driver too, as a `.scope` directory
-//! systemd does not manage), and parents that are missing are made as
-//! runc makes them; they are kubelet's to remove.
+//! systemd does not manage); parents that are missing are made, and on v2
+//! each level enables its available controllers for the next, as runc
+//! does; the parents are kubelet's to remove.
 
 use std::fs;
 use std::os::fd::AsRawFd;
@@ -45,7 +47,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
 
 /// One hierarchy the shim is in: where it is mounted and where in it the
 /// shim was when it started.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 struct Hierarchy {
     mount: PathBuf,
     /// v1 cpuset: a new cgroup has no CPUs or memory nodes until given its
@@ -53,6 +55,8 @@ struct Hierarchy {
     cpuset: bool,
     /// v1 memory: charges can move with a process.
     memory_v1: bool,
+    /// v2: a cgroup's controllers are those its parent enables.
+    unified: bool,
     /// The shim's cgroup in it, as a directory.
     home: PathBuf,
 }
@@ -77,11 +81,14 @@ impl PodCgroup {
                 reason: format!("no cgroup hierarchy is mounted under {CGROUP_FS}"),
             });
         }
+        // Each leaf recorded even if making it failed: dropping `cgroup`
+        // removes whatever was made.
         let mut cgroup = PodCgroup { leaves: Vec::new() };
         for h in hierarchies {
             let leaf = h.mount.join(&relative);
-            make(&h, &leaf)?;
+            let made = make(&h, &relative);
             cgroup.leaves.push((h, leaf));
+            made?;
         }
         let me = std::process::id();
         for (h, leaf) in &cgroup.leaves {
@@ -95,44 +102,38 @@ impl PodCgroup {
         Ok(cgroup)
     }
 
-    /// Moves `pid` and its descendants (a pool VM's process, say) in.
-    pub fn adopt(&self, pid: u32) {
-        let mut pids = vec![pid];
-        let mut i = 0;
-        while let Some(&p) = pids.get(i) {
-            let children = fs::read_to_string(format!("/proc/{p}/task/{p}/children"));
-            pids.extend(
-                children
-                    .unwrap_or_default()
-                    .split_whitespace()
-                    .filter_map(|c| c.parse::<u32>().ok()),
-            );
-            i += 1;
-        }
-        for p in pids {
+    /// Moves `pid` and its descendants (a pool VM's processes) in; an
+    /// error (v1: its memory does not fit the pod's limit) means they are
+    /// not all the pod's.
+    pub fn adopt(&self, pid: u32) -> Result<(), CgroupError> {
+        for p in with_descendants(pid) {
             for (_, leaf) in &self.leaves {
-                if let Err(e) = fs::write(leaf.join("cgroup.procs"), p.to_string()) {
-                    tracing::warn!("moving pid {p} into {}: {e}", leaf.display());
+                let procs = leaf.join("cgroup.procs");
+                match fs::write(&procs, p.to_string()) {
+                    Ok(()) => {}
+                    // Exited meanwhile.
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                    Err(e) => return Err(io_err(&procs)(e)),
                 }
             }
         }
+        Ok(())
     }
 
     /// Makes `cmd` start where the shim was, outside the pod's cgroup (for
-    /// what outlives the pod).
-    pub fn start_outside(&self, cmd: &mut tokio::process::Command) {
-        let homes: Vec<fs::File> = self
+    /// what outlives the pod); an error if it could not.
+    pub fn start_outside(&self, cmd: &mut tokio::process::Command) -> Result<(), CgroupError> {
+        let homes = self
             .leaves
             .iter()
-            .filter_map(|(h, _)| {
+            .map(|(h, _)| {
                 let procs = h.home.join("cgroup.procs");
                 fs::OpenOptions::new()
                     .write(true)
                     .open(&procs)
-                    .map_err(|e| tracing::warn!("opening {}: {e}", procs.display()))
-                    .ok()
+                    .map_err(io_err(&procs))
             })
-            .collect();
+            .collect::<Result<Vec<fs::File>, CgroupError>>()?;
         // SAFETY: write(2) is async-signal-safe; the files are open, and
         // "0" moves the writer.
         unsafe {
@@ -145,6 +146,7 @@ impl PodCgroup {
                 Ok(())
             });
         }
+        Ok(())
     }
 }
 
@@ -163,7 +165,9 @@ impl Drop for PodCgroup {
     }
 }
 
-/// After a crashed shim: removes the leaf `cgroups_path` names, if any.
+/// After a crashed shim: kills what is left in the leaf `cgroups_path`
+/// names (only the pod's processes live there: a helper's child the
+/// shim's record missed) and removes it.
 pub fn remove_leftover(cgroups_path: &str) {
     let (Ok(relative), Ok(hierarchies)) = (resolve(cgroups_path), own_hierarchies()) else {
         return;
@@ -173,19 +177,30 @@ pub fn remove_leftover(cgroups_path: &str) {
         .map(|h| h.mount.join(&relative))
         .filter(|l| l.exists())
         .collect();
+    for leaf in &leaves {
+        let procs = fs::read_to_string(leaf.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) with plain integers.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
     remove_leaves(leaves.iter().map(PathBuf::as_path));
 }
 
+/// Removes each leaf, giving processes that are exiting up to two seconds
+/// in all to leave them.
 fn remove_leaves<'a>(leaves: impl Iterator<Item = &'a Path>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
     for leaf in leaves {
-        let mut tries = 0;
         loop {
             match fs::remove_dir(leaf) {
                 Ok(()) => break,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                Err(e) if tries < 40 => {
+                Err(e) if std::time::Instant::now() < deadline => {
                     tracing::debug!("removing {}: {e}; retrying", leaf.display());
-                    tries += 1;
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 Err(e) => {
@@ -197,15 +212,38 @@ fn remove_leaves<'a>(leaves: impl Iterator<Item = &'a Path>) {
     }
 }
 
-/// Makes `leaf` and any missing parent below the hierarchy's mount (v1
-/// cpuset: each given its parent's CPUs and memory nodes).
-fn make(h: &Hierarchy, leaf: &Path) -> Result<(), CgroupError> {
+/// `pid` and its descendants, as /proc lists them (each thread's
+/// children).
+fn with_descendants(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    let mut i = 0;
+    while let Some(&p) = pids.get(i) {
+        let tasks = fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten();
+        for t in tasks.flatten() {
+            let children = fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            pids.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+        i += 1;
+    }
+    pids
+}
+
+/// Makes the cgroup `relative` and any missing parent in hierarchy `h`:
+/// v1 cpuset gives each its parent's CPUs and memory nodes; v2 has each
+/// level above the leaf enable its controllers for the next.
+fn make(h: &Hierarchy, relative: &Path) -> Result<(), CgroupError> {
     let mut dir = h.mount.clone();
-    let Ok(below) = leaf.strip_prefix(&h.mount) else {
-        return Ok(());
-    };
-    for part in below.components() {
+    for part in relative.components() {
         let parent = dir.clone();
+        if h.unified {
+            enable_controllers(&parent);
+        }
         dir.push(part);
         match fs::create_dir(&dir) {
             Ok(()) => {}
@@ -229,6 +267,21 @@ fn make(h: &Hierarchy, leaf: &Path) -> Result<(), CgroupError> {
     Ok(())
 }
 
+/// v2: enables in `dir` every controller it has for its children (one by
+/// one: a controller the kernel refuses there does not stop the others).
+fn enable_controllers(dir: &Path) {
+    let available = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    let enabled = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+    for c in available.split_whitespace() {
+        if enabled.split_whitespace().any(|e| e == c) {
+            continue;
+        }
+        if let Err(e) = fs::write(dir.join("cgroup.subtree_control"), format!("+{c}")) {
+            tracing::debug!("enabling {c} in {}: {e}", dir.display());
+        }
+    }
+}
+
 /// The cgroup `cgroups_path` names, relative to a hierarchy's root: a path
 /// (cgroupfs driver), or `slice:prefix:name` (systemd driver, expanded as
 /// systemd lays out slices and scopes).
@@ -246,10 +299,9 @@ fn resolve(cgroups_path: &str) -> Result<PathBuf, CgroupError> {
                 slice
             })
             .ok_or_else(|| bad("not a systemd slice:prefix:name"))?;
+            // runc's unit name: a scope unless a slice is asked for.
             if name.ends_with(".slice") {
                 p.push(name);
-            } else if prefix.is_empty() {
-                p.push(format!("{name}.scope"));
             } else {
                 p.push(format!("{prefix}-{name}.scope"));
             }
@@ -349,6 +401,7 @@ fn hierarchies(cgroup: &str, mountinfo: &str) -> Vec<Hierarchy> {
             mount: PathBuf::from(point),
             cpuset: fstype == "cgroup" && wanted.contains(&"cpuset"),
             memory_v1: fstype == "cgroup" && wanted.contains(&"memory"),
+            unified: fstype == "cgroup2",
             home: Path::new(point).join(inside),
         };
         if !found.iter().any(|f| f.mount == h.mount) {
@@ -377,6 +430,11 @@ mod tests {
         assert_eq!(
             resolve(":cri-containerd:abc").unwrap(),
             PathBuf::from("system.slice/cri-containerd-abc.scope")
+        );
+        assert_eq!(
+            resolve("machine.slice::vm").unwrap(),
+            PathBuf::from("machine.slice/-vm.scope"),
+            "runc's name for an empty prefix"
         );
         for bad in [
             "/a/../../etc",

@@ -138,12 +138,22 @@ impl Pod {
             .and_then(|k| pool::claim(k, id, &from_pool))
         {
             Some((dir, processes)) => {
-                for p in &processes {
-                    if let Some(c) = &cgroup {
-                        c.adopt(p.pid);
+                let joined = match &cgroup {
+                    Some(c) => processes.iter().try_for_each(|p| c.adopt(p.pid)),
+                    None => Ok(()),
+                };
+                match joined {
+                    Ok(()) => (dir, Some(processes)),
+                    // Not the pod's to use: restored or booted instead.
+                    Err(e) => {
+                        tracing::warn!(
+                            sandbox = id,
+                            "the pool VM cannot join the pod's cgroup: {e}"
+                        );
+                        kill_all(processes).await;
+                        (dir, None)
                     }
                 }
-                (dir, Some(processes))
             }
             None => (SandboxDir::create(id)?, None),
         };

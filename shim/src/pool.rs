@@ -347,7 +347,8 @@ pub fn spawn_fill(config: &Config, sizing: &VmSizing, pod_cgroup: Option<&PodCgr
         }
         // Nor the pod's cgroup.
         if let Some(c) = pod_cgroup {
-            c.start_outside(&mut cmd);
+            c.start_outside(&mut cmd)
+                .map_err(|e| PoolError::Refused(e.to_string()))?;
         }
         let mut child = cmd
             .spawn()

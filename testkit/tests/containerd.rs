@@ -636,13 +636,18 @@ fn with_descendants(pid: u32) -> Vec<u32> {
     let mut pids = vec![pid];
     let mut i = 0;
     while let Some(&p) = pids.get(i) {
-        let children =
-            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
-        pids.extend(
-            children
-                .split_whitespace()
-                .filter_map(|c| c.parse::<u32>().ok()),
-        );
+        // Each thread's children.
+        let tasks = std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten();
+        for t in tasks.flatten() {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            pids.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
         i += 1;
     }
     pids
@@ -746,7 +751,7 @@ fn all_in_cgroup(pids: &[u32], leaf: &str) -> Result<()> {
 /// A pod whose sandbox names a cgroup parent, as kubelet's do: the shim,
 /// the VM process and every helper run in the sandbox's cgroup below it,
 /// in every hierarchy; the cgroup's memory use covers the VM's anonymous
-/// memory (guest RAM it touched); stopping the pod removes the sandbox's
+/// memory and the guest RAM it touched; stopping the pod removes the sandbox's
 /// cgroup and leaves the parent (kubelet's) in place.
 fn cri_pod_runs_in_its_cgroup_and_removes_it(c: &Containerd) -> Result<()> {
     let parent = pod_cgroup("cg");
@@ -779,11 +784,17 @@ fn cri_pod_runs_in_its_cgroup_and_removes_it(c: &Containerd) -> Result<()> {
     pids.extend(recorded.iter().flat_map(|&p| with_descendants(p)));
     all_in_cgroup(&pids, &leaf)?;
     let vm = recorded[0];
-    let rss_anon_kib: u64 = std::fs::read_to_string(format!("/proc/{vm}/status"))?
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no RssAnon for the VM process")?;
+    // Guest RAM is shared memory (a memfd), the VMM's own anonymous.
+    let status = std::fs::read_to_string(format!("/proc/{vm}/status"))?;
+    let kib = |key: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("no {key} for the VM process"))
+    };
+    let (anon_kib, shmem_kib) = (kib("RssAnon:")?, kib("RssShmem:")?);
+    ensure!(shmem_kib > 0, "the VM process maps no guest RAM: {status}");
     let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
     let usage_file = if v2 {
         format!("/sys/fs/cgroup{leaf}/memory.current")
@@ -795,8 +806,8 @@ fn cri_pod_runs_in_its_cgroup_and_removes_it(c: &Containerd) -> Result<()> {
         .trim()
         .parse()?;
     ensure!(
-        usage >= rss_anon_kib * 1024,
-        "{usage_file}: {usage} bytes, less than the VM's {rss_anon_kib} KiB of anonymous memory"
+        usage >= (anon_kib + shmem_kib) * 1024,
+        "{usage_file}: {usage} bytes, less than the VM's {anon_kib} KiB anonymous and {shmem_kib} KiB guest RAM"
     );
     ok(&mut c.crictl(&["stopp", &sandbox]), 120)?;
     ok(&mut c.crictl(&["rmp", &sandbox]), 120)?;

@@ -119,19 +119,29 @@ fn check_jail_root(name: &str, pid: u32, dir: &Path, host_file: &Path) -> Result
             hidden.display()
         );
     }
-    // Its proc: read-only (no sysctl written, no other process's files).
+    // Its mounts: the root, /usr and its proc (no sysctl written, no
+    // other process's files) read-only; nothing runs from the VM's
+    // directory.
     let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
-    let proc_mount = mounts
-        .lines()
-        .find(|l| l.split(' ').nth(4) == Some("/proc"))
-        .with_context(|| format!("{name} (pid {pid}) has no /proc:\n{mounts}"))?;
-    ensure!(
-        proc_mount
-            .split(' ')
-            .nth(5)
-            .is_some_and(|o| o.split(',').any(|f| f == "ro")),
-        "{name} (pid {pid}) has a writable /proc: {proc_mount}"
-    );
+    let dir_text = dir.display().to_string();
+    for (at, flag) in [
+        ("/", "ro"),
+        ("/usr", "ro"),
+        ("/proc", "ro"),
+        (dir_text.as_str(), "noexec"),
+    ] {
+        let mount = mounts
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(at))
+            .with_context(|| format!("{name} (pid {pid}) has no mount at {at}:\n{mounts}"))?;
+        ensure!(
+            mount
+                .split(' ')
+                .nth(5)
+                .is_some_and(|o| o.split(',').any(|f| f == flag)),
+            "{name} (pid {pid}): {at} is not {flag}: {mount}"
+        );
+    }
     Ok(())
 }
 

@@ -85,15 +85,11 @@ impl Jail {
         if !self.enabled {
             return Ok(());
         }
-        let std_cmd = cmd.as_std();
-        let program = std::path::PathBuf::from(std_cmd.get_program());
-        let jail_root =
-            root::plan(&program, std_cmd.get_current_dir(), spec).map_err(|source| {
-                HypervisorError::Io {
-                    what: format!("preparing the jail of {}", program.display()),
-                    source,
-                }
-            })?;
+        let program = std::path::PathBuf::from(cmd.as_std().get_program());
+        let jail_root = root::plan(&program, spec).map_err(|source| HypervisorError::Io {
+            what: format!("preparing the jail of {}", program.display()),
+            source,
+        })?;
         // SAFETY: in the child between fork and exec, as `enter` requires.
         unsafe {
             cmd.pre_exec(move || jail_root.enter());

@@ -7,22 +7,28 @@
 //! /lib, /lib64, ...            as on the host (symlinks into /usr, or read-only)
 //! <the program>                read-only, when it lives outside /usr
 //! <kernel>, <initramfs>        read-only
-//! <the VM's directory>         read-write: its sockets, logs, template files
+//! <the VM's directory>         read-write, noexec: its sockets, logs, template files
 //! /dev/{null,zero,full,random,urandom,kvm,net/tun}   those the host has
 //! /proc                        a proc of its own, read-only, processes only
 //!                              (/proc/self/fd for templates)
 //! ```
 //!
-//! The host's other files, other VMs' directories and the pod's container
-//! mounts (made later, under the VM's `shared/`, and not propagated) are
-//! not there. Everything is decided in the shim ([`plan`]); the child only
-//! runs the prepared system calls ([`JailRoot::enter`]) between fork and
-//! exec, while it still has the privileges to mount.
+//! Each is bound alone (mounts below it do not come along). The host's
+//! other files, other VMs' directories and the pod's container mounts
+//! (made later, under the VM's `shared/`, and not propagated) are not
+//! there by any path. The host's processes are still listed in /proc: as
+//! long as VM processes run as uid 0 without capabilities, one of them
+//! may open another's `/proc/<pid>/root` and descriptors; a uid per VM or
+//! a PID namespace (issue 17) is what closes that.
+//!
+//! Everything is decided in the shim ([`plan`]); the child only runs the
+//! prepared system calls ([`JailRoot::enter`]) between fork and exec,
+//! while it still has the privileges to mount.
 
 use std::collections::BTreeSet;
 use std::ffi::{CStr, CString};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use crate::VmSpec;
 
@@ -45,15 +51,23 @@ const DEVICES: [&str; 7] = [
 /// hold libraries themselves.
 const LIBRARY_LINKS: [&str; 6] = ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
 
+/// Flags a bind is remounted with: read-only (programs, libraries, the
+/// guest image), data (the VM's directory: nothing in it runs), a device.
+const READ_ONLY: libc::c_ulong = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+const DATA: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+const DEVICE: libc::c_ulong = libc::MS_NOSUID | libc::MS_NOEXEC;
+
 #[derive(Debug)]
 enum Op {
     Mkdir(CString),
     /// An empty file to bind a file onto.
     Touch(CString),
+    /// A bind of `from` alone (no mounts below it come along), remounted
+    /// with `flags`.
     Bind {
         from: CString,
         to: CString,
-        read_only: bool,
+        flags: libc::c_ulong,
     },
     Symlink {
         target: CString,
@@ -66,9 +80,6 @@ enum Op {
 #[derive(Debug)]
 pub struct JailRoot {
     ops: Vec<Op>,
-    /// The child's working directory, if it was given one (re-entered in
-    /// the new root).
-    cwd: Option<CString>,
 }
 
 fn c(p: &Path) -> std::io::Result<CString> {
@@ -76,25 +87,41 @@ fn c(p: &Path) -> std::io::Result<CString> {
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in a path"))
 }
 
-/// `p` inside the root being built.
+/// `p` without `.` and `..` (resolved by name; `/..` is `/`), absolute.
+fn normal(p: &Path) -> PathBuf {
+    let mut n = PathBuf::from("/");
+    for part in p.components() {
+        match part {
+            Component::Normal(x) => n.push(x),
+            Component::ParentDir => {
+                n.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    n
+}
+
+/// Normalised `p` inside the root being built (never above it).
 fn inside(p: &Path) -> PathBuf {
-    Path::new(BUILD_AT).join(p.strip_prefix("/").unwrap_or(p))
+    let n = normal(p);
+    Path::new(BUILD_AT).join(n.strip_prefix("/").unwrap_or(&n))
 }
 
 /// The root for `program` running the VM of `spec`.
-pub fn plan(program: &Path, cwd: Option<&Path>, spec: &VmSpec) -> std::io::Result<JailRoot> {
+pub fn plan(program: &Path, spec: &VmSpec) -> std::io::Result<JailRoot> {
     let mut root = Builder::default();
-    root.bind_dir(Path::new("/usr"), true)?;
+    root.bind(Path::new("/usr"), READ_ONLY, false)?;
     for top in LIBRARY_LINKS {
         let p = Path::new(top);
         match std::fs::read_link(p) {
             Ok(target) => root.symlink(&target, p)?,
-            Err(_) if p.is_dir() => root.bind_dir(p, true)?,
+            Err(_) if p.is_dir() => root.bind(p, READ_ONLY, false)?,
             Err(_) => {}
         }
     }
-    root.bind_file(Path::new("/etc/ld.so.cache"), true)?;
-    root.bind_file(program, true)?;
+    root.bind(Path::new("/etc/ld.so.cache"), READ_ONLY, true)?;
+    root.bind(program, READ_ONLY, true)?;
     for f in [
         Some(&spec.kernel),
         Some(&spec.initramfs),
@@ -103,83 +130,98 @@ pub fn plan(program: &Path, cwd: Option<&Path>, spec: &VmSpec) -> std::io::Resul
     .into_iter()
     .flatten()
     {
-        root.bind_file(f, true)?;
+        root.bind(f, READ_ONLY, true)?;
     }
-    root.bind_dir(&spec.dir, false)?;
+    root.bind(&spec.dir, DATA, false)?;
     if let Some(d) = spec.vsock.parent() {
-        root.bind_dir(d, false)?;
+        root.bind(d, DATA, false)?;
     }
     for d in DEVICES {
-        root.bind_file(Path::new(d), false)?;
+        root.bind(Path::new(d), DEVICE, true)?;
     }
     let proc_dir = Path::new("/proc");
     root.mkdir(proc_dir)?;
     root.ops.push(Op::Proc(c(&inside(proc_dir))?));
-    Ok(JailRoot {
-        ops: root.ops,
-        cwd: cwd.map(c).transpose()?,
-    })
+    Ok(JailRoot { ops: root.ops })
 }
 
 #[derive(Default)]
 struct Builder {
     ops: Vec<Op>,
-    /// Directories made or bound in the root, by host path.
+    /// Directories made in the root, normalised.
     dirs: BTreeSet<PathBuf>,
-    /// What is bound (or linked), by host path: nothing goes below it.
+    /// What is bound (or linked), normalised: nothing goes below it.
     bound: Vec<PathBuf>,
 }
 
 impl Builder {
-    /// Whether `p` is already visible: under a bound directory, as given
-    /// or resolved (a program in /usr/local/bin through a link).
     fn visible(&self, p: &Path) -> bool {
-        let real = std::fs::canonicalize(p).ok();
-        self.bound
-            .iter()
-            .any(|b| p.starts_with(b) || real.as_ref().is_some_and(|r| r.starts_with(b)))
+        self.bound.iter().any(|b| p.starts_with(b))
     }
 
+    /// Makes the directories `dir` names, each as its path reads (so that
+    /// a `..` in it resolves in the root as on the host).
     fn mkdir(&mut self, dir: &Path) -> std::io::Result<()> {
-        for a in dir.ancestors().collect::<Vec<_>>().into_iter().rev() {
-            if a == Path::new("/") || self.dirs.contains(a) {
-                continue;
+        let mut at = PathBuf::from("/");
+        for part in dir.components() {
+            match part {
+                Component::Normal(x) => {
+                    at.push(x);
+                    if !self.dirs.contains(&at) && !self.visible(&at) {
+                        self.ops.push(Op::Mkdir(c(&inside(&at))?));
+                        self.dirs.insert(at.clone());
+                    }
+                }
+                Component::ParentDir => {
+                    at.pop();
+                }
+                Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
             }
-            self.ops.push(Op::Mkdir(c(&inside(a))?));
-            self.dirs.insert(a.to_owned());
         }
         Ok(())
     }
 
-    fn bind_dir(&mut self, dir: &Path, read_only: bool) -> std::io::Result<()> {
-        if self.visible(dir) {
+    /// Binds `path` (a file if `file`, else a directory) at its host path
+    /// if the host has it and the root does not show it yet; and, if it is
+    /// a link to somewhere the root does not show (a program in /usr
+    /// linking to /opt), its target at the target's path.
+    fn bind(&mut self, path: &Path, flags: libc::c_ulong, file: bool) -> std::io::Result<()> {
+        if !path.exists() {
             return Ok(());
         }
-        self.mkdir(dir)?;
-        self.ops.push(Op::Bind {
-            from: c(dir)?,
-            to: c(&inside(dir))?,
-            read_only,
-        });
-        self.bound.push(dir.to_owned());
+        let at = normal(path);
+        if !self.visible(&at) {
+            self.bind_at(path, &at, flags, file)?;
+        }
+        if let Ok(real) = std::fs::canonicalize(path) {
+            if real != at && !self.visible(&real) {
+                self.bind_at(&real, &real, flags, file)?;
+            }
+        }
         Ok(())
     }
 
-    /// Binds `file` if the host has it.
-    fn bind_file(&mut self, file: &Path, read_only: bool) -> std::io::Result<()> {
-        if !file.exists() || self.visible(file) {
-            return Ok(());
+    fn bind_at(
+        &mut self,
+        from: &Path,
+        at: &Path,
+        flags: libc::c_ulong,
+        file: bool,
+    ) -> std::io::Result<()> {
+        if file {
+            if let Some(parent) = from.parent() {
+                self.mkdir(parent)?;
+            }
+            self.ops.push(Op::Touch(c(&inside(at))?));
+        } else {
+            self.mkdir(from)?;
         }
-        if let Some(parent) = file.parent() {
-            self.mkdir(parent)?;
-        }
-        self.ops.push(Op::Touch(c(&inside(file))?));
         self.ops.push(Op::Bind {
-            from: c(file)?,
-            to: c(&inside(file))?,
-            read_only,
+            from: c(from)?,
+            to: c(&inside(at))?,
+            flags,
         });
-        self.bound.push(file.to_owned());
+        self.bound.push(at.to_owned());
         Ok(())
     }
 
@@ -188,7 +230,7 @@ impl Builder {
             target: c(target)?,
             link: c(&inside(link))?,
         });
-        self.bound.push(link.to_owned());
+        self.bound.push(normal(link));
         Ok(())
     }
 }
@@ -247,12 +289,8 @@ impl JailRoot {
         }
         for op in &self.ops {
             match op {
-                // Already there: a path's `..` (the test image's
-                // `testkit/../build`) names a directory made before.
                 Op::Mkdir(p) => {
-                    if libc::mkdir(p.as_ptr(), 0o755) != 0
-                        && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
-                    {
+                    if libc::mkdir(p.as_ptr(), 0o755) != 0 {
                         return Err(failed(c"mkdir", p));
                     }
                 }
@@ -267,35 +305,21 @@ impl JailRoot {
                     }
                     libc::close(fd);
                 }
-                Op::Bind {
-                    from,
-                    to,
-                    read_only,
-                } => {
-                    if libc::mount(
-                        from.as_ptr(),
-                        to.as_ptr(),
-                        none,
-                        libc::MS_BIND | libc::MS_REC,
-                        none.cast(),
-                    ) != 0
+                Op::Bind { from, to, flags } => {
+                    if libc::mount(from.as_ptr(), to.as_ptr(), none, libc::MS_BIND, none.cast())
+                        != 0
                     {
                         return Err(failed(c"binding", from));
                     }
-                    if *read_only
-                        && libc::mount(
-                            none,
-                            to.as_ptr(),
-                            none,
-                            libc::MS_BIND
-                                | libc::MS_REMOUNT
-                                | libc::MS_RDONLY
-                                | libc::MS_NOSUID
-                                | libc::MS_NODEV,
-                            none.cast(),
-                        ) != 0
+                    if libc::mount(
+                        none,
+                        to.as_ptr(),
+                        none,
+                        libc::MS_BIND | libc::MS_REMOUNT | flags,
+                        none.cast(),
+                    ) != 0
                     {
-                        return Err(failed(c"making read-only", to));
+                        return Err(failed(c"remounting", to));
                     }
                 }
                 Op::Symlink { target, link } => {
@@ -304,8 +328,9 @@ impl JailRoot {
                     }
                 }
                 // Read-only: a process that is still uid 0 writes no
-                // sysctl (core_pattern) and no other process's files; and
-                // only processes' directories where the kernel can (5.8).
+                // sysctl (core_pattern) and no other process's proc files
+                // (oom_score_adj); and only processes' directories where
+                // the kernel can (5.8).
                 Op::Proc(p) => {
                     let flags =
                         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY;
@@ -343,9 +368,10 @@ impl JailRoot {
         {
             return Err(failed(c"making read-only", c"/"));
         }
-        let cwd = self.cwd.as_deref().unwrap_or(c"/");
-        if libc::chdir(cwd.as_ptr()) != 0 {
-            return Err(failed(c"chdir", cwd));
+        // The VM process starts in `/` (its command line names every path
+        // in full).
+        if libc::chdir(c"/".as_ptr()) != 0 {
+            return Err(failed(c"chdir", c"/"));
         }
         Ok(())
     }
@@ -355,13 +381,53 @@ impl JailRoot {
 mod tests {
     use super::*;
 
+    fn text(r: &JailRoot) -> Vec<String> {
+        r.ops
+            .iter()
+            .map(|o| match o {
+                Op::Mkdir(p) => format!("mkdir {}", p.to_string_lossy()),
+                Op::Touch(p) => format!("touch {}", p.to_string_lossy()),
+                Op::Bind { from, to, flags } => format!(
+                    "bind {} {} {}",
+                    from.to_string_lossy(),
+                    to.to_string_lossy(),
+                    match *flags {
+                        READ_ONLY => "ro",
+                        DATA => "data",
+                        DEVICE => "dev",
+                        _ => "?",
+                    }
+                ),
+                Op::Symlink { target, link } => {
+                    format!(
+                        "symlink {} {}",
+                        target.to_string_lossy(),
+                        link.to_string_lossy()
+                    )
+                }
+                Op::Proc(p) => format!("proc {}", p.to_string_lossy()),
+            })
+            .collect()
+    }
+
+    /// Where in the root a step acts.
+    fn place(t: &str) -> &str {
+        let w: Vec<&str> = t.split(' ').collect();
+        match w[0] {
+            "bind" | "symlink" => w[2],
+            _ => w[1],
+        }
+    }
+
     #[test]
     fn the_root_holds_the_vms_files_at_their_host_paths() {
         let d = tempfile::tempdir().unwrap();
-        let kernel = d.path().join("kernel");
+        std::fs::create_dir_all(d.path().join("image/sub")).unwrap();
+        let kernel = d.path().join("image/kernel");
         std::fs::write(&kernel, "k").unwrap();
         let spec = VmSpec {
-            kernel: kernel.clone(),
+            // Through `..`, as the test image's path reads.
+            kernel: d.path().join("image/sub/../kernel"),
             vmlinux: None,
             initramfs: "/usr/share/doc".into(),
             vcpus: 1,
@@ -374,42 +440,24 @@ mod tests {
             netns: None,
             cpuid_hide: vec![],
         };
-        let r = plan(Path::new("/usr/bin/true"), None, &spec).unwrap();
-        let text: Vec<String> = r
-            .ops
-            .iter()
-            .map(|o| match o {
-                Op::Mkdir(p) => format!("mkdir {}", p.to_string_lossy()),
-                Op::Touch(p) => format!("touch {}", p.to_string_lossy()),
-                Op::Bind {
-                    from,
-                    to,
-                    read_only,
-                } => format!(
-                    "bind {} {} {}",
-                    from.to_string_lossy(),
-                    to.to_string_lossy(),
-                    if *read_only { "ro" } else { "rw" }
-                ),
-                Op::Symlink { target, link } => {
-                    format!(
-                        "symlink {} {}",
-                        target.to_string_lossy(),
-                        link.to_string_lossy()
-                    )
-                }
-                Op::Proc(p) => format!("proc {}", p.to_string_lossy()),
-            })
-            .collect();
+        std::fs::create_dir(&spec.dir).unwrap();
+        let text = text(&plan(Path::new("/usr/bin/true"), &spec).unwrap());
         let has = |s: &str| text.iter().any(|t| t == s);
         assert!(has("bind /usr /proc/usr ro"), "{text:#?}");
+        // At the path's normal form, bound from the path as given; the
+        // directory before `..` is made, so the path resolves inside too.
         let k = kernel.display();
-        assert!(has(&format!("bind {k} /proc{k} ro")), "{text:#?}");
+        assert!(
+            has(&format!("bind {} /proc{k} ro", spec.kernel.display())),
+            "{text:#?}"
+        );
+        let sub = d.path().join("image/sub");
+        assert!(has(&format!("mkdir /proc{}", sub.display())), "{text:#?}");
         let vm = spec.dir.display();
-        assert!(has(&format!("bind {vm} /proc{vm} rw")), "{text:#?}");
+        assert!(has(&format!("bind {vm} /proc{vm} data")), "{text:#?}");
         assert_eq!(
             text.iter()
-                .filter(|t| t.contains(&format!("/proc{vm}")))
+                .filter(|t| place(t) == format!("/proc{vm}"))
                 .count(),
             2,
             "the VM's directory made and bound once (the vsock's is the same): {text:#?}"
@@ -423,7 +471,21 @@ mod tests {
             "{text:#?}"
         );
         if Path::new("/dev/null").exists() {
-            assert!(has("bind /dev/null /proc/dev/null rw"), "{text:#?}");
+            assert!(has("bind /dev/null /proc/dev/null dev"), "{text:#?}");
         }
+        // Every place in the root is below it.
+        for t in &text {
+            assert!(
+                place(t).starts_with("/proc/") && !place(t).contains(".."),
+                "{t}"
+            );
+        }
+    }
+
+    #[test]
+    fn paths_are_normalised_and_never_climb_out() {
+        assert_eq!(normal(Path::new("/a/b/../c/./d")), PathBuf::from("/a/c/d"));
+        assert_eq!(normal(Path::new("/../../etc")), PathBuf::from("/etc"));
+        assert_eq!(inside(Path::new("/../x")), PathBuf::from("/proc/x"));
     }
 }
