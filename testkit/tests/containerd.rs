@@ -469,24 +469,39 @@ fn exec_kill_ps_metrics_delete(c: &Containerd) -> Result<()> {
     )?;
     ensure!(out.starts_with("in-exec\nsleep"), "exec output {out:?}");
 
-    // A second process to see in ps and to TERM.
+    // A second process to see in ps and to TERM, once it runs: an exec
+    // that is created but not yet started is in the container's cgroup
+    // (so in ps) and a TERM then would beat its start.
     let mut sleeper = c
-        .ctr(&["task", "exec", "--exec-id", "sl", id, "sleep", "1000"])
-        .stdout(Stdio::null())
+        .ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "sl",
+            id,
+            "sh",
+            "-c",
+            "echo sleeping; exec sleep 1000",
+        ])
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ps = ok(&mut c.ctr(&["task", "ps", id]), 30)?;
-        if ps.lines().skip(1).count() >= 2 {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "ctr task ps never showed the exec: {ps}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let out = sleeper.stdout.take().context("the exec's stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let read = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
+        let _ = tx.send(read.map(|_| line));
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(60))
+        .context("the exec printed nothing in 60 s")??;
+    ensure!(first == "sleeping\n", "the exec printed {first:?}");
+    let ps = ok(&mut c.ctr(&["task", "ps", id]), 30)?;
+    ensure!(
+        ps.lines().skip(1).count() == 2,
+        "ctr task ps does not show the container's two processes: {ps}"
+    );
     ok(
         &mut c.ctr(&["task", "kill", "--exec-id", "sl", "-s", "TERM", id]),
         30,
