@@ -101,7 +101,7 @@ impl Qemu {
             vsock_sock.display(),
             spec.vsock.display()
         ));
-        self.jail.confine(&mut cmd, spec)?;
+        self.jail.confine_vsock_helper(&mut cmd, spec)?;
         let mut vsock = Supervised::spawn("vhost-device-vsock", &mut cmd, &vsock_log)?;
         let (mut fs, fs_sock) = match virtiofsd::start(&self.paths, self.jail, spec).await {
             Ok(fs) => fs,

@@ -223,11 +223,9 @@ async fn qemu_processes_are_confined() -> Result<()> {
             };
             let proc_dir = PathBuf::from(format!("/proc/{served_by}"));
             let seccomp = status(&proc_dir, "Seccomp:");
-            match name {
-                // vhost-device-vsock has no filter of its own.
-                "vhost-device-vsock" => {}
-                _ => ensure!(seccomp == "2", "{name}: Seccomp {seccomp:?}"),
-            }
+            // QEMU's -sandbox, virtiofsd's own filter, vhost-device-vsock's
+            // from the jail (hypervisor/seccomp).
+            ensure!(seccomp == "2", "{name}: Seccomp {seccomp:?}");
             if name == "qemu" {
                 let cmdline = std::fs::read(proc_dir.join("cmdline"))?;
                 let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
@@ -381,6 +379,37 @@ async fn vmm_killed_by_its_filter_is_reported() -> Result<()> {
     none_left_naming(dir.path()).await
 }
 
+/// The vsock helper's filter is installed and kills: a program started
+/// as vhost-device-vsock would be (jailed, then the filter) that makes a
+/// system call the rules lack (mkdir) dies of SIGSYS, and the directory
+/// it asked for is not there.
+async fn vsock_helper_filter_kills_a_call_outside_it() -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("podvisor-sec-").tempdir()?;
+    let spec = vmm_spec(dir.path())?;
+    let made = dir.path().join("made-by-the-helper");
+    let mut cmd = tokio::process::Command::new("/usr/bin/mkdir");
+    cmd.arg(&made);
+    Jail::default().confine_vsock_helper(&mut cmd, &spec)?;
+    let st = cmd.status().await?;
+    ensure!(
+        std::os::unix::process::ExitStatusExt::signal(&st) == Some(libc::SIGSYS),
+        "mkdir under vhost-device-vsock's filter: {}",
+        describe_exit(st)
+    );
+    ensure!(!made.exists(), "{} was made", made.display());
+    // The same program without the filter makes it (the jail alone lets
+    // it: the directory is the VM's, writable).
+    let mut cmd = tokio::process::Command::new("/usr/bin/mkdir");
+    cmd.arg(&made);
+    Jail::default().confine(&mut cmd, &spec)?;
+    let st = cmd.status().await?;
+    ensure!(
+        st.success() && made.is_dir(),
+        "mkdir jailed, unfiltered: {st}"
+    );
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     // The hook fires in the hooked binary only; set before any thread.
     std::env::set_var("PODVISOR_VMM_TEST_SIGSYS", "vcpu");
@@ -393,6 +422,11 @@ fn main() -> std::process::ExitCode {
         (
             "qemu_vm_processes_are_confined",
             || Box::pin(qemu_processes_are_confined()),
+            false,
+        ),
+        (
+            "vsock_helper_filter_kills_a_call_outside_it",
+            || Box::pin(vsock_helper_filter_kills_a_call_outside_it()),
             false,
         ),
         (

@@ -10,7 +10,9 @@
 //! (a guest flooding its console cannot fill the host's `/run`).
 //!
 //! The VM process and its vsock helper also start in a mount namespace of
-//! their own whose root holds only what they need ([`root`]).
+//! their own whose root holds only what they need ([`root`]), and the
+//! vsock helper, which has no seccomp filter of its own, under ours
+//! ([`seccomp`]).
 //!
 //! The VM process still runs as root: it reaches root-owned files (its
 //! directory, the kernel, `/dev/kvm`) as their owner, and taps the shim
@@ -18,6 +20,7 @@
 //! CAP_NET_ADMIN may attach to.
 
 pub mod root;
+pub mod seccomp;
 
 use serde::Deserialize;
 use tokio::process::Command;
@@ -104,6 +107,26 @@ impl Jail {
             ],
             true,
         );
+        Ok(())
+    }
+
+    /// Makes `cmd`, the vsock helper of `spec` (vhost-device-vsock),
+    /// start confined as [`Jail::confine`] says and under the seccomp
+    /// filter of its own ([`seccomp`]), installed last, right before exec.
+    pub fn confine_vsock_helper(
+        &self,
+        cmd: &mut Command,
+        spec: &VmSpec,
+    ) -> Result<(), HypervisorError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        self.confine(cmd, spec)?;
+        let filter = seccomp::vsock_helper()?;
+        // SAFETY: `install` only issues system calls.
+        unsafe {
+            cmd.pre_exec(move || seccomp::install(filter));
+        }
         Ok(())
     }
 
