@@ -39,19 +39,7 @@ impl Supervised {
         cmd: &mut Command,
         log: &Path,
     ) -> Result<Supervised, HypervisorError> {
-        let io = |what: String| move |source| HypervisorError::Io { what, source };
-        let out = std::fs::File::create(log).map_err(io(format!("creating {}", log.display())))?;
-        let err = out.try_clone().map_err(io("dup log".into()))?;
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .kill_on_drop(false);
-        let program = PathBuf::from(cmd.as_std().get_program());
-        let mut child: Child = cmd.spawn().map_err(|source| HypervisorError::Spawn {
-            name,
-            program,
-            source,
-        })?;
+        let mut child = start(name, cmd, log)?;
         let pid = child.id().unwrap_or_default();
         let (exit_tx, exit_rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel::<bool>();
@@ -82,6 +70,15 @@ impl Supervised {
         })
     }
 
+    /// Supervises `pid`, a child of this process it did not spawn itself
+    /// (a jailed process that forked into its own PID namespace,
+    /// [`crate::jail`]), through a pidfd: its exit status is read as its
+    /// parent reads it.
+    pub(crate) fn child(name: &'static str, pid: u32) -> Result<Supervised, HypervisorError> {
+        let pidfd = open_pidfd(name, pid)?;
+        Ok(Supervised::watch(name, pid, pidfd, true))
+    }
+
     /// Takes over a running process this one did not start (a pool VM's,
     /// released by the process that restored it), through a pidfd: its
     /// exit is seen and a kill reaches it and no reused pid. `start_time`
@@ -93,27 +90,20 @@ impl Supervised {
         pid: u32,
         start_time: u64,
     ) -> Result<Supervised, HypervisorError> {
-        let gone = |source| HypervisorError::Io {
-            what: format!("adopting {name} (pid {pid})"),
-            source,
-        };
-        let raw = libc::pid_t::try_from(pid)
-            .map_err(|_| gone(std::io::ErrorKind::InvalidInput.into()))?;
-        // SAFETY: pidfd_open(2) with plain integers; the result is checked.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
-        let fd = i32::try_from(fd).map_err(|_| gone(std::io::ErrorKind::InvalidData.into()))?;
-        if fd < 0 {
-            return Err(gone(std::io::Error::last_os_error()));
-        }
-        // SAFETY: a descriptor pidfd_open just returned, owned from here.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let pidfd = open_pidfd(name, pid)?;
         // Checked after opening: the pidfd now pins this very process.
         if process_start_time(pid) != Some(start_time) {
-            return Err(gone(std::io::ErrorKind::NotFound.into()));
+            return Err(HypervisorError::Io {
+                what: format!("adopting {name} (pid {pid})"),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
         }
-        // SAFETY: an OwnedFd keeps its one descriptor open until dropped.
-        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
-            .map_err(|e| gone(std::io::Error::other(e.to_string())))?;
+        Ok(Supervised::watch(name, pid, pidfd, false))
+    }
+
+    /// Watches `pidfd`, of `pid`: a kill goes through it; `reap`: the
+    /// process is our child, whose status waitid(2) reads.
+    fn watch(name: &'static str, pid: u32, pidfd: AsyncFd<OwnedFd>, reap: bool) -> Supervised {
         let (exit_tx, exit_rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel::<bool>();
         tokio::spawn(async move {
@@ -131,18 +121,25 @@ impl Supervised {
                     true
                 }
             };
-            let _ = exit_tx.send(Some(ExitStatus::from_raw(if killed {
-                libc::SIGKILL
+            let status = if reap {
+                match reap_pidfd(pidfd.get_ref()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("reaping {name} (pid {pid}): {e}");
+                        return;
+                    }
+                }
             } else {
-                0
-            })));
+                ExitStatus::from_raw(if killed { libc::SIGKILL } else { 0 })
+            };
+            let _ = exit_tx.send(Some(status));
         });
-        Ok(Supervised {
+        Supervised {
             name,
             pid,
             exit: exit_rx,
             kill: Some(kill_tx),
-        })
+        }
     }
 
     /// Lets the process go on unsupervised (for another process to adopt);
@@ -176,6 +173,67 @@ impl Supervised {
         }
         self.wait().await;
     }
+}
+
+/// Starts `cmd` with its output in `log` (created), no stdin.
+pub(crate) fn start(
+    name: &'static str,
+    cmd: &mut Command,
+    log: &Path,
+) -> Result<Child, HypervisorError> {
+    let io = |what: String| move |source| HypervisorError::Io { what, source };
+    let out = std::fs::File::create(log).map_err(io(format!("creating {}", log.display())))?;
+    let err = out.try_clone().map_err(io("dup log".into()))?;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(false);
+    let program = PathBuf::from(cmd.as_std().get_program());
+    cmd.spawn().map_err(|source| HypervisorError::Spawn {
+        name,
+        program,
+        source,
+    })
+}
+
+fn open_pidfd(name: &'static str, pid: u32) -> Result<AsyncFd<OwnedFd>, HypervisorError> {
+    let gone = |source| HypervisorError::Io {
+        what: format!("watching {name} (pid {pid})"),
+        source,
+    };
+    let raw =
+        libc::pid_t::try_from(pid).map_err(|_| gone(std::io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: pidfd_open(2) with plain integers; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+    let fd = i32::try_from(fd).map_err(|_| gone(std::io::ErrorKind::InvalidData.into()))?;
+    if fd < 0 {
+        return Err(gone(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a descriptor pidfd_open just returned, owned from here.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an OwnedFd keeps its one descriptor open until dropped.
+    unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
+        .map_err(|e| gone(std::io::Error::other(e.to_string())))
+}
+
+/// Reaps the exited child behind `pidfd`: its status, as wait(2) encodes it.
+fn reap_pidfd(pidfd: &OwnedFd) -> std::io::Result<ExitStatus> {
+    let fd = libc::id_t::try_from(pidfd.as_raw_fd())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: zeroed siginfo_t is a valid value; waitid(2) fills it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid(2) on a pidfd we own, writing into `info`.
+    let rc = unsafe { libc::waitid(libc::P_PIDFD, fd, &mut info, libc::WEXITED) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: waitid filled in a child's exit: si_status is set.
+    let status = unsafe { info.si_status() };
+    Ok(ExitStatus::from_raw(match info.si_code {
+        libc::CLD_EXITED => (status & 0xff) << 8,
+        libc::CLD_DUMPED => (status & 0x7f) | 0x80,
+        _ => status & 0x7f,
+    }))
 }
 
 /// How a VM-side process ended, in words. SIGSYS is a seccomp filter's

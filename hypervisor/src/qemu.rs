@@ -101,8 +101,11 @@ impl Qemu {
             vsock_sock.display(),
             spec.vsock.display()
         ));
-        self.jail.confine_vsock_helper(&mut cmd, spec)?;
-        let mut vsock = Supervised::spawn("vhost-device-vsock", &mut cmd, &vsock_log)?;
+        let mut vsock = self
+            .jail
+            .confine_vsock_helper(&mut cmd, spec)?
+            .spawn("vhost-device-vsock", &mut cmd, &vsock_log)
+            .await?;
         let (mut fs, fs_sock) = match virtiofsd::start(&self.paths, self.jail, spec).await {
             Ok(fs) => fs,
             Err(e) => {
@@ -198,10 +201,15 @@ impl Qemu {
         spec: &VmSpec,
         helpers: Helpers,
     ) -> Result<(Supervised, Helpers), HypervisorError> {
-        match place_vm(qemu, spec)
-            .and_then(|()| self.jail.confine(qemu, spec))
-            .and_then(|()| Supervised::spawn("qemu", qemu, &spec.dir.join("qemu.log")))
-        {
+        let started = match place_vm(qemu, spec).and_then(|()| self.jail.confine(qemu, spec)) {
+            Ok(confined) => {
+                confined
+                    .spawn("qemu", qemu, &spec.dir.join("qemu.log"))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match started {
             Ok(vm) => Ok((vm, helpers)),
             Err(e) => {
                 helpers.kill().await;
@@ -414,8 +422,11 @@ impl Hypervisor for Qemu {
         );
         Self::warm_devices(&mut qemu, d);
         place_vm(&mut qemu, spec)?;
-        self.jail.confine(&mut qemu, spec)?;
-        let mut vm = Supervised::spawn("qemu", &mut qemu, &d.join("qemu.log"))?;
+        let mut vm = self
+            .jail
+            .confine(&mut qemu, spec)?
+            .spawn("qemu", &mut qemu, &d.join("qemu.log"))
+            .await?;
         let saved = async {
             let console = d.join("console.log");
             wait_until(

@@ -10,7 +10,7 @@ use podvisor_names::SHARED_FS_TAG;
 use podvisor_vmm_config::{FsConfig, NetConfig, VmConfig, VsockConfig};
 use tokio::process::Command;
 
-use crate::process::{place_vm, wait_for_socket, Supervised};
+use crate::process::{place_vm, wait_for_socket};
 use crate::{
     virtiofsd, Hypervisor, HypervisorError, Jail, Paths, RunningVm, VmSpec, GUEST_CID, GUEST_PARAMS,
 };
@@ -111,10 +111,12 @@ impl Hypervisor for Vmm {
             cmd.arg("--no-seccomp");
         }
         cmd.arg("--config").arg(&config);
-        let vm = match place_vm(&mut cmd, spec)
-            .and_then(|()| self.jail.confine(&mut cmd, spec))
-            .and_then(|()| Supervised::spawn("podvisor-vmm", &mut cmd, &log))
-        {
+        let started =
+            match place_vm(&mut cmd, spec).and_then(|()| self.jail.confine(&mut cmd, spec)) {
+                Ok(confined) => confined.spawn("podvisor-vmm", &mut cmd, &log).await,
+                Err(e) => Err(e),
+            };
+        let vm = match started {
             Ok(vm) => vm,
             Err(e) => {
                 fs_helper.kill().await;

@@ -119,6 +119,22 @@ fn check_jail_root(name: &str, pid: u32, dir: &Path, host_file: &Path) -> Result
             hidden.display()
         );
     }
+    // Its own PID namespace, where it is 1 and alone: its proc lists no
+    // other process (the host's, another VM's) to open or signal.
+    let nspid = status(Path::new(&format!("/proc/{pid}")), "NSpid:");
+    ensure!(
+        nspid.split_whitespace().collect::<Vec<_>>() == [pid.to_string().as_str(), "1"],
+        "{name} (pid {pid}) is not PID 1 of a namespace of its own: NSpid {nspid:?}"
+    );
+    let listed: Vec<String> = std::fs::read_dir(root.join("proc"))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n.parse::<u32>().is_ok())
+        .collect();
+    ensure!(
+        listed == ["1"],
+        "{name} (pid {pid}) sees processes {listed:?} in its proc"
+    );
     // Its mounts: the root, /usr and its proc (no sysctl written, no
     // other process's files) read-only; nothing runs from the VM's
     // directory.
@@ -387,10 +403,14 @@ async fn vsock_helper_filter_kills_a_call_outside_it() -> Result<()> {
     let dir = tempfile::Builder::new().prefix("podvisor-sec-").tempdir()?;
     let spec = vmm_spec(dir.path())?;
     let made = dir.path().join("made-by-the-helper");
+    let log = dir.path().join("mkdir.log");
     let mut cmd = tokio::process::Command::new("/usr/bin/mkdir");
     cmd.arg(&made);
-    Jail::default().confine_vsock_helper(&mut cmd, &spec)?;
-    let st = cmd.status().await?;
+    let helper = Jail::default()
+        .confine_vsock_helper(&mut cmd, &spec)?
+        .spawn("mkdir", &mut cmd, &log)
+        .await?;
+    let st = helper.wait().await.context("no exit status")?;
     ensure!(
         std::os::unix::process::ExitStatusExt::signal(&st) == Some(libc::SIGSYS),
         "mkdir under vhost-device-vsock's filter: {}",
@@ -398,15 +418,21 @@ async fn vsock_helper_filter_kills_a_call_outside_it() -> Result<()> {
     );
     ensure!(!made.exists(), "{} was made", made.display());
     // The same program without the filter makes it (the jail alone lets
-    // it: the directory is the VM's, writable).
-    let mut cmd = tokio::process::Command::new("/usr/bin/mkdir");
-    cmd.arg(&made);
-    Jail::default().confine(&mut cmd, &spec)?;
-    let st = cmd.status().await?;
-    ensure!(
-        st.success() && made.is_dir(),
-        "mkdir jailed, unfiltered: {st}"
-    );
+    // it: the directory is the VM's, writable), and its exit status comes
+    // out of its PID namespace: 0, then 1 for a directory that exists.
+    for expected in [0, 1] {
+        let mut cmd = tokio::process::Command::new("/usr/bin/mkdir");
+        cmd.arg(&made);
+        let jailed = Jail::default()
+            .confine(&mut cmd, &spec)?
+            .spawn("mkdir", &mut cmd, &log)
+            .await?;
+        let st = jailed.wait().await.context("no exit status")?;
+        ensure!(
+            st.code() == Some(expected) && made.is_dir(),
+            "mkdir jailed, unfiltered: {st}, expected exit status {expected}"
+        );
+    }
     Ok(())
 }
 

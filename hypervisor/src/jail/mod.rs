@@ -9,23 +9,28 @@
 //! exec) and bounds on open files and on the size of any file they write
 //! (a guest flooding its console cannot fill the host's `/run`).
 //!
-//! The VM process and its vsock helper also start in a mount namespace of
-//! their own whose root holds only what they need ([`root`]), and the
-//! vsock helper, which has no seccomp filter of its own, under ours
-//! ([`seccomp`]).
+//! The VM process and its vsock helper also start in a PID namespace of
+//! their own ([`pid`]) and a mount namespace whose root holds only what
+//! they need ([`root`]); the vsock helper, which has no seccomp filter of
+//! its own, under ours ([`seccomp`]).
 //!
 //! The VM process still runs as root: it reaches root-owned files (its
 //! directory, the kernel, `/dev/kvm`) as their owner, and taps the shim
 //! made with owner 0 (`TUNSETOWNER`), which a process without
 //! CAP_NET_ADMIN may attach to.
 
+pub mod pid;
 pub mod root;
 pub mod seccomp;
+
+use std::path::Path;
 
 use serde::Deserialize;
 use tokio::process::Command;
 
+use crate::process::Supervised;
 use crate::{HypervisorError, VmSpec};
+use pid::PidNamespace;
 
 /// Open files a VM-side process may hold.
 pub const MAX_OPEN_FILES: u64 = 8192;
@@ -75,24 +80,48 @@ impl Default for Jail {
     }
 }
 
+/// How a command [`Jail::confine`] prepared is started: jailed, in a PID
+/// namespace of its own ([`pid`]).
+#[derive(Debug)]
+#[must_use = "start the confined command with Confined::spawn"]
+pub struct Confined(Option<PidNamespace>);
+
+impl Confined {
+    /// Starts `cmd` with its output in `log`, supervised.
+    pub async fn spawn(
+        self,
+        name: &'static str,
+        cmd: &mut Command,
+        log: &Path,
+    ) -> Result<Supervised, HypervisorError> {
+        match self.0 {
+            Some(ns) => ns.spawn(name, cmd, log).await,
+            None => Supervised::spawn(name, cmd, log),
+        }
+    }
+}
+
 impl Jail {
     /// Makes `cmd`, the VM process of `spec` or its vsock helper, start
-    /// confined: in its own root ([`root`]), no capabilities,
+    /// confined: in its own PID namespace ([`pid`]) and root ([`root`]), no capabilities,
     /// no_new_privs, no core dumps, at most [`MAX_OPEN_FILES`], no file
     /// beyond guest memory plus 1 GiB (a write past it fails with EFBIG,
     /// SIGXFSZ being ignored, instead of killing the VM).
     ///
     /// Register it after anything else `cmd` does before exec that needs
     /// privileges (entering the pod's network namespace): it drops them.
-    pub fn confine(&self, cmd: &mut Command, spec: &VmSpec) -> Result<(), HypervisorError> {
+    pub fn confine(&self, cmd: &mut Command, spec: &VmSpec) -> Result<Confined, HypervisorError> {
         if !self.enabled {
-            return Ok(());
+            return Ok(Confined(None));
         }
         let program = std::path::PathBuf::from(cmd.as_std().get_program());
-        let jail_root = root::plan(&program, spec).map_err(|source| HypervisorError::Io {
+        let io = |source| HypervisorError::Io {
             what: format!("preparing the jail of {}", program.display()),
             source,
-        })?;
+        };
+        let jail_root = root::plan(&program, spec).map_err(io)?;
+        // First: the jail's proc is mounted inside the namespace.
+        let pid_namespace = PidNamespace::enter_on_spawn(cmd).map_err(io)?;
         // SAFETY: in the child between fork and exec, as `enter` requires.
         unsafe {
             cmd.pre_exec(move || jail_root.enter());
@@ -107,7 +136,7 @@ impl Jail {
             ],
             true,
         );
-        Ok(())
+        Ok(Confined(Some(pid_namespace)))
     }
 
     /// Makes `cmd`, the vsock helper of `spec` (vhost-device-vsock),
@@ -117,17 +146,17 @@ impl Jail {
         &self,
         cmd: &mut Command,
         spec: &VmSpec,
-    ) -> Result<(), HypervisorError> {
+    ) -> Result<Confined, HypervisorError> {
         if !self.enabled {
-            return Ok(());
+            return Ok(Confined(None));
         }
-        self.confine(cmd, spec)?;
+        let confined = self.confine(cmd, spec)?;
         let filter = seccomp::vsock_helper()?;
         // SAFETY: `install` only issues system calls.
         unsafe {
             cmd.pre_exec(move || seccomp::install(filter));
         }
-        Ok(())
+        Ok(confined)
     }
 
     /// Makes `cmd`, virtiofsd, start with no_new_privs and no core dumps;

@@ -16,10 +16,9 @@
 //! Each is bound alone (mounts below it do not come along). The host's
 //! other files, other VMs' directories and the pod's container mounts
 //! (made later, under the VM's `shared/`, and not propagated) are not
-//! there by any path. The host's processes are still listed in /proc: as
-//! long as VM processes run as uid 0 without capabilities, one of them
-//! may open another's `/proc/<pid>/root` and descriptors; a uid per VM or
-//! a PID namespace (issue 17) is what closes that.
+//! there by any path. The proc is mounted inside the process's own PID
+//! namespace ([`super::pid`]): it lists that process alone, so no other
+//! VM's `/proc/<pid>/root` or descriptors are there to open.
 //!
 //! Everything is decided in the shim ([`plan`]); the child only runs the
 //! prepared system calls ([`JailRoot::enter`]) between fork and exec,
