@@ -82,6 +82,10 @@ pub struct Pod {
     /// containers.
     pub allow_host_namespaces: bool,
     vm_exit: watch::Receiver<Option<ExitStatus>>,
+    /// Each helper's exit (vsock, virtio-fs), by name.
+    helper_exits: Vec<(&'static str, watch::Receiver<Option<ExitStatus>>)>,
+    /// The helper whose exit took the VM down, and how it ended.
+    helper_failure: std::sync::OnceLock<String>,
     vm: Mutex<RunningVm>,
     network: Option<PodNetwork>,
     /// Stops with the pod (dropped).
@@ -275,6 +279,12 @@ impl Pod {
             describe: vm.describe.clone(),
             allow_host_namespaces: config.allow_host_namespaces,
             vm_exit: vm.vm.exit_watch(),
+            helper_exits: vm
+                .helpers
+                .iter()
+                .map(|h| (h.name, h.exit_watch()))
+                .collect(),
+            helper_failure: std::sync::OnceLock::new(),
             dir,
             vm: Mutex::new(vm),
             network,
@@ -283,17 +293,51 @@ impl Pod {
         })
     }
 
-    /// Resolves when the VM process has exited, for whatever reason.
+    /// Resolves when the VM process has exited, for whatever reason. A
+    /// helper that ends first (vsock, virtio-fs: killed, or by its seccomp
+    /// filter) takes the VM down with it, since the pod cannot be served
+    /// without it.
     pub async fn exited(&self) {
+        let (tx, mut first) = tokio::sync::mpsc::channel(self.helper_exits.len() + 1);
+        let watches = std::iter::once((None, self.vm_exit.clone())).chain(
+            self.helper_exits
+                .iter()
+                .map(|(name, rx)| (Some(*name), rx.clone())),
+        );
+        for (helper, mut rx) in watches {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let status = rx.wait_for(|s| s.is_some()).await.ok().and_then(|s| *s);
+                if let Some(status) = status {
+                    let _ = tx.send((helper, status)).await;
+                }
+            });
+        }
+        drop(tx);
+        let first = first.recv().await;
+        // Helpers are stopped after the VM (shutdown, reap): a helper's
+        // exit seen once the VM's is set is that.
+        let vm_running = self.vm_exit.borrow().is_none();
+        if let (Some((Some(helper), status)), true) = (first, vm_running) {
+            let why = format!(
+                "{helper} ended ({}) under a running VM, which was stopped",
+                podvisor_hypervisor::describe_exit(status)
+            );
+            tracing::warn!(sandbox = self.id, "{why}");
+            let _ = self.helper_failure.set(why);
+            self.vm.lock().await.vm.kill().await;
+        }
         let mut rx = self.vm_exit.clone();
         let _ = rx.wait_for(|s| s.is_some()).await;
     }
 
-    /// How the VM process ended, in words; none while it runs.
+    /// How the VM ended, in words; none while it runs.
     pub fn exit_reason(&self) -> Option<String> {
-        self.vm_exit
-            .borrow()
-            .map(podvisor_hypervisor::describe_exit)
+        let status = (*self.vm_exit.borrow())?;
+        Some(match self.helper_failure.get() {
+            Some(why) => why.clone(),
+            None => podvisor_hypervisor::describe_exit(status),
+        })
     }
 
     pub fn is_dead(&self) -> bool {

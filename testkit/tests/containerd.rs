@@ -59,6 +59,10 @@ fn main() {
             vm_killed_under_a_running_task,
         ),
         (
+            "helper_killed_under_a_running_task",
+            helper_killed_under_a_running_task,
+        ),
+        (
             "crashed_shim_is_cleaned_up_by_delete",
             crashed_shim_is_cleaned_up_by_delete,
         ),
@@ -978,6 +982,53 @@ fn vm_killed_under_a_running_task(c: &Containerd) -> Result<()> {
     ok(&mut c.ctr(&["containers", "rm", id]), 30)?;
     let ls = ok(&mut c.ctr(&["task", "ls"]), 30)?;
     ensure!(ls.lines().count() <= 1, "ctr task ls not clean: {ls}");
+    Ok(())
+}
+
+/// A helper of the VM (vsock, virtio-fs) killed under a running task
+/// takes the VM down with it: the task stops with the VM-died status, the
+/// shim says which helper ended, and nothing is left.
+fn helper_killed_under_a_running_task(c: &Containerd) -> Result<()> {
+    for (n, helper) in ["vhost-device-vsock", "virtiofsd"].into_iter().enumerate() {
+        let id = format!("helperless-{n}");
+        ok(c.ctr_run(&["-d"], &id, &["sleep", "1000"]), 180)?;
+        let vm = vm_pid(c, &id)?;
+        let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+            Path::new(podvisor_names::paths::STATE_ROOT)
+                .join(&id)
+                .join("state.json"),
+        )?)?;
+        let pid = state["processes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == helper)
+            .and_then(|p| p["pid"].as_u64())
+            .with_context(|| format!("no {helper} in {state}"))?;
+        // SAFETY: kill(2) on the helper the shim recorded for this task.
+        unsafe { libc::kill(i32::try_from(pid)?, libc::SIGKILL) };
+        wait_status(c, &id, "STOPPED").with_context(|| format!("after killing {helper}"))?;
+        ensure!(
+            !Path::new(&format!("/proc/{vm}")).exists()
+                || std::fs::read_to_string(format!("/proc/{vm}/stat"))
+                    .is_ok_and(|s| s.contains(") Z")),
+            "the VM (pid {vm}) runs on without its {helper}"
+        );
+        let del = run(&mut c.ctr(&["task", "delete", &id]), 60)?;
+        ensure!(
+            del.status.success() && text(&del).contains("255"),
+            "task delete did not report the VM-died status 255: {}",
+            text(&del)
+        );
+        ok(&mut c.ctr(&["containers", "rm", &id]), 30)?;
+        let said = format!("{helper} ended (killed by signal 9) under a running VM");
+        ensure!(
+            c.log().contains(&said),
+            "the shim did not say {said:?}:\n{}",
+            c.log_tail()
+        );
+        wait_clean().with_context(|| format!("after killing {helper}"))?;
+    }
     Ok(())
 }
 
