@@ -290,6 +290,20 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
+    /// How the VM process ended (`status`), in words, with each helper
+    /// that ended already (often the reason: its seccomp filter, a kill).
+    pub fn describe_end(&self, status: Option<std::process::ExitStatus>) -> String {
+        let mut text = status
+            .map(describe_exit)
+            .unwrap_or_else(|| "status unknown".into());
+        for h in &self.helpers {
+            if let Some(st) = h.exited() {
+                text.push_str(&format!("; {} had ended: {}", h.name, describe_exit(st)));
+            }
+        }
+        text
+    }
+
     /// Waits up to `grace` for the VM process to exit by itself (the guest
     /// powered off), then kills it and every helper.
     pub async fn stop(&mut self, grace: Duration) {

@@ -429,7 +429,7 @@ impl Boot<'_> {
         let agent = tokio::select! {
             r = connect_agent(&vm.vsock, ready, within) => r.map_err(|source| PodError::Agent { source, console: console() })?,
             st = vm.vm.wait() => return Err(PodError::DiedBooting {
-                status: st.map(podvisor_hypervisor::describe_exit).unwrap_or_default(),
+                status: vm.describe_end(st),
                 console: console(),
             }),
         };

@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use podvisor_hypervisor::qemu::Qemu;
 use podvisor_hypervisor::vmm::Vmm;
-use podvisor_hypervisor::{
-    describe_exit, Accel, Hypervisor, Jail, NetDevice, Paths, RunningVm, VmSpec,
-};
+use podvisor_hypervisor::{Accel, Hypervisor, Jail, NetDevice, Paths, RunningVm, VmSpec};
 use podvisor_protocol::api::{self, AgentClient};
 use podvisor_protocol::hybrid_vsock;
 
@@ -244,20 +242,12 @@ impl TestVm {
             r = hybrid_vsock::connect_agent(&vm.vsock, Some(&ready), cfg.boot_timeout) => {
                 r.with_context(|| format!("waiting for the agent\n{}", diagnostics(dir.path())))?
             }
-            st = vm.vm.wait() => {
-                // A helper that ended first is usually why (its seccomp filter).
-                let helpers: Vec<String> = vm
-                    .helpers
-                    .iter()
-                    .filter_map(|h| Some(format!("{}: {}", h.name, describe_exit(h.exited()?))))
-                    .collect();
-                bail!(
-                    "{} exited ({}) during boot; helpers ended: {helpers:?}\n{}",
-                    vm.vm.name,
-                    st.map(describe_exit).unwrap_or_default(),
-                    diagnostics(dir.path())
-                )
-            }
+            st = vm.vm.wait() => bail!(
+                "{} exited during boot ({})\n{}",
+                vm.vm.name,
+                vm.describe_end(st),
+                diagnostics(dir.path())
+            ),
         };
         agent
             .check(ctx(), &api::CheckRequest::new())
