@@ -121,16 +121,14 @@ impl Supervised {
                     true
                 }
             };
+            let unread = ExitStatus::from_raw(if killed { libc::SIGKILL } else { 0 });
             let status = if reap {
-                match reap_pidfd(pidfd.get_ref()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!("reaping {name} (pid {pid}): {e}");
-                        return;
-                    }
-                }
+                reap_pidfd(pidfd.get_ref()).unwrap_or_else(|e| {
+                    tracing::warn!("reaping {name} (pid {pid}): {e}");
+                    unread
+                })
             } else {
-                ExitStatus::from_raw(if killed { libc::SIGKILL } else { 0 })
+                unread
             };
             let _ = exit_tx.send(Some(status));
         });

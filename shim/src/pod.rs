@@ -94,6 +94,10 @@ pub struct Pod {
     cgroup: std::sync::Mutex<Option<PodCgroup>>,
 }
 
+/// How long the VM may take to end after a helper ended, before the
+/// helper is taken for the cause.
+const HELPER_BLAME_AFTER: Duration = Duration::from_millis(500);
+
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(i64::try_from(CALL_TIMEOUT.as_nanos()).unwrap_or(i64::MAX))
 }
@@ -315,9 +319,18 @@ impl Pod {
         }
         drop(tx);
         let first = first.recv().await;
-        // Helpers are stopped after the VM (shutdown, reap): a helper's
-        // exit seen once the VM's is set is that.
-        let vm_running = self.vm_exit.borrow().is_none();
+        // A helper also ends when the VM does (virtiofsd once QEMU hangs
+        // up; the shim stops helpers after the VM): only one whose VM
+        // still runs a moment later ended under it.
+        let mut vm = self.vm_exit.clone();
+        let vm_running = match first {
+            Some((Some(_), _)) => {
+                tokio::time::timeout(HELPER_BLAME_AFTER, vm.wait_for(|s| s.is_some()))
+                    .await
+                    .is_err()
+            }
+            _ => false,
+        };
         if let (Some((Some(helper), status)), true) = (first, vm_running) {
             let why = format!(
                 "{helper} ended ({}) under a running VM, which was stopped",

@@ -395,10 +395,11 @@ async fn vmm_killed_by_its_filter_is_reported() -> Result<()> {
     none_left_naming(dir.path()).await
 }
 
-/// The vsock helper's filter is installed and kills: a program started
-/// as vhost-device-vsock would be (jailed, then the filter) that makes a
-/// system call the rules lack (mkdir) dies of SIGSYS, and the directory
-/// it asked for is not there.
+/// The vsock helper's filter is installed and kills: coreutils' mkdir,
+/// started as vhost-device-vsock would be (jailed, then the filter),
+/// makes calls the rules lack (mkdir, and libselinux's statfs at its
+/// start): it dies of SIGSYS and the directory is not there, where the
+/// same start without the filter makes it.
 async fn vsock_helper_filter_kills_a_call_outside_it() -> Result<()> {
     let dir = tempfile::Builder::new().prefix("podvisor-sec-").tempdir()?;
     let spec = vmm_spec(dir.path())?;

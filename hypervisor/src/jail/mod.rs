@@ -150,8 +150,8 @@ impl Jail {
         if !self.enabled {
             return Ok(Confined(None));
         }
-        let confined = self.confine(cmd, spec)?;
         let filter = seccomp::vsock_helper()?;
+        let confined = self.confine(cmd, spec)?;
         // SAFETY: `install` only issues system calls.
         unsafe {
             cmd.pre_exec(move || seccomp::install(filter));

@@ -7,6 +7,10 @@
 //! process is a child subreaper while that happens, so the grandchild
 //! becomes its child: it is supervised through a pidfd and its exit
 //! status (a seccomp filter's SIGSYS) is read as a parent reads it.
+//!
+//! As PID 1 of its namespace the process gets no signal it has no handler
+//! for, except SIGKILL and SIGSTOP from outside; the shim only ever kills
+//! it (SIGKILL through a pidfd), and a VM powers off through its guest.
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -84,24 +88,29 @@ impl PidNamespace {
             Ok(mut intermediate) => {
                 // Its exit makes the grandchild ours.
                 let waited = intermediate.wait().await;
-                match (waited, grandchild) {
+                let watched = match (&waited, grandchild) {
                     (Ok(st), Some(pid)) if st.success() => {
                         Supervised::child(name, u32::try_from(pid).unwrap_or_default())
                     }
-                    (waited, _) => Err(HypervisorError::Spawn {
+                    _ => Err(HypervisorError::Spawn {
                         name,
                         program: cmd.as_std().get_program().into(),
                         source: std::io::Error::other(format!(
                             "forking into its PID namespace: {waited:?}"
                         )),
                     }),
+                };
+                if watched.is_err() {
+                    if let Some(pid) = grandchild {
+                        kill_and_reap(pid);
+                    }
                 }
+                watched
             }
             Err(e) => {
                 // The grandchild's exec failed: it exited, ours to reap.
                 if let Some(pid) = grandchild {
-                    // SAFETY: waitpid(2) on our own child.
-                    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                    kill_and_reap(pid);
                 }
                 Err(e)
             }
@@ -110,6 +119,16 @@ impl PidNamespace {
             tracing::warn!("no longer a child subreaper: {e}");
         }
         supervised
+    }
+}
+
+/// Ends `pid`, an unreaped child of ours (so never a reused pid), and
+/// reaps it.
+fn kill_and_reap(pid: libc::pid_t) {
+    // SAFETY: kill(2) and waitpid(2) on our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
     }
 }
 
@@ -148,7 +167,13 @@ fn fork_into(report: RawFd) -> std::io::Result<()> {
             pid => {
                 let bytes = pid.to_ne_bytes();
                 let wrote = libc::write(report, bytes.as_ptr().cast(), bytes.len());
-                libc::_exit(if wrote == 4 { 0 } else { 1 })
+                if wrote != 4 {
+                    // Nobody would know the grandchild: end it.
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                    libc::_exit(1)
+                }
+                libc::_exit(0)
             }
         }
     }
