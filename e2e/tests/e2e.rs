@@ -529,7 +529,7 @@ fn nothing_left(c: &Cluster) -> Result<()> {
     c.delete_namespace()?;
     let left = c.wait_for("no pod VM left on the node", 120, || {
         let left = c.node_sh(
-            "find /run/podvisor -mindepth 1 -maxdepth 1 -type d 2>/dev/null; \
+            "find /run/podvisor -mindepth 1 -maxdepth 1 -type d ! -name _jail-ids 2>/dev/null; \
              pgrep -a -f '[q]emu-system|[p]odvisor-vmm|[v]irtiofsd|[v]host-device-vsock|[c]ontainerd-shim-podvisor' \
                || true",
         )?;

@@ -16,6 +16,7 @@
 //! - [`virtiofsd`]: the shared directory, for both;
 //! - [`template`]: warm start, VMs restored from a saved template (QEMU;
 //!   [`qmp`] drives it);
+//! - [`tap`]: the NICs' taps, opened or given to the VM;
 //! - [`process`]: supervision of every process above;
 //! - [`jail`]: how those processes are confined on the host;
 //! - [`probe`]: the KVM probe's verdict, cached once per host boot;
@@ -26,6 +27,7 @@ pub mod probe;
 pub mod process;
 pub mod qemu;
 mod qmp;
+mod tap;
 pub mod template;
 pub mod virtiofsd;
 pub mod vmm;
@@ -102,10 +104,12 @@ pub struct VmSpec {
     pub memory_mib: u32,
     /// Appended to the base kernel command line.
     pub kernel_params: String,
-    /// Where sockets and logs go (console.log, <helper>.log).
+    /// The VM's directory: the processes' logs (<process>.log), kept
+    /// root's; the VM's own files go in [`VmSpec::vm_dir`] below it.
     pub dir: PathBuf,
-    /// The hybrid-vsock UDS to expose (the caller may listen on
-    /// `<vsock>_<port>` for guest-initiated connections before launch).
+    /// The hybrid-vsock UDS to expose, in [`VmSpec::vm_dir`] (the caller
+    /// may listen on `<vsock>_<port>` for guest-initiated connections
+    /// before launch, after [`Jail::prepare`]).
     pub vsock: PathBuf,
     /// Shared with the guest as virtio-fs tag `podvisor`.
     pub shared_dir: PathBuf,
@@ -117,6 +121,32 @@ pub struct VmSpec {
     /// CPUID bits the guest must not see (the in-tree VMM applies them;
     /// QEMU's backend says it cannot).
     pub cpuid_hide: Vec<CpuidBits>,
+    /// The id the VM's processes run as ([`jail::ids`]); none: leased by
+    /// [`Jail::prepare`] when the jail is on.
+    pub owner: Option<jail::ids::Owner>,
+}
+
+/// The subdirectory of a VM's directory its own processes write in (its
+/// console, sockets, a template's memory), owned by the VM's id; the rest
+/// of the VM's directory stays root's, so that nothing the host writes as
+/// root goes where the VM's processes could plant a link.
+pub const VM_DIR: &str = "vm";
+
+impl VmSpec {
+    /// Where the VM's own processes write: see [`VM_DIR`].
+    pub fn vm_dir(&self) -> PathBuf {
+        self.dir.join(VM_DIR)
+    }
+
+    /// The guest's console log, written by the VM process.
+    pub fn console(&self) -> PathBuf {
+        self.vm_dir().join("console.log")
+    }
+
+    /// The hybrid-vsock UDS for a VM in `dir`.
+    pub fn vsock_in(dir: &Path) -> PathBuf {
+        dir.join(VM_DIR).join("vm.vsock")
+    }
 }
 
 /// A guest NIC: the host tap it is attached to and the MAC the guest sees.

@@ -369,19 +369,25 @@ pub async fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
     .map_err(std::io::Error::other)?
 }
 
-/// The last `lines` lines of the guest console and of every helper's log
-/// in a VM directory, for error messages.
+/// The most of a log's end read for an error message.
+const LOG_TAIL_BYTES: u64 = 64 << 10;
+
+/// The last `lines` lines of every process's log in a VM directory and of
+/// the guest console (in the VM's own directory), for error messages.
 pub fn log_tails(dir: &Path, lines: usize) -> String {
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     names.retain(|p| p.extension().is_some_and(|e| e == "log"));
+    names.push(dir.join(crate::VM_DIR).join("console.log"));
     names.sort();
     let mut out = String::new();
     for path in names {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let Some(text) = read_log(&path) else {
+            continue;
+        };
         let all: Vec<&str> = text.lines().collect();
-        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let name = path.strip_prefix(dir).unwrap_or(&path).to_string_lossy();
         out.push_str(&format!("--- {name} (last lines)\n"));
         for l in &all[all.len().saturating_sub(lines)..] {
             out.push_str(l);
@@ -389,6 +395,25 @@ pub fn log_tails(dir: &Path, lines: usize) -> String {
         }
     }
     out
+}
+
+/// The end of a log (its last 64 KiB), if it is a plain file; a link is
+/// not followed (the VM's own directory is its processes' to fill, and
+/// their logs may be as large as guest memory).
+fn read_log(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let len = f.metadata().ok().filter(|m| m.is_file())?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))
+        .ok()?;
+    let mut text = Vec::new();
+    f.take(LOG_TAIL_BYTES).read_to_end(&mut text).ok()?;
+    Some(String::from_utf8_lossy(&text).into_owned())
 }
 
 #[cfg(test)]
@@ -437,15 +462,31 @@ mod tests {
     fn log_tails_show_every_log_and_only_the_end() {
         let dir = tempfile::tempdir().unwrap();
         let long: String = (0..50).map(|i| format!("line {i}\n")).collect();
-        std::fs::write(dir.path().join("console.log"), long).unwrap();
+        std::fs::create_dir(dir.path().join(crate::VM_DIR)).unwrap();
+        std::fs::write(dir.path().join("vm/console.log"), long).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("passwd.log")).unwrap();
+        std::fs::write(dir.path().join("vm/other.log"), "the VM's own").unwrap();
         std::fs::write(dir.path().join("virtiofsd.log"), "fs said this\n").unwrap();
         std::fs::write(dir.path().join("vm.vsock"), "not a log").unwrap();
         let t = log_tails(dir.path(), 3);
         assert!(
-            t.contains("--- console.log") && t.contains("line 49") && !t.contains("line 46"),
+            t.contains("--- vm/console.log") && t.contains("line 49") && !t.contains("line 46"),
             "{t}"
         );
         assert!(t.contains("fs said this"), "{t}");
         assert!(!t.contains("not a log"), "{t}");
+        assert!(!t.contains("root:"), "a link is not followed: {t}");
+        assert!(!t.contains("the VM's own"), "{t}");
+        // Only the end of a large log is read.
+        std::fs::write(
+            dir.path().join("big.log"),
+            format!("first\n{}last\n", "x".repeat(200 << 10)),
+        )
+        .unwrap();
+        let t = log_tails(dir.path(), 3);
+        assert!(
+            t.contains("last") && !t.contains("first"),
+            "big.log read whole"
+        );
     }
 }

@@ -12,8 +12,8 @@
 //! cannot migrate vhost-user devices) and resumes; its new vmgenid tells
 //! the guest kernel to reseed.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -86,9 +86,8 @@ impl Qemu {
     /// Starts vhost-device-vsock and virtiofsd for `spec`; returns once
     /// both sockets exist.
     async fn helpers(&self, spec: &VmSpec) -> Result<Helpers, HypervisorError> {
-        let d = &spec.dir;
-        let vsock_sock = d.join("vhost-vsock.sock");
-        let vsock_log = d.join("vhost-device-vsock.log");
+        let vsock_sock = spec.vm_dir().join("vhost-vsock.sock");
+        let vsock_log = spec.dir.join("vhost-device-vsock.log");
         // A VM that came before in this directory (a clone that did not
         // come up) may have left its sockets: a stale one would pass for
         // the new helper's.
@@ -158,10 +157,7 @@ impl Qemu {
                 &format!("{memory_backend},id=mem,size={mem}M,share=on"),
             ])
             .args(["-numa", "node,memdev=mem"])
-            .args([
-                "-serial",
-                &format!("file:{}", spec.dir.join("console.log").display()),
-            ])
+            .args(["-serial", &format!("file:{}", spec.console().display())])
             .arg("-kernel")
             .arg(&spec.kernel)
             .arg("-initrd")
@@ -178,7 +174,7 @@ impl Qemu {
 
     /// What a template and its clones add to the machine: the root ports
     /// the clone's devices are plugged into, vmgenid, the monitor.
-    fn warm_devices(qemu: &mut Command, dir: &Path) {
+    fn warm_devices(qemu: &mut Command, spec: &VmSpec) {
         for i in 0..HOTPLUG_PORTS {
             qemu.args([
                 "-device",
@@ -191,7 +187,7 @@ impl Qemu {
         }
         qemu.args(["-device", "vmgenid,guid=auto"]).args([
             "-qmp",
-            &format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
+            &format!("unix:{},server=on,wait=off", qmp_socket(spec).display()),
         ]);
     }
 
@@ -276,7 +272,7 @@ impl Qemu {
     async fn plug_nics(qmp: &mut Qmp, spec: &VmSpec) -> Result<(), HypervisorError> {
         for (i, n) in spec.net.iter().enumerate() {
             let id = format!("net{i}");
-            let tap = open_tap(spec.netns.as_deref(), &n.tap)?;
+            let tap = crate::tap::open(spec.netns.as_deref(), &n.tap)?;
             qmp.getfd(&id, tap.as_fd()).await?;
             qmp.execute(
                 "netdev_add",
@@ -310,61 +306,9 @@ async fn migrate(qmp: &mut Qmp, command: &str, file: std::fs::File) -> Result<()
     qmp.wait_migration(MIGRATION_TIMEOUT).await
 }
 
-/// Opens the tap `name` in `netns` (a thread enters it; the process stays
-/// where it is), as QEMU opens one by name: no packet info, virtio-net
-/// headers.
-fn open_tap(netns: Option<&Path>, name: &str) -> Result<OwnedFd, HypervisorError> {
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; libc::IFNAMSIZ],
-        flags: libc::c_short,
-        _pad: [u8; 22],
-    }
-    // linux/if_tun.h.
-    const FLAGS: libc::c_short = 0x0002 | 0x1000 | 0x4000; // TAP | NO_PI | VNET_HDR
-    let io = |what: String| move |source| HypervisorError::Io { what, source };
-    if name.len() >= libc::IFNAMSIZ {
-        return Err(io(format!("tap {name}"))(
-            std::io::ErrorKind::InvalidInput.into(),
-        ));
-    }
-    let netns = netns
-        .map(std::fs::File::open)
-        .transpose()
-        .map_err(io(format!(
-            "opening network namespace {}",
-            netns.map(|p| p.display().to_string()).unwrap_or_default()
-        )))?;
-    let name = name.to_string();
-    std::thread::scope(|s| {
-        s.spawn(|| -> std::io::Result<OwnedFd> {
-            if let Some(ns) = &netns {
-                // SAFETY: setns(2) on this thread only, with an open fd.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            let tun: OwnedFd = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/net/tun")?
-                .into();
-            let mut req = IfReq {
-                name: [0; libc::IFNAMSIZ],
-                flags: FLAGS,
-                _pad: [0; 22],
-            };
-            req.name[..name.len()].copy_from_slice(name.as_bytes());
-            // SAFETY: TUNSETIFF reads and writes an ifreq-sized struct we own.
-            if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(tun)
-        })
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("tap thread panicked")))
-    })
-    .map_err(io(format!("opening tap {name}")))
+/// QEMU's monitor socket (a template's, a clone's).
+fn qmp_socket(spec: &VmSpec) -> PathBuf {
+    spec.vm_dir().join("qmp.sock")
 }
 
 #[async_trait]
@@ -378,6 +322,7 @@ impl Hypervisor for Qemu {
     }
 
     async fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError> {
+        let spec = &self.jail.prepare(spec)?;
         if !spec.cpuid_hide.is_empty() {
             tracing::warn!(
                 "cpuid_hide is applied by the in-tree VMM only; this VM runs on QEMU and sees KVM's (or TCG's) CPUID"
@@ -413,14 +358,15 @@ impl Hypervisor for Qemu {
     }
 
     async fn save_template(&self, spec: &VmSpec) -> Result<(), HypervisorError> {
+        let spec = &self.jail.prepare(spec)?;
         let d = &spec.dir;
-        let memory = d.join(template::MEMORY);
+        let memory = spec.vm_dir().join(template::MEMORY);
         let mut qemu = self.machine(
             spec,
             &format!("memory-backend-file,mem-path={}", memory.display()),
             names_template::KERNEL_PARAM,
         );
-        Self::warm_devices(&mut qemu, d);
+        Self::warm_devices(&mut qemu, spec);
         place_vm(&mut qemu, spec)?;
         let mut vm = self
             .jail
@@ -428,7 +374,7 @@ impl Hypervisor for Qemu {
             .spawn("qemu", &mut qemu, &d.join("qemu.log"))
             .await?;
         let saved = async {
-            let console = d.join("console.log");
+            let console = spec.console();
             wait_until(
                 || {
                     std::fs::read_to_string(&console)
@@ -440,7 +386,7 @@ impl Hypervisor for Qemu {
                 TEMPLATE_BOOT,
             )
             .await?;
-            let mut qmp = Qmp::connect(&d.join("qmp.sock"), HELPER_READY).await?;
+            let mut qmp = Qmp::connect(&qmp_socket(spec), HELPER_READY).await?;
             qmp.execute("stop", json!({})).await?;
             let state = d.join(template::STATE);
             let out = std::fs::File::create(&state).map_err(|source| HypervisorError::Io {
@@ -458,10 +404,12 @@ impl Hypervisor for Qemu {
         {
             vm.kill().await;
         }
-        saved.map_err(|e| HypervisorError::Template {
-            dir: d.clone(),
-            reason: format!("saving: {e}; logs:\n{}", crate::log_tails(d, 20)),
-        })
+        saved
+            .and_then(|()| template::keep_memory(&memory, &d.join(template::MEMORY)))
+            .map_err(|e| HypervisorError::Template {
+                dir: d.clone(),
+                reason: format!("saving: {e}; logs:\n{}", crate::log_tails(d, 20)),
+            })
     }
 
     fn has_warm_start(&self) -> bool {
@@ -486,7 +434,7 @@ impl Hypervisor for Qemu {
         };
         let plugged = async {
             Self::check_nics(spec)?;
-            let mut qmp = Qmp::connect(&spec.dir.join("qmp.sock"), HELPER_READY).await?;
+            let mut qmp = Qmp::connect(&qmp_socket(spec), HELPER_READY).await?;
             Self::plug_nics(&mut qmp, spec).await
         }
         .await;
@@ -505,6 +453,7 @@ impl Hypervisor for Qemu {
         template: &Template,
     ) -> Result<RunningVm, HypervisorError> {
         Self::check_nics(spec)?;
+        let spec = &self.jail.prepare(spec)?;
         let state = template::read_state(template)?;
         let memfd = template::clone_memory(template)?;
         let state_file = spec.dir.join("template-state");
@@ -519,7 +468,7 @@ impl Hypervisor for Qemu {
             &format!("memory-backend-file,mem-path=/proc/self/fd/{fd}"),
             names_template::KERNEL_PARAM,
         );
-        Self::warm_devices(&mut qemu, &spec.dir);
+        Self::warm_devices(&mut qemu, spec);
         qemu.args(["-S", "-incoming", "defer"]);
         // SAFETY: fcntl on a descriptor the closure keeps open.
         unsafe {
@@ -533,7 +482,7 @@ impl Hypervisor for Qemu {
         let (mut vm, helpers) = self.spawn_vm(&mut qemu, spec, helpers).await?;
         drop(memfd);
         let resumed = async {
-            let mut qmp = Qmp::connect(&spec.dir.join("qmp.sock"), HELPER_READY).await?;
+            let mut qmp = Qmp::connect(&qmp_socket(spec), HELPER_READY).await?;
             let state = std::fs::File::open(&state_file).map_err(|source| HypervisorError::Io {
                 what: format!("opening {}", state_file.display()),
                 source,

@@ -28,7 +28,11 @@ pub struct Qmp {
 
 impl Qmp {
     /// Connects to `path` (retrying while QEMU creates it, up to `within`)
-    /// and leaves capabilities negotiation mode.
+    /// and leaves capabilities negotiation mode. The socket is in the VM's
+    /// own directory, its id's; it is connected to only before any pod's
+    /// code ran in that VM (a template being saved, a clone before it
+    /// resumes, a pool VM idle until a pod takes it), so nothing but QEMU
+    /// can have put it there.
     pub async fn connect(path: &Path, within: Duration) -> Result<Qmp, HypervisorError> {
         let deadline = tokio::time::Instant::now() + within;
         let stream = loop {

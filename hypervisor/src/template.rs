@@ -185,10 +185,12 @@ pub async fn get_or_build(
     let start = Instant::now();
     let tspec = VmSpec {
         dir: building.clone(),
-        vsock: building.join("vm.vsock"),
+        vsock: VmSpec::vsock_in(&building),
         shared_dir: building.clone(),
         net: Vec::new(),
         netns: None,
+        // An id of its own (not the pod's that needed the template).
+        owner: None,
         ..spec.clone()
     };
     let built = async {
@@ -313,6 +315,38 @@ pub fn open(dir: &Path) -> Result<Template, HypervisorError> {
         ));
     }
     Ok(t)
+}
+
+/// Takes a template VM's guest memory (`from`, in the VM's own directory,
+/// its id's) to `to`, root's and read-only, out of any VM's reach; the
+/// VM's directory goes. Only once the template VM has ended.
+pub fn keep_memory(from: &Path, to: &Path) -> Result<(), HypervisorError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |what: String| move |source| HypervisorError::Io { what, source };
+    // Through one descriptor, not following a link: what is checked is
+    // what is given to root and moved.
+    let memory = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(from)
+        .map_err(io(format!("opening {}", from.display())))?;
+    let meta = memory
+        .metadata()
+        .map_err(io(format!("reading {}", from.display())))?;
+    if !meta.file_type().is_file() {
+        return Err(HypervisorError::Unavailable(format!(
+            "{} is not a plain file",
+            from.display()
+        )));
+    }
+    std::os::unix::fs::fchown(&memory, Some(0), Some(0))
+        .and_then(|()| memory.set_permissions(std::fs::Permissions::from_mode(0o444)))
+        .map_err(io(format!("making {} root's", from.display())))?;
+    std::fs::rename(from, to).map_err(io(format!("moving {}", from.display())))?;
+    if let Some(vm_dir) = from.parent() {
+        std::fs::remove_dir_all(vm_dir).map_err(io(format!("removing {}", vm_dir.display())))?;
+    }
+    Ok(())
 }
 
 /// Reads the template's state, checking its checksum.
@@ -450,11 +484,12 @@ mod tests {
             memory_mib: 512,
             kernel_params: String::new(),
             dir: d.path().into(),
-            vsock: d.path().join("vm.vsock"),
+            vsock: VmSpec::vsock_in(d.path()),
             shared_dir: d.path().into(),
             net: Vec::new(),
             netns: None,
             cpuid_hide: Vec::new(),
+            owner: None,
         };
         let qemu = Path::new("/bin/true");
         let k = |s: &VmSpec| key("qemu/tcg", qemu, s).unwrap();

@@ -47,7 +47,7 @@ impl Vmm {
             cmdline: format!("{GUEST_PARAMS} {BASE_PARAMS} {}", spec.kernel_params)
                 .trim_end()
                 .to_string(),
-            console: Some(spec.dir.join("console.log")),
+            console: Some(spec.console()),
             // The pod's VM ends when its guest powers off, or by SIGKILL
             // through its supervisor: nothing would use a control socket.
             control_socket: None,
@@ -87,6 +87,7 @@ impl Hypervisor for Vmm {
     }
 
     async fn launch(&self, spec: &VmSpec) -> Result<RunningVm, HypervisorError> {
+        let spec = &self.jail.prepare(spec)?;
         let (mut fs_helper, fs_sock) = virtiofsd::start(&self.paths, self.jail, spec).await?;
         let io = |what: String| move |source| HypervisorError::Io { what, source };
         let written = Self::config(spec, &fs_sock).and_then(|c| {
@@ -94,8 +95,20 @@ impl Hypervisor for Vmm {
                 .map_err(|e| HypervisorError::Unavailable(e.to_string()))?;
             let json = serde_json::to_vec_pretty(&c)
                 .map_err(|e| HypervisorError::Unavailable(e.to_string()))?;
-            let path = spec.dir.join("vmm.json");
-            std::fs::write(&path, json).map_err(io(format!("writing {}", path.display())))?;
+            // Read by the VMM: in its own directory, made anew (no link
+            // left there is followed).
+            let path = spec.vm_dir().join("vmm.json");
+            let writing = io(format!("writing {}", path.display()));
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(writing(e)),
+                _ => {}
+            }
+            std::fs::File::options()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, &json))
+                .map_err(writing)?;
             Ok(path)
         });
         let config = match written {
@@ -152,7 +165,7 @@ mod tests {
             memory_mib: 512,
             kernel_params: "foo=1".into(),
             dir: "/run/podvisor/x".into(),
-            vsock: "/run/podvisor/x/vm.vsock".into(),
+            vsock: VmSpec::vsock_in(std::path::Path::new("/run/podvisor/x")),
             shared_dir: "/run/podvisor/x/shared".into(),
             net: vec![crate::NetDevice {
                 tap: "tap0".into(),
@@ -160,6 +173,7 @@ mod tests {
             }],
             netns: None,
             cpuid_hide: vec![],
+            owner: None,
         };
         let c = Vmm::config(&spec, std::path::Path::new("/run/podvisor/x/virtiofs.sock")).unwrap();
         c.validate().unwrap();
@@ -179,7 +193,7 @@ mod tests {
         assert_eq!(c.net[0].mac.as_deref(), Some("02:00:00:00:00:07"));
         assert_eq!(
             c.console.as_deref(),
-            Some(std::path::Path::new("/run/podvisor/x/console.log"))
+            Some(std::path::Path::new("/run/podvisor/x/vm/console.log"))
         );
         let too_many = VmSpec {
             vcpus: 1000,

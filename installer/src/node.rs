@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::containerd;
 
-use podvisor_names::paths::{INSTALL_PREFIX, NODE_CONFIG, POOL_ROOT, STATE_ROOT, TEMPLATE_ROOT};
+use podvisor_names::paths::{
+    INSTALL_PREFIX, JAIL_IDS, NODE_CONFIG, POOL_ROOT, STATE_ROOT, TEMPLATE_ROOT,
+};
 use podvisor_names::pool::{DRAIN, SUBCOMMAND};
 use podvisor_names::SHIM_BINARY;
 
@@ -223,6 +225,11 @@ impl Node {
         }
         if let Some(dir) = templates.parent() {
             let _ = fs::remove_dir(dir); // only if empty
+        }
+        // The VMs' id leases (no VM holds one now).
+        let ids = self.host(JAIL_IDS);
+        if ids.exists() {
+            fs::remove_dir_all(&ids).map_err(io_err(&ids))?;
         }
         Ok(Outcome {
             containerd_config_changed: changed,

@@ -55,6 +55,10 @@ pub mod paths {
     /// sandbox's directory); the leading `_` keeps it apart from sandbox
     /// ids, which containerd starts with a letter or digit.
     pub const POOL_ROOT: &str = "/run/podvisor/_pool";
+    /// Leases of the ids VMs run as on the host, one file per id (the
+    /// hypervisor layer's jail). Under STATE_ROOT: gone with a host
+    /// restart, as every VM is.
+    pub const JAIL_IDS: &str = "/run/podvisor/_jail-ids";
 }
 
 /// virtio-fs tag of a sandbox's shared directory (the hypervisor layer

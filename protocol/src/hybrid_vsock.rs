@@ -78,9 +78,27 @@ impl DialError {
     }
 }
 
+/// Connects to the socket at `path` without following a link in its last
+/// component: the directory it is in is the VM's unprivileged id's, which
+/// could put a link to another VM's socket there. The path is opened
+/// `O_PATH|O_NOFOLLOW`, must be a socket, and is connected through that
+/// descriptor.
+async fn connect_socket(path: &Path) -> io::Result<UnixStream> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let at = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    if !at.metadata()?.file_type().is_socket() {
+        return Err(io::Error::other("not a socket"));
+    }
+    UnixStream::connect(format!("/proc/self/fd/{}", at.as_raw_fd())).await
+}
+
 /// One attempt: connect to `uds` and ask for guest `port`.
 pub async fn dial(uds: &Path, port: u32) -> Result<UnixStream, DialError> {
-    let mut stream = UnixStream::connect(uds)
+    let mut stream = connect_socket(uds)
         .await
         .map_err(|source| DialError::Connect {
             path: uds.to_owned(),
@@ -166,16 +184,37 @@ pub struct ReadyListener {
 }
 
 impl ReadyListener {
-    /// Binds `<uds>_<READY_PORT>`; call before starting the VM.
+    /// Binds `<uds>_<READY_PORT>`; call before starting the VM. Anyone
+    /// who reaches it may connect (the vsock backend, which runs as the
+    /// VM's unprivileged id): the directory it is in says who that is.
     pub fn bind(uds: &Path) -> Result<ReadyListener, DialError> {
         let mut name = uds.as_os_str().to_owned();
         name.push(format!("_{READY_PORT}"));
         let path = PathBuf::from(name);
         let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).map_err(|source| DialError::Listen {
+        let listen = |source| DialError::Listen {
             path: path.clone(),
             source,
-        })?;
+        };
+        let listener = UnixListener::bind(&path).map_err(listen)?;
+        // Not through a link put in its place.
+        let c_path =
+            std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+                .map_err(|_| listen(io::ErrorKind::InvalidInput.into()))?;
+        // SAFETY: fchmodat(2) of a NUL-terminated path.
+        if unsafe {
+            libc::fchmodat(
+                libc::AT_FDCWD,
+                c_path.as_ptr(),
+                0o666,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        } != 0
+        {
+            let e = io::Error::last_os_error();
+            let _ = std::fs::remove_file(&path);
+            return Err(listen(e));
+        }
         Ok(ReadyListener { path, listener })
     }
 
@@ -301,6 +340,29 @@ mod tests {
             .await
             .unwrap();
         assert!(attempts.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    }
+
+    #[tokio::test]
+    async fn a_link_in_place_of_the_socket_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.vsock");
+        let _listener = UnixListener::bind(&real).unwrap();
+        let link = dir.path().join("vm.vsock");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let err = dial(&link, 1024).await.unwrap_err();
+        assert!(matches!(err, DialError::Connect { .. }), "{err}");
+        std::fs::write(dir.path().join("file"), "").unwrap();
+        assert!(dial(&dir.path().join("file"), 1024).await.is_err());
+        // The socket itself: connected (and asked for the port).
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = _listener.accept().await.unwrap();
+            let mut line = [0u8; 13];
+            conn.read_exact(&mut line).await.unwrap();
+            conn.write_all(b"OK 1\n").await.unwrap();
+            line
+        });
+        dial(&real, 1024).await.unwrap();
+        assert_eq!(&server.await.unwrap(), b"CONNECT 1024\n");
     }
 
     #[tokio::test]

@@ -177,6 +177,7 @@ impl Config {
             ));
         }
         CpuidBits::check_all(&cfg.cpuid_hide).map_err(invalid)?;
+        cfg.jail.check().map_err(invalid)?;
         for a in &cfg.allowed_annotations {
             if !annotations::ALL.contains(&a.as_str()) {
                 return Err(invalid(format!(
@@ -198,11 +199,12 @@ impl Config {
             memory_mib: sizing.memory_mib,
             kernel_params: sizing.kernel_params.clone(),
             dir: dir.to_owned(),
-            vsock: dir.join("vm.vsock"),
+            vsock: VmSpec::vsock_in(dir),
             shared_dir: dir.join("shared"),
             net: Vec::new(),
             netns: None,
             cpuid_hide: self.cpuid_hide.clone(),
+            owner: None,
         }
     }
 

@@ -28,6 +28,7 @@ use crate::port_forward::PortForward;
 use crate::sandbox_dir::{RecordedProcess, SandboxDir, State};
 use crate::stdio::{Bridge, StdioPaths};
 use crate::{pool, warm};
+use podvisor_hypervisor::jail::ids::Owner;
 use podvisor_hypervisor::{self as hypervisor, RunningVm, Supervised, VmSpec};
 use podvisor_names::paths::STATE_ROOT;
 
@@ -146,18 +147,31 @@ impl Pod {
             .and_then(|k| pool::claim(k, id, &from_pool))
         {
             Some((dir, processes)) => {
-                let joined = match &cgroup {
-                    Some(c) => processes.iter().try_for_each(|p| c.adopt(p.pid)),
-                    None => Ok(()),
-                };
+                // It runs as the id the filler leased it, one of the jail's.
+                let owner = processes
+                    .first()
+                    .ok_or_else(|| "no VM process".to_string())
+                    .and_then(|vm| Owner::of_process(vm.pid).map_err(|e| e.to_string()))
+                    .and_then(|o| {
+                        if config.jail.runs_as(o.id) {
+                            Ok(o)
+                        } else {
+                            Err(format!("it runs as {}, not as the jail would run it", o.id))
+                        }
+                    });
+                let joined = owner.and_then(|o| match &cgroup {
+                    Some(c) => processes
+                        .iter()
+                        .try_for_each(|p| c.adopt(p.pid))
+                        .map(|()| o)
+                        .map_err(|e| format!("it cannot join the pod's cgroup: {e}")),
+                    None => Ok(o),
+                });
                 match joined {
-                    Ok(()) => (dir, Some(processes)),
+                    Ok(o) => (dir, Some((processes, o))),
                     // Not the pod's to use: restored or booted instead.
                     Err(e) => {
-                        tracing::warn!(
-                            sandbox = id,
-                            "the pool VM cannot join the pod's cgroup: {e}"
-                        );
+                        tracing::warn!(sandbox = id, "the pool VM cannot be used: {e}");
                         kill_all(processes).await;
                         (dir, None)
                     }
@@ -169,7 +183,7 @@ impl Pod {
             Some(ns) => match PodNetwork::setup(ns).await {
                 Ok(n) => Some(n),
                 Err(e) => {
-                    if let Some(processes) = pooled {
+                    if let Some((processes, _)) = pooled {
                         kill_all(processes).await;
                     }
                     dir.destroy();
@@ -178,30 +192,38 @@ impl Pod {
             },
             None => None,
         };
-        let spec = VmSpec {
+        let undo = |dir: SandboxDir, network: Option<PodNetwork>| async move {
+            remove_host_state(&dir, network.as_ref()).await;
+        };
+        // A pool VM runs as the id it was given; any other VM as one
+        // leased now, its directory and taps given to that id.
+        let spec = config.jail.prepare(&VmSpec {
             net: network
                 .as_ref()
                 .map(PodNetwork::devices)
                 .unwrap_or_default(),
             netns: netns.map(ToOwned::to_owned),
+            owner: pooled.as_ref().map(|(_, o)| o.clone()),
             ..config.vm_spec(sizing, dir.root())
-        };
-        let undo = |dir: SandboxDir, network: Option<PodNetwork>| async move {
-            remove_host_state(&dir, network.as_ref()).await;
-        };
-        let ready = match ReadyListener::bind(&spec.vsock) {
+        });
+        let ready = match spec.map_err(PodError::from).and_then(|spec| {
+            ReadyListener::bind(&spec.vsock)
+                .map(|r| (spec, r))
+                .map_err(|source| PodError::Agent {
+                    source,
+                    console: String::new(),
+                })
+        }) {
             Ok(r) => r,
             Err(e) => {
-                if let Some(processes) = pooled {
+                if let Some((processes, _)) = pooled {
                     kill_all(processes).await;
                 }
                 undo(dir, network).await;
-                return Err(PodError::Agent {
-                    source: e,
-                    console: String::new(),
-                });
+                return Err(e);
             }
         };
+        let (mut spec, ready) = ready;
         let boot = Boot {
             id,
             dir: &dir,
@@ -211,7 +233,7 @@ impl Pod {
         // A pool VM or a clone that does not come up gives way to the
         // next way of starting: a clone, then a cold boot.
         let mut started = None;
-        if let Some(processes) = pooled {
+        if let Some((processes, _)) = pooled {
             match hv.adopt(&spec, processes).await {
                 Ok(vm) => {
                     started = boot
@@ -219,6 +241,10 @@ impl Pod {
                         .await;
                 }
                 Err(e) => tracing::warn!(sandbox = id, "the pool VM could not be taken over: {e}"),
+            }
+            if started.is_none() {
+                // Its id went with it: the next VM leases one.
+                spec.owner = None;
             }
         }
         if started.is_none() {

@@ -418,9 +418,12 @@ pub async fn fill(config: &Config, sizing: &VmSizing) -> Result<usize, PoolError
         let building = shape.join(format!("{id}{BUILDING_SUFFIX}"));
         let dir = SandboxDir::create_at(&building)
             .map_err(io_err_from(format!("creating {}", building.display())))?;
-        let spec = config.vm_spec(sizing, dir.root());
         let start = std::time::Instant::now();
-        if let Err(e) = restore_one(&*hv, &spec, &t, &boot, &shape.join(&id)).await {
+        let restored = match config.jail.prepare(&config.vm_spec(sizing, dir.root())) {
+            Ok(spec) => restore_one(&*hv, &spec, &t, &boot, &shape.join(&id)).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = restored {
             dir.destroy();
             if matches!(e, HypervisorError::Template { .. }) {
                 let _ = std::fs::remove_dir_all(&t.dir);

@@ -3,10 +3,12 @@
 //! crashed shim.
 //!
 //! ```text
-//! /run/podvisor/<sandbox-id>/
+//! /run/podvisor/<sandbox-id>/    root's
 //!   state.json          VM and helper pids (with start times), written at boot
-//!   console.log, *.log  the guest console and the helpers' output
-//!   *.sock, vm.vsock    helper sockets, the hybrid-vsock UDS
+//!   *.log               the VM process's and the helpers' output
+//!   vm/                 the VM's own (its unprivileged id's, 0700)
+//!     console.log       the guest console
+//!     *.sock, vm.vsock  helper sockets, the hybrid-vsock UDS
 //!   shared/             virtio-fs root (a shared bind mount of itself)
 //!     <container-id>/rootfs        the container's rootfs mounts
 //!     <container-id>/mounts/<n>    its bind mounts (volumes, /etc/hosts, ...)

@@ -162,7 +162,7 @@ impl Rig {
                  ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off"
             ),
             dir: dir.path().to_owned(),
-            vsock: dir.path().join("vm.vsock"),
+            vsock: VmSpec::vsock_in(dir.path()),
             shared_dir: shared,
             net: vec![NetDevice {
                 tap: "tap0".into(),
@@ -170,6 +170,7 @@ impl Rig {
             }],
             netns: Some(netns.path()),
             cpuid_hide,
+            owner: None,
         };
         Ok(Rig {
             dir,

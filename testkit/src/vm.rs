@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use podvisor_hypervisor::qemu::Qemu;
 use podvisor_hypervisor::vmm::Vmm;
-use podvisor_hypervisor::{Accel, Hypervisor, Jail, NetDevice, Paths, RunningVm, VmSpec};
+use podvisor_hypervisor::{Accel, Hypervisor, Jail, NetDevice, Paths, RunningVm, VmSpec, VM_DIR};
 use podvisor_protocol::api::{self, AgentClient};
 use podvisor_protocol::hybrid_vsock;
 
@@ -175,6 +175,7 @@ impl VmConfig {
             kernel: None,
             jail: Jail {
                 enabled: std::env::var("PODVISOR_JAIL").as_deref() != Ok("off"),
+                ..Jail::default()
             },
         }
     }
@@ -218,17 +219,19 @@ impl TestVm {
             memory_mib: cfg.memory_mib,
             kernel_params: cfg.kernel_params.clone(),
             dir: dir.path().to_owned(),
-            vsock: dir.path().join("vm.vsock"),
+            vsock: VmSpec::vsock_in(dir.path()),
             shared_dir: dir.path().join("shared"),
             net: cfg.net.clone(),
             netns: None,
             cpuid_hide: vec![],
+            owner: None,
         };
         for f in [&spec.kernel, &spec.initramfs] {
             if !f.exists() {
                 bail!("{} missing: run `make guest-image`", f.display());
             }
         }
+        let spec = cfg.jail.prepare(&spec)?;
         let ready = hybrid_vsock::ReadyListener::bind(&spec.vsock)?;
         let started = Instant::now();
         let vm = if cfg.vmm {
@@ -276,7 +279,8 @@ impl TestVm {
     }
 
     pub fn console(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join(VM_DIR).join("console.log"))
+            .unwrap_or_default()
     }
 
     /// The console and helper logs, for a failure message.

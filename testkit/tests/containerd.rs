@@ -1237,6 +1237,8 @@ fn network_pod_serves_http_reaches_host_and_peer(c: &Containerd) -> Result<()> {
         from_a.contains("hello-from-pod-b"),
         "pod A got {from_a:?} from pod B"
     );
+    // Each VM attached to its taps as its own unprivileged id.
+    distinct_vm_ids(&[&a, &b])?;
 
     stop_pod(c, &a)?;
     stop_pod(c, &b)?;
@@ -1322,21 +1324,68 @@ fn network_ten_pod_cycles_leave_nothing(c: &Containerd) -> Result<()> {
     Ok(())
 }
 
-/// The hypervisor a sandbox's state records ("qemu/tcg (from template)").
-fn sandbox_hypervisor(sandbox: &str) -> Result<String> {
+/// A sandbox's state.json, as the shim wrote it.
+fn sandbox_state(sandbox: &str) -> Result<serde_json::Value> {
     let path = Path::new(podvisor_names::paths::STATE_ROOT)
         .join(sandbox)
         .join("state.json");
-    let state: serde_json::Value = serde_json::from_slice(
+    Ok(serde_json::from_slice(
         &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-    )?;
-    Ok(state["hypervisor"].as_str().unwrap_or_default().to_string())
+    )?)
+}
+
+/// The hypervisor a sandbox's state records ("qemu/tcg (from template)").
+fn sandbox_hypervisor(sandbox: &str) -> Result<String> {
+    Ok(sandbox_state(sandbox)?["hypervisor"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// The id each sandbox's VM runs as, from outside: its VM process and
+/// vsock helper (as state.json records them) share one uid, never root's,
+/// and no two of `sandboxes` share one.
+fn distinct_vm_ids(sandboxes: &[&str]) -> Result<()> {
+    let mut ids = Vec::new();
+    for sandbox in sandboxes {
+        let state = sandbox_state(sandbox)?;
+        let mut uids = Vec::new();
+        for p in state["processes"].as_array().into_iter().flatten() {
+            let name = p["name"].as_str().unwrap_or_default();
+            if name == "virtiofsd" {
+                continue;
+            }
+            let pid = p["pid"].as_u64().unwrap_or_default();
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+            let uid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().next())
+                .unwrap_or_default()
+                .to_string();
+            uids.push((name.to_string(), uid));
+        }
+        ensure!(
+            !uids.is_empty() && uids.iter().all(|(_, u)| u != "0" && *u == uids[0].1),
+            "sandbox {sandbox}: its VM's processes run as {uids:?}"
+        );
+        ids.push(uids[0].1.clone());
+    }
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    ensure!(
+        unique.len() == ids.len(),
+        "sandboxes {sandboxes:?} share ids: {ids:?}"
+    );
+    Ok(())
 }
 
 fn console(sandbox: &str) -> String {
     std::fs::read_to_string(
         Path::new(podvisor_names::paths::STATE_ROOT)
             .join(sandbox)
+            .join(podvisor_hypervisor::VM_DIR)
             .join("console.log"),
     )
     .unwrap_or_default()
@@ -1396,6 +1445,7 @@ fn warm_clones_are_distinct_guests(c: &Containerd) -> Result<()> {
             random[0] != random[1],
             "both clones read the same /dev/urandom bytes: {random:?}"
         );
+        distinct_vm_ids(&[&a, &b])?;
         exec(&web_a, "echo only-a > /clone-a-file")?;
         let seen = exec(&web_b, "ls /clone-a-file 2>&1 || true")?;
         ensure!(

@@ -19,7 +19,7 @@ use anyhow::{bail, ensure, Context, Result};
 use libtest_mimic::Arguments;
 use podvisor_hypervisor::jail::MAX_OPEN_FILES;
 use podvisor_hypervisor::vmm::Vmm;
-use podvisor_hypervisor::{describe_exit, Hypervisor, HypervisorError, Jail, VmSpec};
+use podvisor_hypervisor::{describe_exit, Hypervisor, HypervisorError, Jail, VmSpec, VM_DIR};
 use podvisor_testkit::harness::{async_trials, kvm_unusable, AsyncTest};
 use podvisor_testkit::vm::{image_dir, paths};
 use podvisor_testkit::{detect_accel, TestVm, VmConfig};
@@ -46,10 +46,37 @@ fn limit(pid: u32, name: &str) -> (String, String) {
     )
 }
 
+/// The id `pid` runs as: its uid, checked to be its gid too, every one
+/// of them (real, effective, saved, filesystem), with no other group.
+fn jail_id(name: &str, pid: u32) -> Result<u32> {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let (uids, gids) = (status(&proc_dir, "Uid:"), status(&proc_dir, "Gid:"));
+    let id = uids.split_whitespace().next().unwrap_or("").to_string();
+    ensure!(
+        uids.split_whitespace().collect::<Vec<_>>() == [id.as_str(); 4]
+            && gids.split_whitespace().collect::<Vec<_>>() == [id.as_str(); 4],
+        "{name} (pid {pid}): Uid {uids:?}, Gid {gids:?}"
+    );
+    ensure!(
+        status(&proc_dir, "Groups:").is_empty(),
+        "{name} (pid {pid}): supplementary groups {:?}",
+        status(&proc_dir, "Groups:")
+    );
+    let id: u32 = id.parse()?;
+    let jail = Jail::default();
+    ensure!(
+        id != 0 && (jail.first_id..jail.first_id + jail.ids).contains(&id),
+        "{name} (pid {pid}) runs as {id}, not an id of the jail's range"
+    );
+    Ok(id)
+}
+
 /// Checks what the jail gives the VM process and its vsock helper, of a
-/// `memory_mib` guest: no capabilities (effective, permitted, bounding),
-/// no_new_privs, no core dumps, bounded open files and file size.
+/// `memory_mib` guest: an unprivileged id of the jail's, no capabilities
+/// (effective, permitted, bounding), no_new_privs, no core dumps, bounded
+/// open files and file size.
 fn check_confined(name: &str, pid: u32, memory_mib: u32) -> Result<()> {
+    jail_id(name, pid)?;
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     for caps in ["CapInh:", "CapEff:", "CapPrm:", "CapBnd:", "CapAmb:"] {
         ensure!(
@@ -102,17 +129,31 @@ fn check_file_server(pid: u32) -> Result<()> {
 }
 
 /// What the jail's root shows `name` (pid `pid`) of the VM's directory
-/// `dir`: its files, at their host path; and of the host's other files
-/// (`host_file`, `/etc/passwd`): nothing.
+/// `dir`: its own subdirectory's files, at their host path, in a
+/// directory its id owns, private; not the rest (the shared directory,
+/// the host's logs); of the host's other files (`host_file`,
+/// `/etc/passwd`): nothing; `/dev/kvm` (where the host has one) its id's.
 fn check_jail_root(name: &str, pid: u32, dir: &Path, host_file: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    let id = jail_id(name, pid)?;
+    let vm_dir = dir.join(VM_DIR);
     ensure!(
-        inside(&dir.join("console.log")).exists(),
+        inside(&vm_dir.join("console.log")).exists(),
         "{name} (pid {pid}) does not see its VM's console.log at {}",
-        dir.display()
+        vm_dir.display()
     );
-    for hidden in [host_file, Path::new("/etc/passwd")] {
+    let meta = std::fs::metadata(&vm_dir)?;
+    ensure!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777) == (id, id, 0o700),
+        "{}: owner {}:{}, mode {:o}, not {id}'s alone",
+        vm_dir.display(),
+        meta.uid(),
+        meta.gid(),
+        meta.mode() & 0o7777
+    );
+    for hidden in [host_file, Path::new("/etc/passwd"), &dir.join("shared")] {
         ensure!(
             !inside(hidden).exists(),
             "{name} (pid {pid}) sees the host's {}",
@@ -126,6 +167,21 @@ fn check_jail_root(name: &str, pid: u32, dir: &Path, host_file: &Path) -> Result
         nspid.split_whitespace().collect::<Vec<_>>() == [pid.to_string().as_str(), "1"],
         "{name} (pid {pid}) is not PID 1 of a namespace of its own: NSpid {nspid:?}"
     );
+    // Its own IPC namespace: no System V object shared with the host.
+    let ipc = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/ipc"));
+    ensure!(
+        ipc(&pid.to_string())? != ipc("self")?,
+        "{name} (pid {pid}) shares the host's IPC namespace"
+    );
+    if Path::new("/dev/kvm").exists() {
+        let kvm = std::fs::metadata(inside(Path::new("/dev/kvm")))?;
+        ensure!(
+            (kvm.uid(), kvm.mode() & 0o777) == (id, 0o600),
+            "{name} (pid {pid}): its /dev/kvm is {}'s, mode {:o}",
+            kvm.uid(),
+            kvm.mode() & 0o777
+        );
+    }
     let listed: Vec<String> = std::fs::read_dir(root.join("proc"))?
         .flatten()
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
@@ -139,7 +195,7 @@ fn check_jail_root(name: &str, pid: u32, dir: &Path, host_file: &Path) -> Result
     // other process's files) read-only; nothing runs from the VM's
     // directory.
     let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
-    let dir_text = dir.display().to_string();
+    let dir_text = vm_dir.display().to_string();
     for (at, flag) in [
         ("/", "ro"),
         ("/usr", "ro"),
@@ -224,6 +280,17 @@ async fn qemu_processes_are_confined() -> Result<()> {
             names == ["qemu", "vhost-device-vsock", "virtiofsd"],
             "processes: {procs:?}"
         );
+        // QEMU and its vsock helper share an id no other VM gets while
+        // they hold it.
+        let id = jail_id("qemu", procs[0].1)?;
+        ensure!(jail_id("vhost-device-vsock", procs[1].1)? == id);
+        let other = tempfile::tempdir()?;
+        let other = Jail::default().prepare(&vmm_spec(other.path())?)?;
+        let other = other.owner.as_ref().map(|o| o.id);
+        ensure!(
+            other.is_some() && other != Some(id),
+            "another VM would get id {other:?}, the running VM's being {id}"
+        );
         for &(name, pid) in &procs {
             if name == "virtiofsd" {
                 check_file_server(pid)?;
@@ -291,11 +358,12 @@ fn vmm_spec(dir: &Path) -> Result<VmSpec> {
         memory_mib: 256,
         kernel_params: String::new(),
         dir: dir.to_owned(),
-        vsock: dir.join("vm.vsock"),
+        vsock: VmSpec::vsock_in(dir),
         shared_dir: dir.join("shared"),
         net: vec![],
         netns: None,
         cpuid_hide: vec![],
+        owner: None,
     })
 }
 
@@ -402,8 +470,8 @@ async fn vmm_killed_by_its_filter_is_reported() -> Result<()> {
 /// same start without the filter makes it.
 async fn vsock_helper_filter_kills_a_call_outside_it() -> Result<()> {
     let dir = tempfile::Builder::new().prefix("podvisor-sec-").tempdir()?;
-    let spec = vmm_spec(dir.path())?;
-    let made = dir.path().join("made-by-the-helper");
+    let spec = Jail::default().prepare(&vmm_spec(dir.path())?)?;
+    let made = spec.vm_dir().join("made-by-the-helper");
     let log = dir.path().join("mkdir.log");
     let mut cmd = tokio::process::Command::new("/usr/bin/mkdir");
     cmd.arg(&made);
@@ -437,6 +505,42 @@ async fn vsock_helper_filter_kills_a_call_outside_it() -> Result<()> {
     Ok(())
 }
 
+/// A VM directory another VM takes over (a pool VM's, when the pod that
+/// claimed it boots another VM instead) is given whole to the new VM's
+/// id: what the old VM left there (its console, which QEMU reopens) is the
+/// new id's, and two VMs prepared at once hold different ids.
+async fn a_vm_directory_taken_over_is_given_to_the_new_id() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::Builder::new().prefix("podvisor-sec-").tempdir()?;
+    let first = Jail::default().prepare(&vmm_spec(dir.path())?)?;
+    let old = first.owner.as_ref().map(|o| o.id).context("no id leased")?;
+    std::fs::write(first.console(), "the old VM's console")?;
+    std::os::unix::fs::lchown(first.console(), Some(old), Some(old))?;
+    let taken = Jail::default().prepare(&VmSpec {
+        owner: None,
+        ..first.clone()
+    })?;
+    let new = taken.owner.as_ref().map(|o| o.id).context("no id leased")?;
+    ensure!(new != old, "both VMs got id {old}");
+    for p in [taken.vm_dir(), taken.console()] {
+        let m = std::fs::metadata(&p)?;
+        ensure!(
+            (m.uid(), m.gid()) == (new, new),
+            "{} is {}:{}, not the new VM's {new}",
+            p.display(),
+            m.uid(),
+            m.gid()
+        );
+    }
+    // A third, while the second holds its id, gets another.
+    let third = Jail::default().prepare(&vmm_spec(dir.path())?)?;
+    ensure!(
+        third.owner.as_ref().map(|o| o.id) != Some(new),
+        "id {new} given twice"
+    );
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     // The hook fires in the hooked binary only; set before any thread.
     std::env::set_var("PODVISOR_VMM_TEST_SIGSYS", "vcpu");
@@ -449,6 +553,11 @@ fn main() -> std::process::ExitCode {
         (
             "qemu_vm_processes_are_confined",
             || Box::pin(qemu_processes_are_confined()),
+            false,
+        ),
+        (
+            "a_vm_directory_taken_over_is_given_to_the_new_id",
+            || Box::pin(a_vm_directory_taken_over_is_given_to_the_new_id()),
             false,
         ),
         (

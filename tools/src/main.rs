@@ -287,7 +287,10 @@ fn vmm_figures() -> Result<()> {
 async fn guest_figures(accel: Accel, note: &str) -> Result<()> {
     let cfg = VmConfig::new(accel);
     let unjailed = VmConfig {
-        jail: podvisor_hypervisor::Jail { enabled: false },
+        jail: podvisor_hypervisor::Jail {
+            enabled: false,
+            ..Default::default()
+        },
         ..cfg.clone()
     };
     let (mut boots, mut unjailed_boots) = (Vec::new(), Vec::new());

@@ -7,8 +7,10 @@
 //! /lib, /lib64, ...            as on the host (symlinks into /usr, or read-only)
 //! <the program>                read-only, when it lives outside /usr
 //! <kernel>, <initramfs>        read-only
-//! <the VM's directory>         read-write, noexec: its sockets, logs, template files
-//! /dev/{null,zero,full,random,urandom,kvm,net/tun}   those the host has
+//! <the VM's own directory>     read-write, noexec: its console, sockets, template memory
+//! /dev/{null,zero,full,random,urandom,kvm,net/tun}   those the host has,
+//!                              nodes of a read-only tmpfs of their own; kvm
+//!                              and net/tun owned by the VM's id, private
 //! /proc                        a proc of its own, read-only, processes only
 //!                              (/proc/self/fd for templates)
 //! ```
@@ -36,15 +38,17 @@ use crate::VmSpec;
 /// always exists and nothing is bound from it.
 const BUILD_AT: &str = "/proc";
 
-/// Device nodes a VM process may open, if the host has them.
-const DEVICES: [&str; 7] = [
-    "/dev/null",
-    "/dev/zero",
-    "/dev/full",
-    "/dev/random",
-    "/dev/urandom",
-    "/dev/kvm",
-    "/dev/net/tun",
+/// Device nodes a VM process may open, if the host has them, and whether
+/// they are the VM's alone (owned by its id, mode 0600; else root's,
+/// 0666, as on any host).
+const DEVICES: [(&str, bool); 7] = [
+    ("/dev/null", false),
+    ("/dev/zero", false),
+    ("/dev/full", false),
+    ("/dev/random", false),
+    ("/dev/urandom", false),
+    ("/dev/kvm", true),
+    ("/dev/net/tun", true),
 ];
 /// Top-level directories that are (merged /usr) symlinks into /usr, or
 /// hold libraries themselves.
@@ -54,7 +58,8 @@ const LIBRARY_LINKS: [&str; 6] = ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "
 /// guest image), data (the VM's directory: nothing in it runs), a device.
 const READ_ONLY: libc::c_ulong = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
 const DATA: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-const DEVICE: libc::c_ulong = libc::MS_NOSUID | libc::MS_NOEXEC;
+/// The device tmpfs: nodes work there (no nodev), nothing else does.
+const DEVICES_FS: libc::c_ulong = libc::MS_NOSUID | libc::MS_NOEXEC;
 
 #[derive(Debug)]
 enum Op {
@@ -73,6 +78,20 @@ enum Op {
         link: CString,
     },
     Proc(CString),
+    /// A tmpfs at `dir` holding `nodes`, then read-only.
+    Devices {
+        dir: CString,
+        nodes: Vec<Node>,
+    },
+}
+
+/// A character device node made in the root.
+#[derive(Debug)]
+struct Node {
+    path: CString,
+    rdev: libc::dev_t,
+    mode: libc::mode_t,
+    owner: libc::uid_t,
 }
 
 /// The prepared steps; see the module comment.
@@ -107,8 +126,8 @@ fn inside(p: &Path) -> PathBuf {
     Path::new(BUILD_AT).join(n.strip_prefix("/").unwrap_or(&n))
 }
 
-/// The root for `program` running the VM of `spec`.
-pub fn plan(program: &Path, spec: &VmSpec) -> std::io::Result<JailRoot> {
+/// The root for `program` running the VM of `spec` as `id`.
+pub fn plan(program: &Path, spec: &VmSpec, id: u32) -> std::io::Result<JailRoot> {
     let mut root = Builder::default();
     root.bind(Path::new("/usr"), READ_ONLY, false)?;
     for top in LIBRARY_LINKS {
@@ -131,13 +150,38 @@ pub fn plan(program: &Path, spec: &VmSpec) -> std::io::Result<JailRoot> {
     {
         root.bind(f, READ_ONLY, true)?;
     }
-    root.bind(&spec.dir, DATA, false)?;
-    if let Some(d) = spec.vsock.parent() {
-        root.bind(d, DATA, false)?;
+    root.bind(&spec.vm_dir(), DATA, false)?;
+    let dev = Path::new("/dev");
+    root.mkdir(dev)?;
+    let mut nodes = Vec::new();
+    for (d, private) in DEVICES {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let Ok(meta) = std::fs::metadata(d) else {
+            continue;
+        };
+        if !meta.file_type().is_char_device() {
+            continue;
+        }
+        let path = Path::new(d);
+        if let Some(parent) = path.parent().filter(|p| *p != dev) {
+            nodes.push(Node {
+                path: c(&inside(parent))?,
+                rdev: 0,
+                mode: 0o755,
+                owner: 0,
+            });
+        }
+        nodes.push(Node {
+            path: c(&inside(path))?,
+            rdev: meta.rdev(),
+            mode: if private { 0o600 } else { 0o666 },
+            owner: if private { id } else { 0 },
+        });
     }
-    for d in DEVICES {
-        root.bind(Path::new(d), DEVICE, true)?;
-    }
+    root.ops.push(Op::Devices {
+        dir: c(&inside(dev))?,
+        nodes,
+    });
     let proc_dir = Path::new("/proc");
     root.mkdir(proc_dir)?;
     root.ops.push(Op::Proc(c(&inside(proc_dir))?));
@@ -262,8 +306,10 @@ impl JailRoot {
     pub unsafe fn enter(&self) -> std::io::Result<()> {
         let none: *const libc::c_char = std::ptr::null();
         let build_at = c"/proc";
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(failed(c"unshare", c"mount namespace"));
+        // And an IPC namespace: no System V object or message queue is
+        // shared with the host or outlives the VM for the next VM of its id.
+        if libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC) != 0 {
+            return Err(failed(c"unshare", c"mount and IPC namespaces"));
         }
         // Nothing of this namespace goes back to the host's, nor comes in.
         if libc::mount(
@@ -324,6 +370,45 @@ impl JailRoot {
                 Op::Symlink { target, link } => {
                     if libc::symlink(target.as_ptr(), link.as_ptr()) != 0 {
                         return Err(failed(c"symlink", link));
+                    }
+                }
+                Op::Devices { dir, nodes } => {
+                    if libc::mount(
+                        c"tmpfs".as_ptr(),
+                        dir.as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        DEVICES_FS,
+                        c"mode=0755".as_ptr().cast(),
+                    ) != 0
+                    {
+                        return Err(failed(c"mounting tmpfs at", dir));
+                    }
+                    for n in nodes {
+                        // A node of rdev 0 is a directory (/dev/net).
+                        let made = if n.rdev == 0 {
+                            libc::mkdir(n.path.as_ptr(), n.mode)
+                        } else {
+                            libc::mknod(n.path.as_ptr(), libc::S_IFCHR | n.mode, n.rdev)
+                        };
+                        if made != 0 {
+                            return Err(failed(c"making", &n.path));
+                        }
+                        // Exactly its mode (the umask), and its owner.
+                        if libc::chmod(n.path.as_ptr(), n.mode) != 0
+                            || libc::chown(n.path.as_ptr(), n.owner, n.owner) != 0
+                        {
+                            return Err(failed(c"giving", &n.path));
+                        }
+                    }
+                    if libc::mount(
+                        none,
+                        dir.as_ptr(),
+                        none,
+                        libc::MS_REMOUNT | libc::MS_RDONLY | DEVICES_FS,
+                        c"mode=0755".as_ptr().cast(),
+                    ) != 0
+                    {
+                        return Err(failed(c"making read-only", dir));
                     }
                 }
                 // Read-only: a process that is still uid 0 writes no
@@ -393,7 +478,6 @@ mod tests {
                     match *flags {
                         READ_ONLY => "ro",
                         DATA => "data",
-                        DEVICE => "dev",
                         _ => "?",
                     }
                 ),
@@ -405,6 +489,15 @@ mod tests {
                     )
                 }
                 Op::Proc(p) => format!("proc {}", p.to_string_lossy()),
+                Op::Devices { dir, nodes } => format!(
+                    "devices {} {}",
+                    dir.to_string_lossy(),
+                    nodes
+                        .iter()
+                        .map(|n| format!("{}:{:o}:{}", n.path.to_string_lossy(), n.mode, n.owner))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
             })
             .collect()
     }
@@ -413,6 +506,7 @@ mod tests {
     fn place(t: &str) -> &str {
         let w: Vec<&str> = t.split(' ').collect();
         match w[0] {
+            "devices" => w[1],
             "bind" | "symlink" => w[2],
             _ => w[1],
         }
@@ -432,15 +526,16 @@ mod tests {
             vcpus: 1,
             memory_mib: 256,
             kernel_params: String::new(),
-            dir: d.path().join("vm"),
-            vsock: d.path().join("vm").join("vm.vsock"),
-            shared_dir: d.path().join("vm").join("shared"),
+            dir: d.path().join("sandbox"),
+            vsock: VmSpec::vsock_in(&d.path().join("sandbox")),
+            shared_dir: d.path().join("sandbox").join("shared"),
             net: vec![],
             netns: None,
             cpuid_hide: vec![],
+            owner: None,
         };
-        std::fs::create_dir(&spec.dir).unwrap();
-        let text = text(&plan(Path::new("/usr/bin/true"), &spec).unwrap());
+        std::fs::create_dir_all(spec.vm_dir()).unwrap();
+        let text = text(&plan(Path::new("/usr/bin/true"), &spec, 1234).unwrap());
         let has = |s: &str| text.iter().any(|t| t == s);
         assert!(has("bind /usr /proc/usr ro"), "{text:#?}");
         // At the path's normal form, bound from the path as given; the
@@ -452,14 +547,23 @@ mod tests {
         );
         let sub = d.path().join("image/sub");
         assert!(has(&format!("mkdir /proc{}", sub.display())), "{text:#?}");
-        let vm = spec.dir.display();
+        let vm = spec.vm_dir();
+        let vm = vm.display();
         assert!(has(&format!("bind {vm} /proc{vm} data")), "{text:#?}");
         assert_eq!(
             text.iter()
                 .filter(|t| place(t) == format!("/proc{vm}"))
                 .count(),
             2,
-            "the VM's directory made and bound once (the vsock's is the same): {text:#?}"
+            "the VM's own directory made and bound once (the vsock's is the same): {text:#?}"
+        );
+        // Not the rest of its directory (the shared one, root's logs).
+        let sandbox = spec.dir.display();
+        assert!(
+            !text
+                .iter()
+                .any(|t| t.starts_with("bind") && place(t) == format!("/proc{sandbox}")),
+            "{text:#?}"
         );
         assert!(has("proc /proc/proc"), "{text:#?}");
         // Under /usr already: neither the program nor the "initramfs".
@@ -469,8 +573,12 @@ mod tests {
                 .any(|t| t.contains("/usr/bin/true") || t.contains("doc")),
             "{text:#?}"
         );
+        let devices = text.iter().find(|t| t.starts_with("devices")).unwrap();
         if Path::new("/dev/null").exists() {
-            assert!(has("bind /dev/null /proc/dev/null dev"), "{text:#?}");
+            assert!(devices.contains("/proc/dev/null:666:0"), "{devices}");
+        }
+        if Path::new("/dev/kvm").exists() {
+            assert!(devices.contains("/proc/dev/kvm:600:1234"), "{devices}");
         }
         // Every place in the root is below it.
         for t in &text {
