@@ -39,7 +39,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 .PHONY: guest-image-debian test-guest-kernel test-vmm-linux test-guest-debian help deps build agent guest-kernel guest-image shim install uninstall demo bench \
         test lint test-unit test-vmm test-security test-guest test-containerd test-network test-warm \
         test-cri upstream cluster-up cluster-down test-e2e e2e-kind clean \
-        static crds controller-image test-controller
+        static crds controller-image test-controller vmm-test-hooks
 
 help:
 	@echo "make deps             install what the build and tests need (as root)"
@@ -148,11 +148,16 @@ test-vmm: guest-image
 # QEMU VM and its helpers, the in-tree VMM's threads, and a VMM killed by
 # its seccomp filter (a copy built with the test-only hook, beside the
 # real one).
-test-security: guest-image
+test-security: guest-image vmm-test-hooks
+	PODVISOR_VMM_HOOKS=$(VMM_HOOKS) $(CARGO) test -p podvisor-testkit --test security
+
+# podvisor-vmm with the test-only hook (a forbidden call on demand), a
+# copy beside the real one, which is rebuilt after it.
+VMM_HOOKS := $(CURDIR)/target/debug/podvisor-vmm-test-hooks
+vmm-test-hooks:
 	$(CARGO) build -p podvisor-vmm --bins --features test-hooks
-	cp target/debug/podvisor-vmm target/debug/podvisor-vmm-test-hooks
+	cp target/debug/podvisor-vmm $(VMM_HOOKS)
 	$(CARGO) build -p podvisor-vmm --bins
-	PODVISOR_VMM_HOOKS=$(CURDIR)/target/debug/podvisor-vmm-test-hooks $(CARGO) test -p podvisor-testkit --test security
 
 test-guest: guest-image
 	$(CARGO) test -p podvisor-testkit --test agent
@@ -183,11 +188,12 @@ test-vmm-linux: guest-kernel guest-image
 	$(CARGO) build -p podvisor-vmm --bins
 	PODVISOR_KERNEL_DIR=$(CURDIR)/$(KERNEL_DIR) $(CARGO) test -p podvisor-testkit --test vmm_linux -- --test-threads=1
 
-# The shim under Debian's containerd 1.6, then under 2.x.
-test-containerd: guest-image
+# The shim under Debian's containerd 1.6, then under 2.x (a pod's VMM
+# killed by its seccomp filter: the copy built with the test-only hook).
+test-containerd: guest-image vmm-test-hooks
 	upstream/build.sh containerd cri-tools
 	$(CARGO) build -p podvisor-shim --bins
-	$(CARGO) test -p podvisor-testkit --test containerd -- --skip network_ --skip warm_
+	PODVISOR_VMM_HOOKS=$(VMM_HOOKS) $(CARGO) test -p podvisor-testkit --test containerd -- --skip network_ --skip warm_
 
 # Pod networking under containerd 2.x's CRI with Debian's CNI plugins
 # (bridge, host-local, portmap, loopback): pod IP reachable, port-forward,
