@@ -24,6 +24,9 @@ DEB_PACKAGES := qemu-system-x86 qemu-system-common seabios busybox-static \
                 iptables musl-tools docker-registry strace \
                 linux-source-6.12 xz-utils make gcc flex bison bc libelf-dev patch
 VHOST_DEVICE_VSOCK_VERSION := 0.3.0
+CARGO_FUZZ_VERSION := 0.13.2
+# The fuzz targets' builds (nightly, sanitizers), kept across runs.
+FUZZ_TARGET_DIR := /var/cache/podvisor/fuzz-target
 MUSL_RELEASE := target/$(AGENT_TARGET)/release
 # The controller image the local cluster imports (cluster/up.sh loads
 # build/cluster/images/*.tar).
@@ -39,7 +42,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 .PHONY: guest-image-debian test-guest-kernel test-vmm-linux test-guest-debian help deps build agent guest-kernel guest-image shim install uninstall demo bench \
         test lint test-unit test-vmm test-security test-guest test-containerd test-network test-warm \
         test-cri upstream cluster-up cluster-down test-e2e e2e-kind clean \
-        static crds controller-image test-controller vmm-test-hooks
+        static crds controller-image test-controller vmm-test-hooks fuzz test-fuzz
 
 help:
 	@echo "make deps             install what the build and tests need (as root)"
@@ -65,6 +68,9 @@ deps:
 	rustup component add rustfmt clippy
 	command -v vhost-device-vsock >/dev/null || \
 	  $(CARGO) install --locked vhost-device-vsock --version $(VHOST_DEVICE_VSOCK_VERSION)
+	command -v cargo-fuzz >/dev/null || \
+	  $(CARGO) install --locked cargo-fuzz --version $(CARGO_FUZZ_VERSION)
+	rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 
 build:
 	$(CARGO) build --workspace --release
@@ -119,8 +125,19 @@ bench: shim guest-image guest-image-debian install upstream
 	$(CARGO) build --release -p podvisor-e2e --bins
 	cluster/with.sh target/release/podvisor-pod-bench
 
+# Every fuzz target (fuzz/: the VMM's virtio-mmio devices as a guest drives
+# them, the hybrid-vsock CONNECT line, the shim's config and annotations)
+# for FUZZ_SECONDS each; executions and crashes per target (fuzz/run.sh).
+FUZZ_SECONDS ?= 300
+fuzz:
+	FUZZ_TARGET_DIR=$(FUZZ_TARGET_DIR) fuzz/run.sh $(FUZZ_SECONDS)
+
+# A short run of each, in `make test`.
+test-fuzz:
+	FUZZ_TARGET_DIR=$(FUZZ_TARGET_DIR) fuzz/run.sh 20
+
 # test-controller last: it ends with the node installer's uninstall.
-test: lint test-unit test-guest-kernel test-vmm test-vmm-linux test-security test-guest test-guest-debian test-containerd test-network test-warm test-cri test-e2e test-controller
+test: lint test-unit test-fuzz test-guest-kernel test-vmm test-vmm-linux test-security test-guest test-guest-debian test-containerd test-network test-warm test-cri test-e2e test-controller
 
 # Crates only the VMM may link: the shim and the hypervisor layer know
 # nothing of KVM ioctls (they run podvisor-vmm, and its probe, as programs).
@@ -128,6 +145,7 @@ VMM_ONLY_CRATES := kvm-ioctls kvm-bindings vhost virtio-queue linux-loader acpi_
 
 lint:
 	$(CARGO) fmt --all -- --check
+	rustfmt --edition 2021 --check fuzz/fuzz_targets/*.rs
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@for p in podvisor-shim podvisor-hypervisor; do \
 	  bad=$$($(CARGO) tree -p $$p -e normal --prefix none | awk '{print $$1}' | sort -u | grep -xF $(VMM_ONLY_CRATES:%=-e %)); \

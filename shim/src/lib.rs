@@ -18,7 +18,8 @@
 //! - `sandbox_dir`: `/run/podvisor/<sandbox-id>/` and crash cleanup;
 //! - `cgroup`: the pod's cgroup on the host, where the shim, the VM and
 //!   its helpers run;
-//! - `config`: `/etc/podvisor/config.toml` and VM sizing;
+//! - [`config`]: `/etc/podvisor/config.toml` and VM sizing (public for
+//!   the fuzz targets, `fuzz/`);
 //! - [`warm`]: a VM restored from its shape's template, or why it boots
 //!   cold; the `template` subcommand;
 //! - [`pool`]: the warm pool, clones restored ahead and handed to pods;
@@ -27,7 +28,7 @@
 
 mod bundle;
 mod cgroup;
-mod config;
+pub mod config;
 mod container;
 mod convert;
 mod error;

@@ -172,6 +172,12 @@ impl Rig {
             cpuid_hide,
             owner: None,
         };
+        // The VMM runs as root here, unjailed: its own directory, root's.
+        let spec = Jail {
+            enabled: false,
+            ..Jail::default()
+        }
+        .prepare(&spec)?;
         Ok(Rig {
             dir,
             netns,

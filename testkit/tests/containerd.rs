@@ -89,6 +89,10 @@ fn main() {
             "network_ten_pod_cycles_leave_nothing",
             network_ten_pod_cycles_leave_nothing,
         ),
+        (
+            "network_ten_pods_started_at_once_are_distinct",
+            network_ten_pods_started_at_once_are_distinct,
+        ),
     ];
     // `make test-warm` runs these, on containerd 2.x only.
     let warm: Vec<(&str, TestFn)> = vec![
@@ -1383,6 +1387,139 @@ fn network_ten_pod_cycles_leave_nothing(c: &Containerd) -> Result<()> {
         before,
         netns_count()
     );
+    Ok(())
+}
+
+/// Ten pods started at once (RunPodSandbox, CreateContainer and
+/// StartContainer from ten threads) all run, each in a VM of its own: each
+/// container sees its own hostname, pod IP and guest boot id (not the
+/// host's), its log holds its own lines and no other pod's, and the VMs
+/// run as ten different ids.
+fn network_ten_pods_started_at_once_are_distinct(c: &Containerd) -> Result<()> {
+    const PODS: usize = 10;
+    let d = c.dir();
+    let start = |i: usize| -> Result<(String, String, String)> {
+        let name = format!("many{i}");
+        let logs = d.join(format!("logs-{name}"));
+        std::fs::create_dir_all(&logs)?;
+        let pod = json_file(
+            d,
+            &format!("{name}-pod.json"),
+            &format!(
+                r#"{{"metadata":{{"name":"{name}","namespace":"default","uid":"{name}-uid","attempt":0}},"hostname":"{name}","log_directory":"{}","linux":{{"cgroup_parent":"{}"}}}}"#,
+                logs.display(),
+                pod_cgroup(&name)
+            ),
+        )?;
+        let script = format!(
+            "hostname; cat /proc/sys/kernel/random/boot_id; ip addr show eth0; \
+             for i in 1 2 3 4 5 6 7 8; do echo {name}-says-$i; done; exec sleep 600"
+        );
+        let ctr = json_file(
+            d,
+            &format!("{name}-ctr.json"),
+            &format!(
+                r#"{{"metadata":{{"name":"say"}},"image":{{"image":"docker.io/podvisor/busybox:latest"}},"command":["sh","-c","{script}"],"log_path":"say.log","linux":{{}}}}"#
+            ),
+        )?;
+        let sandbox = ok(&mut c.crictl(&["runp", "--runtime", "podvisor", &pod]), 300)
+            .with_context(|| format!("{name}: RunPodSandbox"))?
+            .trim()
+            .to_string();
+        let id = ok(&mut c.crictl(&["create", &sandbox, &ctr, &pod]), 180)
+            .with_context(|| format!("{name}: CreateContainer"))?
+            .trim()
+            .to_string();
+        ok(&mut c.crictl(&["start", &id]), 180)
+            .with_context(|| format!("{name}: StartContainer"))?;
+        Ok((name, sandbox, id))
+    };
+    let started: Vec<Result<(String, String, String)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..PODS).map(|i| s.spawn(move || start(i))).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a starter panicked")))
+            })
+            .collect()
+    });
+    let sandboxes: Vec<String> = ok(&mut c.crictl(&["pods", "-q"]), 60)?
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let result = (|| -> Result<()> {
+        let pods = started.into_iter().collect::<Result<Vec<_>>>()?;
+        let host_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
+        let (mut boots, mut ips) = (Vec::new(), Vec::new());
+        for (name, _, id) in &pods {
+            // All its lines, then the sleep.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let log = loop {
+                let log = ok(&mut c.crictl(&["logs", id]), 60)?;
+                if log.contains(&format!("{name}-says-8")) || Instant::now() > deadline {
+                    break log;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            let lines: Vec<&str> = log.lines().collect();
+            ensure!(lines.len() >= 2, "{name}'s log: {log:?}");
+            ensure!(
+                lines[0].trim() == name,
+                "{name}'s hostname is {:?}",
+                lines[0]
+            );
+            let boot = lines[1].trim().to_string();
+            ensure!(
+                !boot.is_empty() && boot != host_boot.trim(),
+                "{name}'s boot id {boot:?}"
+            );
+            boots.push(boot);
+            let ip = lines
+                .iter()
+                .find_map(|l| l.trim().strip_prefix("inet "))
+                .and_then(|a| a.split('/').next())
+                .with_context(|| format!("{name}: no address on eth0:\n{log}"))?;
+            ips.push(ip.to_string());
+            let own = (1..=8)
+                .filter(|i| lines.contains(&format!("{name}-says-{i}").as_str()))
+                .count();
+            ensure!(own == 8, "{name}'s log has {own} of its 8 lines:\n{log}");
+            for (other, _, _) in &pods {
+                ensure!(
+                    other == name || !log.contains(&format!("{other}-says-")),
+                    "{name}'s log carries {other}'s output:\n{log}"
+                );
+            }
+        }
+        for (what, mut v) in [("boot ids", boots), ("pod IPs", ips)] {
+            v.sort();
+            v.dedup();
+            ensure!(
+                v.len() == PODS,
+                "{} distinct {what} for {PODS} pods",
+                v.len()
+            );
+        }
+        let ids: Vec<&str> = pods.iter().map(|(_, s, _)| s.as_str()).collect();
+        distinct_vm_ids(&ids)
+    })();
+    // Stopped at once too.
+    let stopped: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = sandboxes
+            .iter()
+            .map(|sb| s.spawn(move || stop_pod(c, sb)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a stopper panicked")))
+            })
+            .collect()
+    });
+    result?;
+    stopped.into_iter().collect::<Result<Vec<()>>>()?;
     Ok(())
 }
 

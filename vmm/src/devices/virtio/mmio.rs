@@ -20,10 +20,11 @@ const VENDOR: u32 = 0x5056_4450; // "PDVP"
 pub const REG_QUEUE_NOTIFY: u64 = 0x50;
 const CONFIG_SPACE: u64 = 0x100;
 
-const S_ACKNOWLEDGE: u32 = 1;
-const S_DRIVER: u32 = 2;
-const S_DRIVER_OK: u32 = 4;
-const S_FEATURES_OK: u32 = 8;
+/// Device status bits a driver sets (virtio 1.x, 2.1).
+pub const S_ACKNOWLEDGE: u32 = 1;
+pub const S_DRIVER: u32 = 2;
+pub const S_DRIVER_OK: u32 = 4;
+pub const S_FEATURES_OK: u32 = 8;
 const S_NEEDS_RESET: u32 = 0x40;
 const S_FAILED: u32 = 0x80;
 

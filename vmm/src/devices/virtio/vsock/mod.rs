@@ -36,6 +36,7 @@ use super::{
     TYPE_VSOCK,
 };
 use connection::{header, Conn, State};
+pub use muxer::connect_port;
 use muxer::{Pending, FIRST_LOCAL_PORT, LISTENER};
 pub use packet::Header;
 use packet::*;

@@ -25,6 +25,14 @@ pub(super) const MAX_CONNECT_LINE: usize = 32;
 /// Tokens in the device's epoll: the listener, then connections by id.
 pub(super) const LISTENER: u64 = 0;
 
+/// The guest port a host client's line asks for: `CONNECT <port>` (the
+/// line without its newline; spaces around it and the port allowed);
+/// none for anything else.
+pub fn connect_port(line: &[u8]) -> Option<u32> {
+    let line = std::str::from_utf8(line).ok()?.trim();
+    line.strip_prefix("CONNECT ")?.trim().parse::<u32>().ok()
+}
+
 /// A client on `<uds>` that has not finished its CONNECT line.
 #[derive(Debug)]
 pub(super) struct Pending {
@@ -153,12 +161,9 @@ impl Vsock {
             }
             return;
         };
-        let line = String::from_utf8_lossy(&p.line[..end]).trim().to_string();
         let extra = p.line[end + 1..].to_vec();
-        let port = line
-            .strip_prefix("CONNECT ")
-            .and_then(|p| p.trim().parse::<u32>().ok());
-        let Some(peer_port) = port else {
+        let Some(peer_port) = connect_port(&p.line[..end]) else {
+            let line = String::from_utf8_lossy(&p.line[..end]).into_owned();
             return drop_it(self, &format!("bad request {line:?}"));
         };
         let Some(p) = self.pending.remove(&token) else {
@@ -338,6 +343,34 @@ impl Vsock {
                     self.maybe_credit_update(token);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connect_port;
+
+    #[test]
+    fn connect_lines_are_read_strictly() {
+        assert_eq!(connect_port(b"CONNECT 1024"), Some(1024));
+        assert_eq!(connect_port(b"  CONNECT  7 \r"), Some(7));
+        for bad in [
+            &b"CONNECT"[..],
+            b"CONNECT ",
+            b"CONNECT -1",
+            b"CONNECT 4294967296",
+            b"connect 5",
+            b"CONNECT 5 6",
+            b"CONNECT 5\xff",
+            b"",
+        ] {
+            assert_eq!(
+                connect_port(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }
