@@ -251,7 +251,8 @@ impl Sandbox {
     }
 }
 
-fn kib_field(text: &str, key: &str) -> u64 {
+/// A `Key:  <n> kB` field of /proc/meminfo or /proc/<pid>/status.
+pub(crate) fn kib_field(text: &str, key: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next())

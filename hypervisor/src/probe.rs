@@ -40,7 +40,7 @@ impl HostKey {
                 .map_err(|e| format!("reading {p}: {e}"))
         };
         Ok(HostKey {
-            boot_id: read("/proc/sys/kernel/random/boot_id")?,
+            boot_id: crate::process::boot_id().map_err(|e| format!("reading the boot id: {e}"))?,
             kernel_release: read("/proc/sys/kernel/osrelease")?,
             kvm_device: format!("{:#x} ino {}", kvm.rdev(), kvm.ino()),
         })

@@ -248,6 +248,14 @@ pub fn describe_exit(status: ExitStatus) -> String {
     }
 }
 
+/// This host boot's id: pids and start times recorded in another boot
+/// name other processes.
+pub fn boot_id() -> std::io::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?
+        .trim()
+        .to_string())
+}
+
 /// Start time of `pid` (jiffies since boot, field 22 of /proc/<pid>/stat),
 /// if it runs: with the pid, it names one process for good.
 pub fn process_start_time(pid: u32) -> Option<u64> {

@@ -25,7 +25,7 @@ use crate::container::{Exit, Guest};
 use crate::error::{Result, ShimError};
 use crate::network::{NetworkError, PodNetwork};
 use crate::port_forward::PortForward;
-use crate::sandbox_dir::{RecordedProcess, SandboxDir, State};
+use crate::sandbox_dir::{remove_other_boots, RecordedProcess, SandboxDir, State};
 use crate::stdio::{Bridge, StdioPaths};
 use crate::{pool, warm};
 use podvisor_hypervisor::jail::ids::Owner;
@@ -133,6 +133,8 @@ impl Pod {
         )
         .await?;
         tracing::info!(sandbox = id, "hypervisor: {why}");
+        // What another boot left goes first (pids it records are not its).
+        remove_other_boots();
         // A pool VM of the pod's shape, if one is ready: its directory
         // becomes the sandbox's.
         let pool_key = pool::serves(config, sizing, &*hv)
@@ -458,11 +460,12 @@ impl Boot<'_> {
             hostname,
             network,
         } = *self;
-        dir.write_state(&State {
+        dir.write_state(State {
             network: network.cloned(),
             sandbox_id: id.to_string(),
             hypervisor: describe,
             processes: RecordedProcess::of(vm),
+            ..State::default()
         })?;
         let console = || hypervisor::log_tails(dir.root(), 20);
         let agent = tokio::select! {

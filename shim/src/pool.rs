@@ -122,11 +122,8 @@ fn running(p: &RecordedProcess) -> bool {
         })
 }
 
-/// This host boot's id: pids of another boot name other processes.
 fn boot_id() -> Result<String, PoolError> {
-    const PATH: &str = "/proc/sys/kernel/random/boot_id";
-    let id = std::fs::read_to_string(PATH).map_err(io_err(PATH))?;
-    Ok(id.trim().to_string())
+    podvisor_hypervisor::process::boot_id().map_err(io_err("the boot id"))
 }
 
 fn root() -> &'static Path {
@@ -204,11 +201,11 @@ pub fn claim(key: &str, sandbox_id: &str, describe: &str) -> Option<(SandboxDir,
             continue;
         }
         let dir = SandboxDir::open(sandbox_id);
-        let recorded = dir.write_state(&State {
+        let recorded = dir.write_state(State {
             sandbox_id: sandbox_id.to_string(),
             hypervisor: describe.to_string(),
             processes: record.processes.clone(),
-            network: None,
+            ..State::default()
         });
         let adopted = recorded.map_err(|e| e.to_string()).and_then(|()| {
             record

@@ -1,6 +1,7 @@
 //! `/run/podvisor/<sandbox-id>/`: everything a pod's VM puts on the host,
-//! and what lets `containerd-shim-podvisor-v2 delete` clean up after a
-//! crashed shim.
+//! what lets `containerd-shim-podvisor-v2 delete` clean up after a
+//! crashed shim, and the removal of what another boot left (where
+//! /run/podvisor outlives a host restart).
 //!
 //! ```text
 //! /run/podvisor/<sandbox-id>/    root's
@@ -20,7 +21,7 @@ use containerd_shim::mount::umount_recursive;
 use nix::mount::{mount, MsFlags};
 use serde::{Deserialize, Serialize};
 
-pub use podvisor_hypervisor::process::process_start_time;
+pub use podvisor_hypervisor::process::{boot_id, process_start_time};
 use podvisor_names::paths::STATE_ROOT;
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +75,21 @@ pub struct State {
     /// Taps and tc filters in the pod's network namespace.
     #[serde(default)]
     pub network: Option<crate::network::PodNetwork>,
+    /// The host boot the processes ran in ([`SandboxDir::write_state`]
+    /// sets it; none in a state written before it was recorded).
+    #[serde(default)]
+    pub boot_id: Option<String>,
+}
+
+impl State {
+    /// Whether the recorded pids are this boot's (unknown counts as
+    /// this boot's: a state written before boots were recorded).
+    pub fn of_this_boot(&self) -> bool {
+        match (&self.boot_id, boot_id()) {
+            (Some(recorded), Ok(now)) => *recorded == now,
+            _ => true,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -153,10 +169,12 @@ impl SandboxDir {
         self.shared().join(container_id)
     }
 
-    pub fn write_state(&self, state: &State) -> Result<(), StateError> {
+    /// Writes `state`, stamped with this boot's id.
+    pub fn write_state(&self, mut state: State) -> Result<(), StateError> {
+        state.boot_id = Some(boot_id().map_err(io_err("reading the boot id"))?);
         let path = self.root.join("state.json");
         let tmp = self.root.join("state.json.tmp");
-        let data = serde_json::to_vec_pretty(state).map_err(|e| StateError {
+        let data = serde_json::to_vec_pretty(&state).map_err(|e| StateError {
             what: "encoding state".into(),
             source: e.into(),
         })?;
@@ -178,6 +196,38 @@ impl SandboxDir {
     /// Unmounts everything below the sandbox directory and removes it.
     pub fn destroy(&self) {
         remove_tree(&self.root);
+    }
+}
+
+/// Removes the sandbox directories another host boot left under
+/// /run/podvisor (one that is not a tmpfs, or a restart that kept it):
+/// their state names that boot. Nothing they record is killed (its pids
+/// are other processes now); a directory of this boot, or one with no
+/// state yet (a pod starting), is left alone. Run as a pod starts.
+pub fn remove_other_boots() {
+    let Ok(now) = boot_id() else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(STATE_ROOT) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        // `_pool`, `_jail-ids`: the node's, not sandboxes.
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with('_') || !entry.path().is_dir() {
+            continue;
+        }
+        let dir = SandboxDir { root: entry.path() };
+        let Some(recorded) = dir.read_state().and_then(|s| s.boot_id) else {
+            continue;
+        };
+        if recorded != now {
+            tracing::info!(
+                "removing {}, left by another boot ({recorded})",
+                dir.root.display()
+            );
+            dir.destroy();
+        }
     }
 }
 
@@ -225,5 +275,32 @@ mod tests {
         // A pid whose start time differs is someone else: left alone.
         assert!(!kill_recorded(&stale));
         assert_eq!(process_start_time(u32::MAX), None);
+    }
+
+    #[test]
+    fn states_tell_their_boot() {
+        let now = boot_id().unwrap();
+        let of = |b: Option<&str>| State {
+            boot_id: b.map(str::to_string),
+            ..State::default()
+        };
+        assert!(of(Some(&now)).of_this_boot());
+        assert!(!of(Some("00000000-0000-4000-8000-000000000000")).of_this_boot());
+        // Written before boots were recorded: a running pod's, kept.
+        assert!(of(None).of_this_boot());
+        let old: State =
+            serde_json::from_str(r#"{"sandbox_id":"a","hypervisor":"qemu","processes":[]}"#)
+                .unwrap();
+        assert_eq!(old.boot_id, None);
+    }
+
+    #[test]
+    fn written_states_carry_this_boot() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = SandboxDir {
+            root: d.path().to_owned(),
+        };
+        dir.write_state(State::default()).unwrap();
+        assert_eq!(dir.read_state().unwrap().boot_id, Some(boot_id().unwrap()));
     }
 }

@@ -14,7 +14,7 @@ use containerd_shim::{Error, Flags, StartOpts};
 use crate::bundle::{Bundle, Role};
 use crate::pod::remove_host_state;
 use crate::process::now;
-use crate::sandbox_dir::{kill_recorded, SandboxDir};
+use crate::sandbox_dir::{kill_recorded, SandboxDir, State};
 use crate::task::TaskService;
 
 pub struct Shim {
@@ -99,7 +99,9 @@ impl containerd_shim::asynchronous::Shim for Shim {
         match role {
             Role::Sandbox => {
                 let dir = SandboxDir::open(&self.id);
-                let state = dir.read_state();
+                // Another boot's pids are other processes now, and its
+                // network namespaces are gone.
+                let state = dir.read_state().filter(State::of_this_boot);
                 for p in state.iter().flat_map(|s| &s.processes) {
                     if kill_recorded(p) {
                         tracing::info!("killed leftover {} (pid {})", p.name, p.pid);

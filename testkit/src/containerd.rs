@@ -20,8 +20,9 @@ pub const PAUSE: &str = "docker.io/podvisor/pause:latest";
 /// The ctr namespace of the tests; CRI uses k8s.io.
 pub const NAMESPACE: &str = "podvisor-test";
 pub const RUNTIME: &str = podvisor_names::RUNTIME_TYPE;
-/// The CNI bridge; a name of our own so nothing else is touched.
-const BRIDGE: &str = "pvtest0";
+/// The CNI bridge of the tests' pods (their veths' host ends join it); a
+/// name of our own so nothing else is touched.
+pub const BRIDGE: &str = "pvtest0";
 
 /// Which containerd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -258,6 +259,15 @@ impl Containerd {
         self.dir.path()
     }
 
+    /// The daemon's pid (it changes with [`Containerd::restart`]).
+    pub fn pid(&self) -> Result<u32> {
+        let child = self
+            .child
+            .lock()
+            .map_err(|_| anyhow::anyhow!("containerd handle poisoned"))?;
+        Ok(child.id())
+    }
+
     /// Waits for the daemon to answer.
     fn wait_up(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -335,6 +345,28 @@ impl Containerd {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// Copies the whole log out of the daemon's directory (removed when
+    /// it stops), to read after a failure; says where it went.
+    pub fn keep_log(&self) -> String {
+        let kept = (|| -> std::io::Result<PathBuf> {
+            let (mut file, path) = tempfile::Builder::new()
+                .prefix(&format!("podvisor-{}-", self.release.label()))
+                .suffix(".log")
+                .tempfile()?
+                .keep()
+                .map_err(|e| e.error)?;
+            std::io::copy(
+                &mut std::fs::File::open(self.dir.path().join("containerd.log"))?,
+                &mut file,
+            )?;
+            Ok(path)
+        })();
+        match kept {
+            Ok(path) => path.display().to_string(),
+            Err(e) => format!("not kept: {e}"),
+        }
+    }
+
     /// containerd's whole log (the shims' logs included).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
@@ -383,14 +415,17 @@ impl Containerd {
 }
 
 /// Starts containerd as `launch` says, its output appended to
-/// `dir/containerd.log`.
+/// `dir/containerd.log` (at `PODVISOR_CONTAINERD_LOG_LEVEL`, when set).
 fn spawn_containerd(launch: &(PathBuf, PathBuf, std::ffi::OsString), dir: &Path) -> Result<Child> {
     let (program, config, path) = launch;
     let log = std::fs::OpenOptions::new()
         .append(true)
         .open(dir.join("containerd.log"))?;
-    Command::new(program)
-        .arg("--config")
+    let mut cmd = Command::new(program);
+    if let Some(level) = std::env::var_os("PODVISOR_CONTAINERD_LOG_LEVEL") {
+        cmd.arg("--log-level").arg(level);
+    }
+    cmd.arg("--config")
         .arg(config)
         .env("PATH", path)
         .stdin(Stdio::null())

@@ -18,8 +18,14 @@ pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const PARENT: &str = "podvisor";
 const CONTROLLERS: [&str; 5] = ["cpu", "memory", "pids", "cpuset", "io"];
 
-/// Enables the controllers from the root down to `podvisor/`. Called once
-/// at boot, after cgroup2 is mounted.
+/// Process slots the containers together cannot take: the agent's own
+/// threads and the processes it starts before they join a container.
+const RESERVED_TASKS: u64 = 128;
+
+/// Enables the controllers from the root down to `podvisor/`, and caps
+/// `podvisor/` below the guest's memory and task count by what the agent
+/// keeps for itself ([`parent_limits`]). Called once at boot, after
+/// cgroup2 is mounted.
 pub fn init_hierarchy(root: &Path) -> io::Result<()> {
     let parent = root.join(PARENT);
     fs::create_dir_all(&parent)?;
@@ -31,7 +37,48 @@ pub fn init_hierarchy(root: &Path) -> io::Result<()> {
             }
         }
     }
+    // What is free now, before any container: the kernel's own memory,
+    // the root tmpfs and the kernel threads are already taken.
+    let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
+    let available = crate::sandbox::kib_field(&read("/proc/meminfo"), "MemAvailable:") * 1024;
+    let limit = |p: &str| read(p).trim().parse::<u64>().ok();
+    let running = read("/proc/loadavg")
+        .split_whitespace()
+        .nth(3)
+        .and_then(|f| f.split('/').nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let tasks = match (
+        limit("/proc/sys/kernel/pid_max"),
+        limit("/proc/sys/kernel/threads-max"),
+    ) {
+        (Some(p), Some(t)) => Some(p.min(t).saturating_sub(running)),
+        _ => None,
+    };
+    let limits = parent_limits(available, tasks);
+    for (file, value) in limits {
+        if let Err(e) = fs::write(parent.join(file), value.to_string()) {
+            tracing::warn!("capping {PARENT}/{file} at {value}: {e}");
+        }
+    }
     Ok(())
+}
+
+/// The containers' parent's `memory.max` and `pids.max` in a guest with
+/// `available` bytes of memory and room for `tasks` more tasks at boot: a
+/// sixteenth of that memory (16 to 64 MiB) and [`RESERVED_TASKS`] kept for
+/// the agent, so a memory hog or fork bomb with no limit of its own is
+/// stopped there (its container OOM-killed, its forks refused) while the
+/// agent serves on. A value that cannot be known is left out.
+fn parent_limits(available: u64, tasks: Option<u64>) -> Vec<(&'static str, u64)> {
+    let mut out = Vec::new();
+    let reserve = (available / 16).clamp(16 << 20, 64 << 20);
+    if available > 2 * reserve {
+        out.push(("memory.max", available - reserve));
+    }
+    if let Some(t) = tasks.filter(|t| *t > 2 * RESERVED_TASKS) {
+        out.push(("pids.max", t - RESERVED_TASKS));
+    }
+    out
 }
 
 /// A handle on the container's cgroup directory (cloning it shares the
@@ -324,6 +371,21 @@ mod tests {
         assert_eq!(shares_to_weight(2), 1);
         assert_eq!(shares_to_weight(262_144), 10_000);
         assert_eq!(shares_to_weight(1024), 39);
+    }
+
+    #[test]
+    fn the_parent_keeps_a_reserve_for_the_agent() {
+        const MIB: u64 = 1 << 20;
+        // 512 MiB free: 32 MiB kept; about Linux's task limit for it.
+        assert_eq!(
+            parent_limits(512 * MIB, Some(3_900)),
+            vec![("memory.max", 480 * MIB), ("pids.max", 3_772)]
+        );
+        // Small guests keep 16 MiB, large ones 64 MiB.
+        assert_eq!(parent_limits(128 * MIB, Some(32_768))[0].1, 112 * MIB);
+        assert_eq!(parent_limits(8192 * MIB, Some(32_768))[0].1, 8128 * MIB);
+        // Unknown (unreadable) sizes are left uncapped.
+        assert!(parent_limits(0, None).is_empty());
     }
 
     #[test]
