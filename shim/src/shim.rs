@@ -70,7 +70,10 @@ impl containerd_shim::asynchronous::Shim for Shim {
     }
 
     /// One shim per pod: a workload container is served by its sandbox's
-    /// shim (same socket address), anything else gets its own.
+    /// shim (same socket address), anything else gets its own. The
+    /// bundle's `address` file names it: containerd 1.6 reconnects to its
+    /// shims through it after a restart (2.x keeps its own record), and the
+    /// crate writes it only for a shim that was already serving.
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
         let bundle =
             Bundle::load(Path::new(".")).map_err(|e| Error::InvalidArgument(e.to_string()))?;
@@ -78,7 +81,9 @@ impl containerd_shim::asynchronous::Shim for Shim {
             Role::Sandbox => opts.id.clone(),
             Role::Member { sandbox_id } => sandbox_id,
         };
-        spawn(opts, &grouping, Vec::new()).await
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        containerd_shim::asynchronous::util::write_str_to_file("address", &address).await?;
+        Ok(address)
     }
 
     /// containerd's cleanup after a shim that died: kill the VM and its

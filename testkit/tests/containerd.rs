@@ -83,6 +83,10 @@ fn main() {
             a_memory_hog_is_oom_killed_and_the_pod_carries_on,
         ),
         (
+            "pods_run_on_across_a_containerd_restart",
+            pods_run_on_across_a_containerd_restart,
+        ),
+        (
             "state_of_another_boot_is_removed_killing_nothing",
             state_of_another_boot_is_removed_killing_nothing,
         ),
@@ -129,12 +133,6 @@ fn main() {
             warm_pool_hands_out_and_refills,
         ),
     ];
-    // On containerd 2.x only: 1.6, restarted, fails to reload a pod's
-    // shim and deletes it (its VM with it), an open finding.
-    let v2_only: Vec<(&str, TestFn)> = vec![(
-        "pods_run_on_across_a_containerd_restart",
-        pods_run_on_across_a_containerd_restart,
-    )];
     // `make soak` and `make test-soak` run this, on containerd 2.x only.
     let soak: Vec<(&str, TestFn)> = vec![(
         "soak_pod_cycles_leave_nothing",
@@ -155,7 +153,6 @@ fn main() {
     for release in Release::selected() {
         let mut suite = tests.clone();
         if release == Release::V2 {
-            suite.extend(v2_only.iter().cloned());
             suite.extend(network.iter().cloned());
             suite.extend(warm.iter().cloned());
             suite.extend(soak.iter().cloned());
