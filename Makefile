@@ -128,7 +128,8 @@ bench: shim guest-image guest-image-debian install upstream
 	cluster/with.sh target/release/podvisor-pod-bench
 
 # Every fuzz target (fuzz/: the VMM's virtio-mmio devices as a guest drives
-# them, the hybrid-vsock CONNECT line, the shim's config and annotations)
+# them, the hybrid-vsock CONNECT line, the agent's requests, the shim's
+# config and annotations)
 # for FUZZ_SECONDS each; executions and crashes per target (fuzz/run.sh).
 FUZZ_SECONDS ?= 300
 fuzz:

@@ -17,7 +17,7 @@ use crate::error::{internal, invalid, not_found, Result};
 
 /// A request checked and parsed.
 #[derive(Debug, PartialEq)]
-struct Plan {
+pub(crate) struct Plan {
     interfaces: Vec<Nic>,
     routes: Vec<Route>,
     neighbors: Vec<Neighbor>,
@@ -83,7 +83,7 @@ fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn plan(req: &api::ConfigureNetworkRequest) -> Result<Plan> {
+pub(crate) fn plan(req: &api::ConfigureNetworkRequest) -> Result<Plan> {
     let mut interfaces = Vec::new();
     for i in &req.interfaces {
         check_name(&i.name)?;

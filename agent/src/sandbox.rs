@@ -73,6 +73,7 @@ impl Sandbox {
     }
 
     pub async fn create_sandbox(&self, req: &api::CreateSandboxRequest) -> Result<()> {
+        let setup = SandboxSetup::from_request(req)?;
         if let Err(e) = warm::set_clock(req.host_time_ns) {
             tracing::warn!("setting the clock from the host's: {e}");
         }
@@ -82,29 +83,14 @@ impl Sandbox {
         if self.owns_machine && warm::is_template() {
             self.finish_restore().await?;
         }
-        if !req.hostname.is_empty() {
-            nix::unistd::sethostname(&req.hostname)
-                .map_err(|e| invalid!("hostname {:?}: {e}", req.hostname))?;
+        if let Some(name) = &setup.hostname {
+            nix::unistd::sethostname(name).map_err(|e| invalid!("hostname {name:?}: {e}"))?;
         }
-        let mut resolv = String::new();
-        for s in &req.dns_servers {
-            if s.parse::<std::net::IpAddr>().is_err() {
-                return Err(invalid!("DNS server {s:?} is not an IP address"));
-            }
-            resolv.push_str(&format!("nameserver {s}\n"));
-        }
-        if !req.dns_searches.is_empty() {
-            resolv.push_str(&format!("search {}\n", req.dns_searches.join(" ")));
-        }
-        if !req.dns_options.is_empty() {
-            resolv.push_str(&format!("options {}\n", req.dns_options.join(" ")));
-        }
-        if !resolv.is_empty() {
+        if !setup.resolv_conf.is_empty() {
             std::fs::create_dir_all("/etc").map_err(|e| internal!("/etc: {e}"))?;
-            std::fs::write("/etc/resolv.conf", resolv)
+            std::fs::write("/etc/resolv.conf", &setup.resolv_conf)
                 .map_err(|e| internal!("writing /etc/resolv.conf: {e}"))?;
         }
-        sysctl::check(req.sysctls.keys())?;
         for (key, value) in &req.sysctls {
             sysctl::write(key, value).map_err(|e| invalid!("{}", e.0))?;
         }
@@ -186,10 +172,7 @@ impl Sandbox {
     }
 
     pub fn signal(&self, req: &api::SignalProcessRequest) -> Result<()> {
-        let signal = i32::try_from(req.signal)
-            .ok()
-            .filter(|s| (1..=64).contains(s))
-            .ok_or_else(|| invalid!("invalid signal {}", req.signal))?;
+        let signal = signal_number(req.signal)?;
         self.container(&req.container_id)?
             .signal(&req.exec_id, signal, req.all)
     }
@@ -249,6 +232,67 @@ impl Sandbox {
             });
         }
     }
+}
+
+/// What CreateSandbox sets up, checked before any of it is done: the
+/// hostname, `/etc/resolv.conf`, and the names of the sysctls.
+#[derive(Debug)]
+pub struct SandboxSetup {
+    pub hostname: Option<String>,
+    pub resolv_conf: String,
+}
+
+impl SandboxSetup {
+    pub fn from_request(req: &api::CreateSandboxRequest) -> Result<SandboxSetup> {
+        let hostname = match req.hostname.as_str() {
+            "" => None,
+            h if h.len() > HOST_NAME_MAX || !is_token(h) => {
+                return Err(invalid!(
+                    "hostname {h:?} is not a host name (at most {HOST_NAME_MAX} bytes, no spaces)"
+                ))
+            }
+            h => Some(h.to_string()),
+        };
+        let mut resolv_conf = String::new();
+        for s in &req.dns_servers {
+            if s.parse::<std::net::IpAddr>().is_err() {
+                return Err(invalid!("DNS server {s:?} is not an IP address"));
+            }
+            resolv_conf.push_str(&format!("nameserver {s}\n"));
+        }
+        for (what, line, words) in [
+            ("DNS search domain", "search", &req.dns_searches),
+            ("DNS option", "options", &req.dns_options),
+        ] {
+            if let Some(bad) = words.iter().find(|w| !is_token(w)) {
+                return Err(invalid!("{what} {bad:?} is empty or holds spaces"));
+            }
+            if !words.is_empty() {
+                resolv_conf.push_str(&format!("{line} {}\n", words.join(" ")));
+            }
+        }
+        sysctl::check(req.sysctls.keys())?;
+        Ok(SandboxSetup {
+            hostname,
+            resolv_conf,
+        })
+    }
+}
+
+/// The kernel's limit on a host name.
+const HOST_NAME_MAX: usize = 64;
+
+/// One word of a config line: not empty, no space or control character.
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// A signal number from the wire, checked.
+pub fn signal_number(n: u32) -> Result<i32> {
+    i32::try_from(n)
+        .ok()
+        .filter(|s| (1..=64).contains(s))
+        .ok_or_else(|| invalid!("invalid signal {n}"))
 }
 
 /// A `Key:  <n> kB` field of /proc/meminfo or /proc/<pid>/status.

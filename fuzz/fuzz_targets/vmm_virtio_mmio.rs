@@ -10,11 +10,16 @@
 //! goes on.
 //!
 //! Input: byte 0 picks the device (rng, block on a 64 KiB file, vsock on
-//! a Unix socket); bytes 1..3 the length of the memory image (at most
-//! 64 KiB, written at 0x10000); then operations of 8 bytes each: kind,
-//! two bytes of register, queue or address, four of value, one of length.
+//! a Unix socket, net on a datagram socket for its tap); bytes 1..3 the
+//! length of the memory image (at most 64 KiB, written at 0x10000); then
+//! operations of 8 bytes each: kind, two bytes of register, queue or
+//! address, four of value, one of length (for net's "descriptor ready",
+//! the host first sends a frame of that many 8-byte words past the
+//! header).
 #![no_main]
 
+use std::fs::File;
+use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -24,6 +29,7 @@ use podvisor_vmm::devices::virtio::block::Block;
 use podvisor_vmm::devices::virtio::mmio::{
     MmioTransport, S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK,
 };
+use podvisor_vmm::devices::virtio::net::{Net, HDR_LEN};
 use podvisor_vmm::devices::virtio::rng::Rng;
 use podvisor_vmm::devices::virtio::vsock::Vsock;
 use podvisor_vmm::devices::virtio::VirtioDevice;
@@ -104,7 +110,8 @@ fuzz_target!(|data: &[u8]| {
     static N: AtomicU64 = AtomicU64::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
     let mut made = None;
-    let device: Box<dyn VirtioDevice> = match data[0] % 3 {
+    let mut tap_peer = None;
+    let device: Box<dyn VirtioDevice> = match data[0] % 4 {
         0 => Box::new(Rng::new()),
         1 => {
             let path = scratch().join("disk");
@@ -112,11 +119,22 @@ fuzz_target!(|data: &[u8]| {
             f.set_len(64 << 10).expect("disk size");
             Box::new(Block::open(&path, data[0] & 0x80 != 0, "fuzz").expect("block device"))
         }
-        _ => {
+        2 => {
             let uds = scratch().join(format!("vsock-{n}"));
             let v = Vsock::new(3, &uds).expect("vsock device");
             made = Some(uds);
             Box::new(v)
+        }
+        _ => {
+            let (tap, peer) = UnixDatagram::pair().expect("tap pair");
+            tap.set_nonblocking(true).expect("non-blocking tap");
+            peer.set_nonblocking(true).expect("non-blocking peer");
+            tap_peer = Some(peer);
+            let mac = (data[0] & 0x80 != 0).then_some([2, 0, 0, 0, 0, 1]);
+            Box::new(Net::from_file(
+                File::from(std::os::fd::OwnedFd::from(tap)),
+                mac,
+            ))
         }
     };
     let irq = EventFd::new(libc::EFD_NONBLOCK).expect("irq eventfd");
@@ -139,7 +157,13 @@ fuzz_target!(|data: &[u8]| {
                 let at = RINGS + u64::from(arg) * 4;
                 let _ = mem.write_obj(value, GuestAddress(at));
             }
-            _ => t.fd_ready(usize::from(arg % 4)),
+            _ => {
+                if let Some(peer) = &tap_peer {
+                    let frame = vec![op[7]; HDR_LEN + 8 * usize::from(op[7])];
+                    let _ = peer.send(&frame);
+                }
+                t.fd_ready(usize::from(arg % 4))
+            }
         }
     }
     drop(t);

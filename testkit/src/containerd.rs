@@ -171,11 +171,13 @@ impl Containerd {
         let d = dir.path().to_owned();
         let address = d.join("containerd.sock");
         let p = paths();
+        // The guests panic on an NMI from the host (QMP's inject-nmi): how
+        // the tests make a guest die under its pod.
         let podvisor_config = d.join("podvisor.toml");
         std::fs::write(
             &podvisor_config,
             format!(
-                "kernel = {:?}\nvmm_kernel = {:?}\ninitramfs = {:?}\nallowed_annotations = [\"podvisor.io/vcpus\", \"podvisor.io/memory-mib\"]\nmax_vcpus = 4\n\n[warm]\ntemplate_dir = {:?}\n\n[paths]\nqemu = {:?}\nvirtiofsd = {:?}\nvhost_device_vsock = {:?}\n",
+                "kernel = {:?}\nvmm_kernel = {:?}\ninitramfs = {:?}\nkernel_params = \"unknown_nmi_panic\"\nallowed_annotations = [\"podvisor.io/vcpus\", \"podvisor.io/memory-mib\"]\nmax_vcpus = 4\n\n[warm]\ntemplate_dir = {:?}\n\n[paths]\nqemu = {:?}\nvirtiofsd = {:?}\nvhost_device_vsock = {:?}\n",
                 image.join("kernel"),
                 image.join("vmlinux"),
                 image.join("initramfs"),
@@ -496,6 +498,7 @@ fn config_toml(release: Release, d: &ConfigDirs) -> String {
       runtime_type = "io.containerd.runc.v2"
     [plugins."{cri}".containerd.runtimes.podvisor]
       runtime_type = "{RUNTIME}"
+      pod_annotations = ["podvisor.io/*"]
       [plugins."{cri}".containerd.runtimes.podvisor.options]
         ConfigPath = "{}"
 "#,

@@ -67,6 +67,10 @@ fn main() {
             helper_killed_under_a_running_task,
         ),
         (
+            "a_guest_panic_ends_the_task_as_a_dead_vm",
+            a_guest_panic_ends_the_task_as_a_dead_vm,
+        ),
+        (
             "crashed_shim_is_cleaned_up_by_delete",
             crashed_shim_is_cleaned_up_by_delete,
         ),
@@ -81,6 +85,10 @@ fn main() {
         (
             "a_memory_hog_is_oom_killed_and_the_pod_carries_on",
             a_memory_hog_is_oom_killed_and_the_pod_carries_on,
+        ),
+        (
+            "a_fork_bomb_meets_the_task_cap_and_the_agent_keeps_serving",
+            a_fork_bomb_meets_the_task_cap_and_the_agent_keeps_serving,
         ),
         (
             "pods_run_on_across_a_containerd_restart",
@@ -1078,6 +1086,48 @@ fn vm_killed_under_a_running_task(c: &Containerd) -> Result<()> {
     Ok(())
 }
 
+/// The guest dying under a running task (its kernel panics, as it does
+/// when the agent, PID 1, dies): the VM ends, the task stops with the
+/// VM-died status, and nothing is left. The test node's guests panic on
+/// an unknown NMI (`unknown_nmi_panic`), which the test sends through the
+/// VM's QMP socket.
+fn a_guest_panic_ends_the_task_as_a_dead_vm(c: &Containerd) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let id = "panicking";
+    ok(c.ctr_run(&["-d"], id, &["sleep", "1000"]), 180)?;
+    let vm = Path::new(podvisor_names::paths::STATE_ROOT)
+        .join(id)
+        .join(podvisor_hypervisor::VM_DIR);
+    let qmp = std::os::unix::net::UnixStream::connect(vm.join("qmp.sock"))
+        .context("connecting to the VM's QMP socket")?;
+    qmp.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut replies = BufReader::new(qmp.try_clone()?);
+    let mut line = String::new();
+    replies.read_line(&mut line)?;
+    ensure!(line.contains("QMP"), "no QMP greeting: {line:?}");
+    for command in ["qmp_capabilities", "inject-nmi"] {
+        writeln!(&qmp, r#"{{"execute":"{command}"}}"#)?;
+        line.clear();
+        replies.read_line(&mut line)?;
+        ensure!(line.contains("\"return\""), "{command}: {line:?}");
+    }
+    wait_status(c, id, "STOPPED").context("after the guest's panic")?;
+    let log = console(id);
+    ensure!(
+        log.contains("Kernel panic"),
+        "the guest's console shows no panic:\n{}",
+        log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+    );
+    let del = run(&mut c.ctr(&["task", "delete", id]), 60)?;
+    ensure!(
+        del.status.success() && text(&del).contains("255"),
+        "task delete did not report the VM-died status 255: {}",
+        text(&del)
+    );
+    ok(&mut c.ctr(&["containers", "rm", id]), 30)?;
+    wait_clean().context("after the guest's panic")
+}
+
 /// A helper of the VM (vsock, virtio-fs) killed under a running task
 /// takes the VM down with it: the task stops with the VM-died status, the
 /// shim says which helper ended, and nothing is left.
@@ -1417,6 +1467,100 @@ fn a_memory_hog_is_oom_killed_and_the_pod_carries_on(c: &Containerd) -> Result<(
                 .collect::<Vec<_>>()
                 .join("\n")
         );
+        remove_containers(c, &ids)
+    })();
+    let stopped = stop_pod(c, &sandbox);
+    result.and(stopped)
+}
+
+/// A fork bomb: a container forks until the guest refuses. It takes the
+/// task slots the agent leaves to containers (the cap on their parent
+/// cgroup) and no more: its next fork fails ("can't fork"), while the
+/// agent still forks from the slots it kept for itself, so an exec into
+/// the neighbour and into the bomb's own container answer as the bomb
+/// holds every slot it could get; memory never runs out (a task slot per
+/// 256 KiB). The pod is the smallest (128 MiB) and the bomb forks waiting
+/// shells in a loop rather than `:(){ :|:& };:`: the same exhaustion,
+/// without hundreds of runnable shells that TCG could not run in a test's
+/// time.
+fn a_fork_bomb_meets_the_task_cap_and_the_agent_keeps_serving(c: &Containerd) -> Result<()> {
+    let d = c.dir();
+    let logs = d.join("logs-bomb");
+    std::fs::create_dir_all(&logs)?;
+    let pod = json_file(
+        d,
+        "bomb-pod.json",
+        &format!(
+            r#"{{"metadata":{{"name":"bomb","namespace":"default","uid":"bomb-uid","attempt":0}},"annotations":{{"{}":"128"}},"log_directory":"{}","linux":{{"cgroup_parent":"{}"}}}}"#,
+            podvisor_names::annotations::MEMORY_MIB,
+            logs.display(),
+            pod_cgroup("bomb")
+        ),
+    )?;
+    let ctr = |name: &str, cmd: &str| {
+        json_file(
+            d,
+            &format!("bomb-{name}.json"),
+            &format!(
+                r#"{{"metadata":{{"name":"{name}"}},"image":{{"image":"docker.io/podvisor/busybox:latest"}},"command":{cmd},"log_path":"{name}.log","linux":{{}}}}"#
+            ),
+        )
+    };
+    let (neighbour, bomb) = (
+        ctr("neighbour", r#"["sleep","600"]"#)?,
+        // The forking subshell ends at the first refused fork; its
+        // children (forked shells waiting to open a FIFO: no exec) stay,
+        // held by the container's init, which then waits on the FIFO too.
+        ctr(
+            "bomb",
+            r#"["sh","-c","mkfifo /tmp/hold; (while :; do read x < /tmp/hold & done) 2>&1; echo bomb stopped; read x < /tmp/hold"]"#,
+        )?,
+    );
+    let sandbox = ok(&mut c.crictl(&["runp", "--runtime", "podvisor", &pod]), 180)?
+        .trim()
+        .to_string();
+    let result = (|| -> Result<()> {
+        let ids = start_containers(c, &sandbox, &pod, &[neighbour.as_str(), bomb.as_str()])?;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let log = loop {
+            let log = ok(&mut c.crictl(&["logs", &ids[1]]), 60)?;
+            if log.contains("bomb stopped") {
+                break log;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the bomb still forks after 600 s:\n{log}"
+            );
+            std::thread::sleep(Duration::from_secs(2));
+        };
+        ensure!(
+            log.contains("can't fork: Resource temporarily unavailable"),
+            "the bomb stopped, but not on a refused fork:\n{log}"
+        );
+        let alive = ok(&mut c.crictl(&["exec", &ids[0], "echo", "alive"]), 120)?;
+        ensure!(alive.trim() == "alive", "the neighbour answers {alive:?}");
+        // The bomb's own cgroup, seen from inside it: its sleepers, and
+        // the exec itself.
+        let tasks: u64 = ok(
+            &mut c.crictl(&["exec", &ids[1], "cat", "/sys/fs/cgroup/pids.current"]),
+            120,
+        )?
+        .trim()
+        .parse()?;
+        ensure!(
+            tasks > 100,
+            "the bomb holds {tasks} tasks: it stopped before the cap"
+        );
+        let log = console(&sandbox);
+        ensure!(
+            !log.contains("out of memory"),
+            "the bomb ran the memory out before the task cap:\n{}",
+            log.lines()
+                .filter(|l| l.contains("memory"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        println!("    the bomb got {tasks} tasks; the agent and the neighbour answered");
         remove_containers(c, &ids)
     })();
     let stopped = stop_pod(c, &sandbox);

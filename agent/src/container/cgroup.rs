@@ -68,18 +68,36 @@ pub fn init_hierarchy(root: &Path) -> io::Result<()> {
 /// sixteenth of that memory (16 to 64 MiB) and [`RESERVED_TASKS`] kept for
 /// the agent, so a memory hog or fork bomb with no limit of its own is
 /// stopped there (its container OOM-killed, its forks refused) while the
-/// agent serves on. A value that cannot be known is left out.
+/// agent serves on. Each task slot is backed by [`TASK_MEMORY`] of the
+/// containers' memory: a process costs the guest about 100 KiB (kernel
+/// stack, page tables, its own pages), and Linux's own task limit leaves
+/// 128 KiB each, so without it a fork bomb would run the memory out first
+/// and the OOM killer would choose among every container's processes
+/// rather than refuse the bomb's forks. A value that cannot be known is
+/// left out.
 fn parent_limits(available: u64, tasks: Option<u64>) -> Vec<(&'static str, u64)> {
     let mut out = Vec::new();
     let reserve = (available / 16).clamp(16 << 20, 64 << 20);
-    if available > 2 * reserve {
-        out.push(("memory.max", available - reserve));
+    let memory = (available > 2 * reserve).then(|| available - reserve);
+    if let Some(m) = memory {
+        out.push(("memory.max", m));
     }
-    if let Some(t) = tasks.filter(|t| *t > 2 * RESERVED_TASKS) {
-        out.push(("pids.max", t - RESERVED_TASKS));
+    let by_count = tasks
+        .filter(|t| *t > 2 * RESERVED_TASKS)
+        .map(|t| t - RESERVED_TASKS);
+    let by_memory = memory.map(|m| m / TASK_MEMORY);
+    let slots = match (by_count, by_memory) {
+        (Some(c), Some(m)) => Some(c.min(m)),
+        (c, m) => c.or(m),
+    };
+    if let Some(s) = slots {
+        out.push(("pids.max", s));
     }
     out
 }
+
+/// The containers' memory behind each of their task slots.
+const TASK_MEMORY: u64 = 256 << 10;
 
 /// A handle on the container's cgroup directory (cloning it shares the
 /// cgroup, it does not make another).
@@ -99,10 +117,11 @@ impl Cgroup {
         &self.path
     }
 
-    /// Writes the limits of `res`; fields that are absent stay as they are.
-    pub fn apply(&self, res: &LinuxResources) -> Result<()> {
-        for (file, value) in resource_files(res)? {
-            self.write(file, &value)?;
+    /// Writes `files` (from [`resource_files`]); the files of fields a
+    /// spec leaves out stay as they are.
+    pub fn write_all(&self, files: &[(&str, String)]) -> Result<()> {
+        for (file, value) in files {
+            self.write(file, value)?;
         }
         Ok(())
     }
@@ -198,7 +217,7 @@ impl Cgroup {
 }
 
 /// The cgroup v2 files and values that express `res`.
-fn resource_files(res: &LinuxResources) -> Result<Vec<(&'static str, String)>> {
+pub fn resource_files(res: &LinuxResources) -> Result<Vec<(&'static str, String)>> {
     let mut out = Vec::new();
     let max_or = |v: i64| {
         if v < 0 {
@@ -376,14 +395,22 @@ mod tests {
     #[test]
     fn the_parent_keeps_a_reserve_for_the_agent() {
         const MIB: u64 = 1 << 20;
-        // 512 MiB free: 32 MiB kept; about Linux's task limit for it.
+        // 512 MiB free: 32 MiB kept; a task slot per 256 KiB of the rest,
+        // below Linux's own limit for that memory.
         assert_eq!(
             parent_limits(512 * MIB, Some(3_900)),
-            vec![("memory.max", 480 * MIB), ("pids.max", 3_772)]
+            vec![("memory.max", 480 * MIB), ("pids.max", 1_920)]
         );
         // Small guests keep 16 MiB, large ones 64 MiB.
         assert_eq!(parent_limits(128 * MIB, Some(32_768))[0].1, 112 * MIB);
         assert_eq!(parent_limits(8192 * MIB, Some(32_768))[0].1, 8128 * MIB);
+        // Where Linux's limit is lower, it holds, less the agent's slots.
+        assert_eq!(
+            parent_limits(8192 * MIB, Some(20_000))[1],
+            ("pids.max", 19_872)
+        );
+        // Unknown memory: Linux's limit alone, less the agent's slots.
+        assert_eq!(parent_limits(0, Some(3_900)), vec![("pids.max", 3_772)]);
         // Unknown (unreadable) sizes are left uncapped.
         assert!(parent_limits(0, None).is_empty());
     }

@@ -2,12 +2,17 @@
 //! agent how its setup went.
 //!
 //! ```text
-//! agent ──fork──> intermediate ── joins the cgroup, enters the spec's
-//!                   │              namespaces (init) or the init's (exec)
+//! agent ──fork──> intermediate ── enters the spec's namespaces (init)
+//!                   │              or the init's (exec)
 //!                   └─fork──> container process (an init is pid 1 of its
 //!                              own pid ns, unless it joins the pod's) ──
-//!                              builds its view, waits, execs
+//!                              joins the cgroup, builds its view, waits,
+//!                              execs
 //! ```
+//! Both forks happen outside the container's cgroup, in the agent's task
+//! slots: a container that took all of its own (a fork bomb) cannot keep
+//! the agent from starting an exec in it or a neighbour.
+//!
 //! The intermediate reports the container process's pid and exits; as
 //! PID 1 (or a subreaper) the agent becomes that process's parent, so the
 //! [`Reaper`](crate::reaper::Reaper) sees its exit.
@@ -34,7 +39,7 @@ use nix::sys::socket::{
 use nix::unistd::{fork, ForkResult};
 use oci_spec::runtime::Spec;
 
-use super::namespaces::{NamespacePlan, EXEC_NAMESPACES};
+use super::namespaces::{Namespaces, EXEC_NAMESPACES};
 use super::process::{ChildStdio, ProcessPlan};
 use super::{rootfs, sysctl, ChildError};
 use crate::error::{internal, AgentError, Result};
@@ -52,7 +57,7 @@ pub enum Target {
     Init {
         spec: Box<Spec>,
         rootfs: PathBuf,
-        namespaces: NamespacePlan,
+        namespaces: Namespaces,
     },
     /// Into the namespaces of the running init `init_pid`.
     Exec { init_pid: i32 },
@@ -237,16 +242,33 @@ fn die(sock: &OwnedFd, e: ChildError) -> ! {
 }
 
 fn intermediate(plan: &LaunchPlan, stdio: LaunchStdio, sock: OwnedFd) -> ! {
+    // The container's cgroup is joined by the container process itself,
+    // once forked: a fork in it could find its task slots all taken (a
+    // fork bomb), while joining is never refused. Opened here, in the
+    // agent's view of the cgroup tree.
+    let procs = match std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&plan.cgroup_procs)
+    {
+        Ok(f) => f,
+        Err(e) => die(
+            &sock,
+            ChildError(format!("opening {}: {e}", plan.cgroup_procs.display())),
+        ),
+    };
     if let Err(e) = enter_namespaces(plan) {
         die(&sock, e)
     }
     // SAFETY: as in `launch`; the child execs or _exits.
     match unsafe { fork() } {
         Err(e) => die(&sock, ChildError(format!("fork: {e}"))),
-        Ok(ForkResult::Child) => match container_process(plan, stdio, &sock) {
-            Err(e) => die(&sock, e),
-            Ok(never) => match never {},
-        },
+        Ok(ForkResult::Child) => {
+            match join_cgroup(plan, &procs).and_then(|()| container_process(plan, stdio, &sock)) {
+                Err(e) => die(&sock, e),
+                Ok(never) => match never {},
+            }
+        }
         Ok(ForkResult::Parent { child }) => {
             let _ = send(
                 sock.as_fd(),
@@ -259,13 +281,26 @@ fn intermediate(plan: &LaunchPlan, stdio: LaunchStdio, sock: OwnedFd) -> ! {
     }
 }
 
-fn enter_namespaces(plan: &LaunchPlan) -> Result<(), ChildError> {
-    std::fs::write(&plan.cgroup_procs, "0").map_err(|e| {
+/// Moves the calling process into the container's cgroup (`procs`, its
+/// open `cgroup.procs`), then makes the init's new cgroup namespace, rooted
+/// there.
+fn join_cgroup(plan: &LaunchPlan, mut procs: &std::fs::File) -> Result<(), ChildError> {
+    use std::io::Write;
+    procs.write_all(b"0").map_err(|e| {
         ChildError(format!(
             "joining cgroup {}: {e}",
             plan.cgroup_procs.display()
         ))
     })?;
+    match &plan.target {
+        Target::Init { namespaces, .. } => namespaces.enter_cgroup(),
+        Target::Exec { .. } => Ok(()),
+    }
+}
+
+/// Enters the namespaces of `plan`, but for an init's new cgroup
+/// namespace ([`join_cgroup`]).
+fn enter_namespaces(plan: &LaunchPlan) -> Result<(), ChildError> {
     match &plan.target {
         Target::Init { namespaces, .. } => namespaces.enter(),
         Target::Exec { init_pid } => {

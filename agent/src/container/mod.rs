@@ -151,6 +151,102 @@ impl Process {
     }
 }
 
+/// A container's OCI spec, checked before anything is made for it: the
+/// process plan, the seccomp filter, the namespaces, the sysctl names and
+/// the cgroup files of its resources. Nothing here touches the guest but
+/// the rootfs's /etc/passwd for a user name.
+pub struct SpecPlan {
+    pub spec: Spec,
+    pub process: ProcessPlan,
+    pub seccomp: Option<Arc<Filter>>,
+    pub namespaces: NamespacePlan,
+    pub resources: Vec<(&'static str, String)>,
+}
+
+impl SpecPlan {
+    pub fn parse(id: &str, spec_json: &[u8]) -> Result<Spec> {
+        serde_json::from_slice(spec_json)
+            .map_err(|e| invalid!("invalid OCI spec for container {id}: {e}"))
+    }
+
+    /// Checks `spec`; `rootfs` resolves a user name (none: refused);
+    /// `terminal` is the stdio request's; `init_pid_of` finds the init of
+    /// another running container, whose namespaces the spec may name.
+    pub fn new(
+        id: &str,
+        spec: Spec,
+        rootfs: Option<&Path>,
+        terminal: bool,
+        init_pid_of: &dyn Fn(&str) -> Option<i32>,
+    ) -> Result<SpecPlan> {
+        let oci_process = spec
+            .process()
+            .as_ref()
+            .ok_or_else(|| invalid!("OCI spec of container {id} has no process"))?;
+        let mut process = ProcessPlan::from_oci(oci_process, rootfs)?;
+        check_terminal(&process, terminal)?;
+        let linux = spec.linux().as_ref();
+        let seccomp = linux
+            .and_then(|l| l.seccomp().as_ref())
+            .map(|p| Filter::compile(p).map(Arc::new))
+            .transpose()
+            .map_err(|e| invalid!("container {id}: {e}"))?;
+        process.seccomp = seccomp.clone();
+        if let Some(sysctls) = linux.and_then(|l| l.sysctl().as_ref()) {
+            sysctl::check(sysctls.keys())?;
+        }
+        let namespaces = NamespacePlan::from_spec(
+            linux
+                .and_then(|l| l.namespaces().as_deref())
+                .unwrap_or_default(),
+            init_pid_of,
+        )?;
+        let resources = match linux.and_then(|l| l.resources().as_ref()) {
+            Some(res) => cgroup::resource_files(res)?,
+            None => Vec::new(),
+        };
+        Ok(SpecPlan {
+            spec,
+            process,
+            seccomp,
+            namespaces,
+            resources,
+        })
+    }
+}
+
+/// The process of an exec, checked; `rootfs` and `terminal` as for
+/// [`SpecPlan::new`].
+pub fn exec_plan(
+    exec_id: &str,
+    process_json: &[u8],
+    rootfs: Option<&Path>,
+    terminal: bool,
+) -> Result<ProcessPlan> {
+    let oci: OciProcess = serde_json::from_slice(process_json)
+        .map_err(|e| invalid!("invalid OCI process for exec {exec_id}: {e}"))?;
+    let plan = ProcessPlan::from_oci(&oci, rootfs)?;
+    check_terminal(&plan, terminal)?;
+    Ok(plan)
+}
+
+/// The cgroup files an UpdateContainer of `id` writes.
+pub fn resource_update(id: &str, resources_json: &[u8]) -> Result<Vec<(&'static str, String)>> {
+    let res: LinuxResources = serde_json::from_slice(resources_json)
+        .map_err(|e| invalid!("invalid linux.resources for container {id}: {e}"))?;
+    cgroup::resource_files(&res)
+}
+
+fn check_terminal(plan: &ProcessPlan, terminal: bool) -> Result<()> {
+    if plan.terminal != terminal {
+        return Err(invalid!(
+            "process.terminal ({}) and the stdio request's terminal ({terminal}) disagree",
+            plan.terminal,
+        ));
+    }
+    Ok(())
+}
+
 pub struct Container {
     pub id: String,
     rootfs: PathBuf,
@@ -172,44 +268,20 @@ impl Container {
         reaper: &Arc<Reaper>,
         init_pid_of: &(dyn Fn(&str) -> Option<i32> + Sync),
     ) -> Result<(Container, api::StdioPorts)> {
-        let spec: Spec = serde_json::from_slice(spec_json)
-            .map_err(|e| invalid!("invalid OCI spec for container {id}: {e}"))?;
+        let spec = SpecPlan::parse(id, spec_json)?;
         let rootfs = rootfs_path(id, &spec)?;
-        let oci_process = spec
-            .process()
-            .as_ref()
-            .ok_or_else(|| invalid!("OCI spec of container {id} has no process"))?;
-        let mut plan = ProcessPlan::from_oci(oci_process, Some(&rootfs))?;
-        let linux = spec.linux().as_ref();
-        let seccomp = linux
-            .and_then(|l| l.seccomp().as_ref())
-            .map(|p| Filter::compile(p).map(Arc::new))
-            .transpose()
-            .map_err(|e| invalid!("container {id}: {e}"))?;
-        plan.seccomp = seccomp.clone();
-        if let Some(sysctls) = linux.and_then(|l| l.sysctl().as_ref()) {
-            sysctl::check(sysctls.keys())?;
-        }
-        let namespaces = NamespacePlan::from_spec(
-            linux
-                .and_then(|l| l.namespaces().as_deref())
-                .unwrap_or_default(),
-            init_pid_of,
-        )?;
-        if plan.terminal != stdio_req.terminal {
-            return Err(invalid!(
-                "process.terminal ({}) and the stdio request's terminal ({}) disagree",
-                plan.terminal,
-                stdio_req.terminal
-            ));
-        }
-
+        let SpecPlan {
+            spec,
+            process: plan,
+            seccomp,
+            namespaces,
+            resources,
+        } = SpecPlan::new(id, spec, Some(&rootfs), stdio_req.terminal, init_pid_of)?;
+        let namespaces = namespaces.open()?;
         let own_pid = namespaces.own_pid;
         let cgroup = Cgroup::create(Path::new(cgroup::CGROUP_ROOT), id)?;
         let built = async {
-            if let Some(res) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
-                cgroup.apply(res)?;
-            }
+            cgroup.write_all(&resources)?;
             let setup = stdio::prepare(stdio_req)?;
             let launch_plan = LaunchPlan {
                 target: Target::Init {
@@ -288,17 +360,13 @@ impl Container {
                 self.id
             )));
         }
-        let oci: OciProcess = serde_json::from_slice(process_json)
-            .map_err(|e| invalid!("invalid OCI process for exec {exec_id}: {e}"))?;
-        let mut plan = ProcessPlan::from_oci(&oci, Some(&self.rootfs))?;
+        let mut plan = exec_plan(
+            exec_id,
+            process_json,
+            Some(&self.rootfs),
+            stdio_req.terminal,
+        )?;
         plan.seccomp = self.seccomp.clone();
-        if plan.terminal != stdio_req.terminal {
-            return Err(invalid!(
-                "process.terminal ({}) and the stdio request's terminal ({}) disagree",
-                plan.terminal,
-                stdio_req.terminal
-            ));
-        }
         let setup = stdio::prepare(stdio_req)?;
         let launch_plan = LaunchPlan {
             target: Target::Exec {
@@ -398,9 +466,8 @@ impl Container {
     }
 
     pub fn update(&self, resources_json: &[u8]) -> Result<()> {
-        let res: LinuxResources = serde_json::from_slice(resources_json)
-            .map_err(|e| invalid!("invalid linux.resources for container {}: {e}", self.id))?;
-        self.cgroup.apply(&res)
+        self.cgroup
+            .write_all(&resource_update(&self.id, resources_json)?)
     }
 
     /// Kills whatever is left and frees the cgroup. The caller has made

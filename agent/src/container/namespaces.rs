@@ -1,15 +1,17 @@
 //! The namespaces a container's init gets, from the OCI spec's
 //! `linux.namespaces`: a new one for each entry without a path, the named
 //! one for each entry with a path, the guest's own for every kind the spec
-//! leaves out. Paths are opened by the agent, so a bad one fails create
-//! with its name before anything is forked.
+//! leaves out. The plan is checked with no effect ([`NamespacePlan`]);
+//! then the agent opens its paths ([`NamespacePlan::open`]), so a bad one
+//! fails create with its name before anything is forked.
 //!
 //! A path `<GUEST_NAMESPACE_DIR>/<container-id>/<kind>` names a namespace
 //! of another container's init (the shim writes the pod sandbox's shared
 //! PID, IPC and UTS namespaces so); any other path is opened as it is.
 
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::sched::{setns, unshare, CloneFlags};
@@ -19,11 +21,11 @@ use podvisor_protocol::GUEST_NAMESPACE_DIR;
 use super::ChildError;
 use crate::error::{invalid, precondition, Result};
 
-/// How the init gets its namespaces.
+/// How the init gets its namespaces, checked.
 #[derive(Debug)]
 pub struct NamespacePlan {
-    /// Entered with setns, in this order.
-    join: Vec<(&'static str, OwnedFd)>,
+    /// The files to enter with setns, in this order.
+    join: Vec<(&'static str, PathBuf)>,
     /// Made with unshare after joining.
     new: CloneFlags,
     /// The init gets a UTS namespace of its own (so it may set the
@@ -87,15 +89,7 @@ impl NamespacePlan {
                 }
                 Some(path) => {
                     plan.new.remove(flag);
-                    let real = resolve(path, name, init_pid_of)?;
-                    let file = File::open(&real).map_err(|e| {
-                        invalid!(
-                            "{:?} namespace {} cannot be joined: {e}",
-                            ns.typ(),
-                            path.display()
-                        )
-                    })?;
-                    plan.join.push((name, file.into()));
+                    plan.join.push((name, resolve(path, name, init_pid_of)?));
                 }
             }
         }
@@ -104,14 +98,69 @@ impl NamespacePlan {
         Ok(plan)
     }
 
-    /// Enters the plan. Runs in the forked intermediate: a new or joined
-    /// PID namespace takes effect for its children.
+    /// Opens each namespace to join. A path that is not a namespace is
+    /// refused by name (opened without blocking: a FIFO cannot hang the
+    /// agent).
+    pub fn open(self) -> Result<Namespaces> {
+        let mut join = Vec::new();
+        for (name, path) in self.join {
+            let cannot = |e: &dyn std::fmt::Display| {
+                invalid!("{name} namespace {} cannot be joined: {e}", path.display())
+            };
+            let file = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+                .open(&path)
+                .map_err(|e| cannot(&e))?;
+            let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| cannot(&e))?;
+            if fs.filesystem_type() != NSFS_MAGIC {
+                return Err(cannot(&"not a namespace file"));
+            }
+            join.push((name, OwnedFd::from(file)));
+        }
+        Ok(Namespaces {
+            join,
+            new: self.new,
+            own_uts: self.own_uts,
+            own_pid: self.own_pid,
+        })
+    }
+}
+
+/// nsfs, the filesystem of `/proc/<pid>/ns/*`.
+const NSFS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0x6e73_6673);
+
+/// A [`NamespacePlan`] with its namespaces to join open.
+#[derive(Debug)]
+pub struct Namespaces {
+    join: Vec<(&'static str, OwnedFd)>,
+    new: CloneFlags,
+    pub own_uts: bool,
+    pub own_pid: bool,
+}
+
+impl Namespaces {
+    /// Enters the namespaces but a new cgroup namespace. Runs in the
+    /// forked intermediate: a new or joined PID namespace takes effect for
+    /// its children.
     pub fn enter(&self) -> Result<(), ChildError> {
         for (name, fd) in &self.join {
             setns(fd.as_fd(), CloneFlags::empty())
                 .map_err(|e| ChildError(format!("entering the {name} namespace: {e}")))?;
         }
-        unshare(self.new).map_err(|e| ChildError(format!("unshare {:?}: {e}", self.new)))
+        let new = self.new - CloneFlags::CLONE_NEWCGROUP;
+        unshare(new).map_err(|e| ChildError(format!("unshare {new:?}: {e}")))
+    }
+
+    /// Makes the new cgroup namespace, if there is one: its root is the
+    /// cgroup the caller is in, so the container process calls it once it
+    /// has joined its container's cgroup.
+    pub fn enter_cgroup(&self) -> Result<(), ChildError> {
+        if self.new.contains(CloneFlags::CLONE_NEWCGROUP) {
+            unshare(CloneFlags::CLONE_NEWCGROUP)
+                .map_err(|e| ChildError(format!("unshare the cgroup namespace: {e}")))?;
+        }
+        Ok(())
     }
 }
 
@@ -204,10 +253,6 @@ mod tests {
             (r#"[{"type":"user"}]"#.to_string(), "user namespaces"),
             (r#"[{"type":"pid"},{"type":"pid"}]"#.to_string(), "twice"),
             (
-                r#"[{"type":"ipc","path":"/nonexistent/ns"}]"#.to_string(),
-                "/nonexistent/ns",
-            ),
-            (
                 format!(r#"[{{"type":"pid","path":"{GUEST_NAMESPACE_DIR}/gone/pid"}}]"#),
                 "container gone",
             ),
@@ -223,6 +268,29 @@ mod tests {
         for (json, want) in cases {
             let e = NamespacePlan::from_spec(&spec_ns(&json), &none).unwrap_err();
             assert!(e.to_string().contains(want), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn paths_open_only_as_namespaces() {
+        let me = std::process::id();
+        let ok = spec_ns(&format!(r#"[{{"type":"ipc","path":"/proc/{me}/ns/ipc"}}]"#));
+        let plan = NamespacePlan::from_spec(&ok, &none).unwrap();
+        assert_eq!(plan.open().unwrap().join.len(), 1);
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        for (path, want) in [
+            ("/nonexistent/ns".to_string(), "/nonexistent/ns"),
+            (fifo.display().to_string(), "not a namespace file"),
+            ("/proc/self/status".to_string(), "not a namespace file"),
+        ] {
+            let spec = spec_ns(&format!(r#"[{{"type":"ipc","path":"{path}"}}]"#));
+            let e = NamespacePlan::from_spec(&spec, &none)
+                .unwrap()
+                .open()
+                .unwrap_err();
+            assert!(e.to_string().contains(want), "{path}: {e}");
         }
     }
 }

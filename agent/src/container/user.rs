@@ -24,7 +24,7 @@ pub fn resolve(rootfs: &Path, name: &str) -> Result<ResolvedUser> {
     resolve_in(&passwd, &group, name)
 }
 
-fn resolve_in(passwd: &str, group: &str, name: &str) -> Result<ResolvedUser> {
+pub fn resolve_in(passwd: &str, group: &str, name: &str) -> Result<ResolvedUser> {
     let entry = passwd
         .lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
