@@ -1,10 +1,11 @@
 //! The checks each request passes before the agent acts on it, run alone:
 //! decoding what the request carries (an OCI spec, an exec's process,
 //! resources, a network plan, DNS settings) and planning what it asks,
-//! with no effect on the guest. The server's calls go through these same
-//! functions first; the fuzz target `agent_request` (`fuzz/`) drives them
-//! with any bytes, and each answer is a plan or an error naming the bad
-//! field, never a panic.
+//! with no effect on the guest. Each wraps the functions the agent's call
+//! runs before it acts (`SandboxSetup::from_request`, the network plan,
+//! `SpecPlan::new`, `exec_plan`, `resource_update`, `signal_number`); the
+//! fuzz target `agent_request` (`fuzz/`) drives them with any bytes, and
+//! each answer is a plan or an error naming the bad field, never a panic.
 
 use std::path::{Path, PathBuf};
 
