@@ -36,6 +36,10 @@ const TESTS: &[(&str, Test)] = &[
         failures,
     ),
     (
+        "a_killed_vm_restarts_the_pod_per_its_policy",
+        killed_vm_restarts,
+    ),
+    (
         "namespace_deletion_leaves_nothing_on_the_node",
         nothing_left,
     ),
@@ -310,6 +314,18 @@ fn limits_size_the_vm(c: &Cluster) -> Result<()> {
     delete_pods(c, &["unsized", "sized"])
 }
 
+/// The pid of sandbox `id`'s VM process (QEMU or podvisor-vmm) on the node.
+fn vm_pid(c: &Cluster, id: &str) -> Result<u32> {
+    c.processes_naming(id)?
+        .into_iter()
+        .find(|(_, cmd)| {
+            let program = cmd.split(' ').next().unwrap_or("");
+            program.ends_with("qemu-system-x86_64") || program.ends_with("podvisor-vmm")
+        })
+        .map(|(pid, _)| pid)
+        .with_context(|| format!("no VM process names sandbox {id}"))
+}
+
 /// A quantity in Mi ("160Mi").
 fn mebibytes(q: &str) -> Result<u64> {
     q.strip_suffix("Mi")
@@ -326,15 +342,7 @@ fn vm_is_held_to_the_pods_limit(c: &Cluster, pod: &str, limit_mib: u64) -> Resul
     let uid = field(&c.get("pod", pod)?, "metadata.uid");
     let rc = c.get("runtimeclass", RUNTIME_CLASS)?;
     let overhead = mebibytes(rc["overhead"]["podFixed"]["memory"].as_str().unwrap_or(""))?;
-    let vm = c
-        .processes_naming(&id)?
-        .into_iter()
-        .find(|(_, cmd)| {
-            let program = cmd.split(' ').next().unwrap_or("");
-            program.ends_with("qemu-system-x86_64") || program.ends_with("podvisor-vmm")
-        })
-        .with_context(|| format!("no VM process names sandbox {id}"))?
-        .0;
+    let vm = vm_pid(c, &id)?;
     let v2 = c
         .node_sh("test -e /sys/fs/cgroup/cgroup.controllers && echo v2; true")?
         .contains("v2");
@@ -523,6 +531,58 @@ fn failures(c: &Cluster) -> Result<()> {
         pod["status"]
     );
     delete_pods(c, &["badcmd", "crash", "once"])
+}
+
+/// kill -9 of a pod's VM on the node: its container ends with exit code 255
+/// (the VM's death), kubelet sees the sandbox die and, per restartPolicy
+/// Always, starts the pod again in a new sandbox: a new VM with another boot
+/// id. Nothing of the old sandbox stays running.
+fn killed_vm_restarts(c: &Cluster) -> Result<()> {
+    c.apply(&c.pod("victim", "Always", &[("main", SLEEP)]))?;
+    c.wait_ready("victim")?;
+    let old_id = c.sandbox_id("victim")?;
+    let old_boot = boot_id(c, "victim", "main")?;
+    let vm = vm_pid(c, &old_id)?;
+    c.node_sh(&format!("kill -9 {vm}"))?;
+    let status = c.wait_for("victim restarted after its VM was killed", 180, || {
+        let s = container_status(c, "victim")?;
+        let restarted = s["restartCount"].as_u64().unwrap_or(0) >= 1 && s["ready"] == true;
+        Ok(restarted.then_some(s))
+    })?;
+    let last = &status["lastState"]["terminated"];
+    ensure!(
+        last["exitCode"] == 255,
+        "the killed VM's container should have ended with 255: {status}"
+    );
+    let new_id = c.sandbox_id("victim")?;
+    ensure!(
+        new_id != old_id,
+        "the pod restarted in its old sandbox {old_id}"
+    );
+    let new_boot = boot_id(c, "victim", "main")?;
+    ensure!(
+        new_boot != old_boot,
+        "the restarted pod runs in the old VM (boot id {old_boot})"
+    );
+    let left = c.wait_for("nothing of the killed sandbox running", 60, || {
+        Ok(c.processes_naming(&old_id)?.is_empty().then_some(()))
+    });
+    if let Err(e) = left {
+        bail!("{e}; still there: {}", node_leftovers(c, &old_id)?);
+    }
+    delete_pods(c, &["victim"])?;
+    let left = c.wait_for("neither sandbox left on the node", 120, || {
+        let left = node_leftovers(c, &old_id)? + &node_leftovers(c, &new_id)?;
+        Ok(left.trim().is_empty().then_some(()))
+    });
+    if let Err(e) = left {
+        bail!(
+            "{e}; still there: {}{}",
+            node_leftovers(c, &old_id)?,
+            node_leftovers(c, &new_id)?
+        );
+    }
+    Ok(())
 }
 
 fn nothing_left(c: &Cluster) -> Result<()> {
