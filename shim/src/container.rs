@@ -196,7 +196,24 @@ impl Container {
                 self.id
             )));
         }
-        guest.signal(&self.id, exec_id, signal, all).await
+        match guest.signal(&self.id, exec_id, signal, all).await {
+            // The process ended while the signal was on its way, and with it
+            // the VM: its exit can reach containerd, whose delete of the
+            // sandbox shuts the VM down, before the agent's answer does.
+            // The signal has nothing left to do.
+            Err(ShimError::Agent { source, .. })
+                if !matches!(source, ttrpc::Error::RpcStatus(_))
+                    && matches!(p.state(), ProcState::Stopped { .. }) =>
+            {
+                tracing::debug!(
+                    container = self.id,
+                    exec = exec_id,
+                    "signal {signal}: the process ended and the VM went before the answer ({source})"
+                );
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// Deletes the init (the whole container: its guest state and mounts)
@@ -246,6 +263,8 @@ mod tests {
         fail: Mutex<Vec<&'static str>>,
         exit: Mutex<Option<Exit>>,
         ended: Notify,
+        /// A process that ends, its VM gone, while a signal is on its way.
+        ends_on_signal: Mutex<Option<Arc<Proc>>>,
     }
 
     impl FakeGuest {
@@ -316,7 +335,15 @@ mod tests {
             self.record("start", format!("{id}/{exec_id}"))
         }
         async fn signal(&self, id: &str, exec_id: &str, signal: u32, _: bool) -> Result<()> {
-            self.record("signal", format!("{id}/{exec_id} {signal}"))
+            self.record("signal", format!("{id}/{exec_id} {signal}"))?;
+            if let Some(p) = lock(&self.ends_on_signal).take() {
+                p.set_stopped(137);
+                return Err(ShimError::Agent {
+                    call: "SignalProcess",
+                    source: ttrpc::Error::Others("early eof".into()),
+                });
+            }
+            Ok(())
         }
         async fn wait(&self, _: &str, _: &str) -> Exit {
             loop {
@@ -408,6 +435,28 @@ mod tests {
         assert!(
             calls.ends_with(&["remove c1/".into(), "unshare c1".into()]),
             "{calls:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_signal_whose_process_ended_with_the_vm_before_the_answer_succeeds() {
+        let g = Arc::new(FakeGuest::default());
+        let c = created(&g).await;
+        let (on_exit, _exits) = recorder();
+        c.start(g.clone(), "", on_exit).await.unwrap();
+        *lock(&g.ends_on_signal) = Some(c.proc("").unwrap());
+        c.signal(g.as_ref(), "", 9, false).await.unwrap();
+
+        // A lost VM under a process still running is an error, named.
+        let c2 = created(&g).await;
+        let (on_exit, _exits) = recorder();
+        c2.start(g.clone(), "", on_exit).await.unwrap();
+        *lock(&g.ends_on_signal) = Some(c.proc("").unwrap());
+        let e = c2.signal(g.as_ref(), "", 9, false).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("SignalProcess: the VM is not reachable"),
+            "{e}"
         );
     }
 
