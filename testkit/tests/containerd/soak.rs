@@ -120,11 +120,44 @@ fn cycle(c: &Containerd, i: usize, host_boot: &str) -> Result<(String, Duration)
         ok(&mut c.crictl(&["rm", &id]), 120).context("RemoveContainer")?;
         Ok(())
     })();
+    // A failed cycle's sandbox directory (the guest console, the VM's and
+    // helpers' logs) is kept before the pod's teardown removes it.
+    let result = result.map_err(|e| match keep_sandbox_dir(&sandbox) {
+        Ok(kept) => e.context(format!(
+            "its sandbox directory is kept in {}",
+            kept.display()
+        )),
+        Err(why) => e.context(format!("its sandbox directory could not be kept: {why:#}")),
+    });
     let stopped = stop_pod(c, &sandbox).context("StopPodSandbox and RemovePodSandbox");
     result
         .and(stopped)
         .with_context(|| format!("{name} ({sandbox})"))?;
     Ok((sandbox, start))
+}
+
+/// Copies the regular files under /run/podvisor/<sandbox> (logs, console,
+/// state; not sockets) to a directory that outlives the pod.
+fn keep_sandbox_dir(sandbox: &str) -> Result<std::path::PathBuf> {
+    let from = Path::new(podvisor_names::paths::STATE_ROOT).join(sandbox);
+    let to = std::env::temp_dir().join(format!("podvisor-soak-{sandbox}"));
+    let mut dirs = vec![from.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("{}", dir.display()))? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                dirs.push(entry.path());
+            } else if kind.is_file() {
+                let dest = to.join(entry.path().strip_prefix(&from)?);
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::copy(entry.path(), &dest)?;
+            }
+        }
+    }
+    Ok(to)
 }
 
 /// `p` (0..=100) of sorted `v`, nearest rank.
