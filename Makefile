@@ -1,7 +1,9 @@
 # podvisor: build, install, guest image, tests, benchmarks. `make help` lists targets.
 
-CARGO        ?= cargo
-AGENT_TARGET := x86_64-unknown-linux-musl
+# CARGO, AGENT_TARGET, BUILD_DEB_PACKAGES and deps-build: what building
+# needs, on its own for the Dockerfile's builder.
+include deps.mk
+.DEFAULT_GOAL := help
 AGENT_BIN    := target/$(AGENT_TARGET)/release/podvisor-agent
 GUEST_DIR    := build/guest
 KERNEL_DIR   := build/kernel
@@ -11,19 +13,14 @@ export GUEST_KERNEL
 PREFIX       ?= /opt/podvisor
 CONFIG_DIR   ?= /etc/podvisor
 
-# Debian 12 packages: QEMU (+ virtiofsd in qemu-system-common, SeaBIOS),
-# containerd 1.6 and the CNI plugins, busybox-static for test images, the
-# image build's tools, and binutils for the VMM tests' small guests.
-# openssl, curl and iptables for the local Kubernetes cluster (cluster/up.sh)
-# and port forwarding, musl-tools for the static controller and installer
-# binaries, docker-registry for critest's images (make test-cri).
-# linux-source-6.12 and its build tools for podvisor's guest kernel.
-DEB_PACKAGES := qemu-system-x86 qemu-system-common seabios busybox-static \
-                containerd containernetworking-plugins iproute2 bsdutils \
-                cpio kmod zstd file ca-certificates binutils openssl curl \
-                iptables musl-tools docker-registry strace \
-                linux-source-6.12 xz-utils make gcc flex bison bc libelf-dev patch
-VHOST_DEVICE_VSOCK_VERSION := 0.3.0
+# What running and testing it adds: QEMU (+ virtiofsd in qemu-system-common,
+# SeaBIOS), containerd 1.6 and the CNI plugins; openssl, curl and iptables
+# for the local Kubernetes cluster (cluster/up.sh) and port forwarding;
+# docker-registry for critest's images (make test-cri); buildah, umoci,
+# skopeo and debootstrap for the images (make images).
+DEB_PACKAGES := $(BUILD_DEB_PACKAGES) qemu-system-x86 qemu-system-common seabios \
+                containerd containernetworking-plugins iproute2 bsdutils openssl curl \
+                iptables docker-registry strace buildah umoci skopeo debootstrap
 CARGO_FUZZ_VERSION := 0.13.2
 # The fuzz targets' builds (nightly, sanitizers), kept across runs.
 FUZZ_TARGET_DIR := /var/cache/podvisor/fuzz-target
@@ -39,18 +36,20 @@ SHELL        := /bin/bash
 # containerd 2.x in build/upstream/, where upstream/build.sh links them).
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: guest-image-debian test-guest-kernel test-vmm-linux test-guest-debian help deps build agent guest-kernel guest-image shim install uninstall demo bench \
+.PHONY: images test-images guest-image-debian test-guest-kernel test-vmm-linux test-guest-debian help deps build agent guest-kernel guest-image shim install uninstall demo bench \
         test lint test-unit test-vmm test-security test-guest test-containerd test-network test-warm \
         test-cri upstream cluster-up cluster-down test-e2e e2e-kind clean \
         static crds controller-image test-controller vmm-test-hooks fuzz test-fuzz soak test-soak
 
 help:
-	@echo "make deps             install what the build and tests need (as root)"
+	@echo "make deps             install what the build and tests need (as root; deps-build: the build only)"
 	@echo "make build            build the workspace (release)"
 	@echo "make guest-kernel     podvisor's guest kernel from Debian's linux-source-6.12 (cached)"
 	@echo "make guest-image      the guest image (kernel + initramfs) in $(GUEST_DIR)/ (GUEST_KERNEL=debian: Debian's)"
 	@echo "make install          install the shim, guest image and config under $(PREFIX), $(CONFIG_DIR)"
 	@echo "make demo             start a private containerd and run a container in a VM"
+	@echo "make images           the Dockerfiles' images, built with buildah, as OCI archives in build/images/"
+	@echo "make test-images      those images in containerd 2.x: each entrypoint run, the node tree checked"
 	@echo "make test             lint, unit tests, VMM, guest, containerd, network, CRI, e2e and controller tests"
 	@echo "make test-cri         critest (CRI validation) for podvisor beside runc, containerd 1.6 and 2.x"
 	@echo "make upstream         Kubernetes, Helm, containerd 2.x and cri-tools from the Go module proxy (cached)"
@@ -63,13 +62,9 @@ help:
 	@echo "make soak             SOAK_CYCLES (200) CRI pods through their life cycle, 4 at a time; leaks, cycles/min, p50/p99"
 	@echo "make fuzz             every fuzz target for FUZZ_SECONDS (300) each"
 
-deps:
-	DEBIAN_FRONTEND=noninteractive apt-get update -q
+deps: deps-build
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEB_PACKAGES)
-	rustup target add $(AGENT_TARGET)
 	rustup component add rustfmt clippy
-	command -v vhost-device-vsock >/dev/null || \
-	  $(CARGO) install --locked vhost-device-vsock --version $(VHOST_DEVICE_VSOCK_VERSION)
 	command -v cargo-fuzz >/dev/null || \
 	  $(CARGO) install --locked cargo-fuzz --version $(CARGO_FUZZ_VERSION)
 	rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
@@ -275,6 +270,16 @@ test-e2e: install upstream
 	$(CARGO) build --release -p podvisor-tools
 	$(CARGO) build -p podvisor-e2e --tests
 	cluster/with.sh $(CARGO) test -p podvisor-e2e --test e2e
+
+# The Dockerfile's images (controller, node), built with buildah from local
+# stand-ins of their base images, as OCI archives in build/images/.
+images:
+	images/build.sh
+
+# Each image imported into a private containerd 2.x and its entrypoint run.
+test-images: images
+	upstream/build.sh containerd
+	$(CARGO) test -p podvisor-testkit --test images
 
 # Static (musl) controller and installer, as the images ship them.
 static:

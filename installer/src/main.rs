@@ -23,7 +23,11 @@ use podvisor_installer::node::Node;
 const LABEL: &str = "podvisor.io/runtime";
 
 #[derive(Parser)]
-#[command(version, about = "Installs podvisor on a Kubernetes node")]
+#[command(
+    name = "podvisor-install",
+    version,
+    about = "Installs podvisor on a Kubernetes node"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,0 +1,190 @@
+//! The images `make images` built (build/images/*.tar, OCI archives), as a
+//! node's containerd runs them: each is imported into a private containerd
+//! 2.x and its entrypoint run under runc with `--version`; the controller's
+//! runs as the non-root user its config names, the node image carries the
+//! tree the installer copies to a node. Run with `make test-images`
+//! (PODVISOR_IMAGES names another directory of archives).
+
+// An integration-test crate: every function here is test code.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::tests_outside_test_module
+)]
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::{ensure, Context, Result};
+use libtest_mimic::{Arguments, Failed, Trial};
+use podvisor_testkit::containerd::{text, Containerd, Release};
+use serde_json::Value;
+
+/// The chart's appVersion, which `images/build.sh` tags the images with.
+fn version() -> Result<String> {
+    let chart = std::fs::read_to_string(workspace().join("charts/podvisor/Chart.yaml"))?;
+    chart
+        .lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .context("no appVersion in the chart")
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+fn archive(name: &str) -> PathBuf {
+    std::env::var_os("PODVISOR_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("build/images"))
+        .join(format!("{name}.tar"))
+}
+
+fn ok(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(out.status.success(), "{cmd:?}: {}", text(&out));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Imports image `name` from its archive; its reference and OCI config.
+fn import(c: &Containerd, name: &str) -> Result<(String, Value)> {
+    let path = archive(name);
+    ensure!(
+        path.is_file(),
+        "{} missing: make images builds it",
+        path.display()
+    );
+    let reference = format!("docker.io/podvisor/{name}:{}", version()?);
+    let config = ok(Command::new("skopeo").args([
+        "inspect",
+        "--config",
+        &format!("oci-archive:{}", path.display()),
+    ]))?;
+    let config: Value = serde_json::from_str(&config).context("skopeo's config is not JSON")?;
+    ok(&mut c.ctr(&["images", "import", &path.to_string_lossy()]))?;
+    let listed = ok(&mut c.ctr(&["images", "ls", "-q"]))?;
+    ensure!(
+        listed.lines().any(|l| l == reference),
+        "{reference} not among the imported images: {listed}"
+    );
+    Ok((reference, config))
+}
+
+/// `ctr run --rm` of `reference` under runc: the entrypoint the image's
+/// config names, with `args` after it.
+fn run_entrypoint(
+    c: &Containerd,
+    reference: &str,
+    config: &Value,
+    args: &[&str],
+) -> Result<String> {
+    let entrypoint: Vec<&str> = config["config"]["Entrypoint"]
+        .as_array()
+        .context("the image has no entrypoint")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    ensure!(!entrypoint.is_empty(), "empty entrypoint: {config}");
+    let id = format!("image-check-{}", std::process::id());
+    let mut cmd = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.runc.v2",
+        reference,
+        &id,
+    ]);
+    cmd.args(&entrypoint).args(args);
+    ok(&mut cmd)
+}
+
+fn controller(c: &Containerd) -> Result<()> {
+    let (reference, config) = import(c, "controller")?;
+    ensure!(
+        config["config"]["User"] == "65532:65532",
+        "the controller should run as nonroot (65532): {}",
+        config["config"]
+    );
+    let out = run_entrypoint(c, &reference, &config, &["--version"])?;
+    let want = format!("podvisor-controller {}", version()?);
+    ensure!(
+        out.trim() == want,
+        "--version printed {out:?}, not {want:?}"
+    );
+    Ok(())
+}
+
+fn node(c: &Containerd) -> Result<()> {
+    let (reference, config) = import(c, "node")?;
+    let out = run_entrypoint(c, &reference, &config, &["--version"])?;
+    let want = format!("podvisor-install {}", version()?);
+    ensure!(
+        out.trim() == want,
+        "--version printed {out:?}, not {want:?}"
+    );
+    // What the installer copies to a node, as `make install` laid it out.
+    let id = format!("image-tree-{}", std::process::id());
+    let tree = ok(&mut c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.runc.v2",
+        &reference,
+        &id,
+        "sh",
+        "-c",
+        "cd /opt/podvisor && find bin share -type f | sort && cat share/guest/manifest",
+    ]))?;
+    for file in [
+        "bin/containerd-shim-podvisor-v2",
+        "bin/podvisor-vmm",
+        "bin/vhost-device-vsock",
+        "share/guest/kernel",
+        "share/guest/vmlinux",
+        "share/guest/initramfs",
+        "share/guest/manifest",
+    ] {
+        ensure!(
+            tree.lines().any(|l| l == file),
+            "/opt/podvisor/{file} missing from the node image:\n{tree}"
+        );
+    }
+    ensure!(
+        tree.lines().any(|l| l.starts_with("kernel_release ")),
+        "the node image's guest manifest names no kernel release:\n{tree}"
+    );
+    Ok(())
+}
+
+type Test = fn(&Containerd) -> Result<()>;
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    let containerd = std::sync::Arc::new(
+        Containerd::start(Release::V2).map_err(|e| format!("starting containerd 2.x: {e:#}")),
+    );
+    let tests: [(&str, Test); 2] = [
+        ("controller_image_runs_as_nonroot", controller),
+        ("node_image_carries_the_node_tree", node),
+    ];
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            let c = containerd.clone();
+            Trial::test(name, move || match c.as_ref() {
+                Ok(c) => test(c).map_err(|e| Failed::from(format!("{e:#}"))),
+                Err(e) => Err(Failed::from(e.clone())),
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    if let Ok(Ok(c)) = std::sync::Arc::try_unwrap(containerd) {
+        c.stop();
+    }
+    conclusion.exit_code()
+}
