@@ -80,27 +80,34 @@ fn block_signals() -> Result<()> {
     Ok(())
 }
 
-/// One thread takes SIGTERM/SIGINT and stops the VM in order.
+/// One thread takes SIGTERM/SIGINT and stops the VM in order. Returns once
+/// that thread runs under its seccomp filter (when filters are on), so that
+/// no thread of the VMM is ever unfiltered while the guest runs.
 fn handle_signals(vm: &Vm) -> Result<()> {
     let set = stop_signals();
-    // SAFETY: sigwait on a valid set from a thread that blocks it.
-    unsafe {
-        let exit = vm.exit_signal();
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                if let Err(e) = seccomp::apply(ThreadKind::Vmm) {
-                    exit.trigger(ExitReason::Failed(e.to_string()));
-                    return;
-                }
-                let mut sig = 0;
-                if libc::sigwait(&set, &mut sig) == 0 {
-                    tracing::info!("signal {sig}: stopping the VM");
-                    exit.trigger(ExitReason::Stopped);
-                }
-            })?;
+    let exit = vm.exit_signal();
+    let (filtered_tx, filtered) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let applied = seccomp::apply(ThreadKind::Vmm).map_err(|e| e.to_string());
+            let failed = applied.is_err();
+            let _ = filtered_tx.send(applied);
+            if failed {
+                return;
+            }
+            let mut sig = 0;
+            // SAFETY: sigwait on a valid set from a thread that blocks it.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                tracing::info!("signal {sig}: stopping the VM");
+                exit.trigger(ExitReason::Stopped);
+            }
+        })?;
+    match filtered.recv() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => bail!("the signal thread's seccomp filter: {e}"),
+        Err(_) => bail!("the signal thread ended before its seccomp filter"),
     }
-    Ok(())
 }
 
 fn main() {
