@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::containerd;
 
 use podvisor_names::paths::{
-    INSTALL_PREFIX, JAIL_IDS, NODE_CONFIG, POOL_ROOT, STATE_ROOT, TEMPLATE_ROOT,
+    INSTALLED_FILES, INSTALL_PREFIX, JAIL_IDS, NODE_CONFIG, POOL_ROOT, STATE_ROOT, TEMPLATE_ROOT,
 };
 use podvisor_names::pool::{DRAIN, SUBCOMMAND};
 use podvisor_names::SHIM_BINARY;
@@ -22,16 +22,6 @@ use podvisor_names::SHIM_BINARY;
 const SHIM_LINK_DIR: &str = "/usr/local/bin";
 /// What install did, for uninstall (under the install prefix).
 const INSTALL_STATE: &str = "install-state.json";
-/// What install copies from the source tree (make install's layout).
-pub const FILES: &[&str] = &[
-    "bin/containerd-shim-podvisor-v2",
-    "bin/podvisor-vmm",
-    "bin/vhost-device-vsock",
-    "share/guest/kernel",
-    "share/guest/vmlinux",
-    "share/guest/initramfs",
-    "share/guest/manifest",
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -122,7 +112,7 @@ impl Node {
         let state_path = self.install_state();
         let mut state = read_state(&state_path)?.unwrap_or_default();
         let prefix = self.host(INSTALL_PREFIX);
-        for rel in FILES {
+        for rel in INSTALLED_FILES {
             let from = source.join(rel);
             let to = prefix.join(rel);
             if same_file(&from, &to) {

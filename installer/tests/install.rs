@@ -14,7 +14,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use podvisor_installer::node::FILES;
+use podvisor_names::paths::INSTALLED_FILES;
 
 const BIN: &str = env!("CARGO_BIN_EXE_podvisor-install");
 
@@ -38,7 +38,7 @@ impl Host {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("host");
         let source = dir.path().join("image/opt/podvisor");
-        for f in FILES {
+        for f in INSTALLED_FILES {
             let p = source.join(f);
             fs::create_dir_all(p.parent().unwrap()).unwrap();
             fs::write(&p, format!("contents of {f}")).unwrap();
@@ -100,7 +100,7 @@ fn install_twice_then_uninstall(original: &str, expected: &str) {
     let host = Host::new(Some(original));
     host.ok("install");
     assert_eq!(host.containerd().as_deref(), Some(expected));
-    for f in FILES {
+    for f in INSTALLED_FILES {
         assert_eq!(
             host.read(&format!("opt/podvisor/{f}")),
             Some(format!("contents of {f}")),

@@ -43,6 +43,17 @@ pub mod paths {
     /// kernel has one.
     pub const GUEST_VMLINUX: &str = "/opt/podvisor/share/guest/vmlinux";
     pub const GUEST_INITRAMFS: &str = "/opt/podvisor/share/guest/initramfs";
+    /// The files a node's install holds under INSTALL_PREFIX (`make
+    /// install`'s layout, the node image's tree, what the installer copies).
+    pub const INSTALLED_FILES: &[&str] = &[
+        "bin/containerd-shim-podvisor-v2",
+        "bin/podvisor-vmm",
+        "bin/vhost-device-vsock",
+        "share/guest/kernel",
+        "share/guest/vmlinux",
+        "share/guest/initramfs",
+        "share/guest/manifest",
+    ];
     /// The node's podvisor configuration.
     pub const NODE_CONFIG: &str = "/etc/podvisor/config.toml";
     /// Runtime state: one directory per sandbox, and host-wide caches.

@@ -140,17 +140,9 @@ fn node(c: &Containerd) -> Result<()> {
         "-c",
         "cd /opt/podvisor && find bin share -type f | sort && cat share/guest/manifest",
     ]))?;
-    for file in [
-        "bin/containerd-shim-podvisor-v2",
-        "bin/podvisor-vmm",
-        "bin/vhost-device-vsock",
-        "share/guest/kernel",
-        "share/guest/vmlinux",
-        "share/guest/initramfs",
-        "share/guest/manifest",
-    ] {
+    for file in podvisor_names::paths::INSTALLED_FILES {
         ensure!(
-            tree.lines().any(|l| l == file),
+            tree.lines().any(|l| l == *file),
             "/opt/podvisor/{file} missing from the node image:\n{tree}"
         );
     }
