@@ -5,7 +5,12 @@
 //!   client to open its end); at its EOF the vsock stream is shut down, and
 //!   the agent closes the process's stdin.
 //! - stdout/stderr: copied from vsock until the agent ends the stream; the
-//!   process's exit is reported only once both copies are done.
+//!   process's exit is reported only once both copies are done. The agent
+//!   reports the exit only after it sent every output byte, so once the
+//!   exit is known a stream that stays silent for [`EXIT_DRAIN_IDLE`] is
+//!   closed from this side: the vsock backend can lose the end of a
+//!   stream (the guest's shutdown is not passed on, and its close can stay
+//!   queued behind a pending reset), and an exec must not hang on that.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -14,12 +19,19 @@ use std::time::Duration;
 
 use podvisor_protocol::api;
 use podvisor_protocol::hybrid_vsock::dial_within;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// How long to wait for the agent's stdio ports.
 const DIAL: Duration = Duration::from_secs(30);
+
+/// How long an output stream may stay silent, once the process has
+/// ended, before it is taken as ended.
+pub const EXIT_DRAIN_IDLE: Duration = Duration::from_secs(10);
+
+const COPY_BUFFER: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StdioError {
@@ -68,6 +80,7 @@ pub struct Bridge {
     stdin_path: Option<PathBuf>,
     stdin: Option<JoinHandle<()>>,
     outputs: Vec<JoinHandle<()>>,
+    exited: watch::Sender<bool>,
 }
 
 impl Bridge {
@@ -86,6 +99,7 @@ impl Bridge {
                 .map_err(|source| StdioError::Dial { stream, source })
         };
 
+        let (exited, _) = watch::channel(false);
         let mut outputs = Vec::new();
         for (name, port, path) in [
             ("stdout", ports.stdout, &paths.stdout),
@@ -94,14 +108,15 @@ impl Bridge {
             if port == 0 || path.is_empty() {
                 continue;
             }
-            let mut sink = open_output(Path::new(path)).await?;
-            let mut conn = dial(name, port).await?;
-            outputs.push(tokio::spawn(async move {
-                if let Err(e) = tokio::io::copy(&mut conn, &mut sink).await {
-                    tracing::debug!("{name} copy ended: {e}");
-                }
-                let _ = sink.flush().await;
-            }));
+            let sink = open_output(Path::new(path)).await?;
+            let conn = dial(name, port).await?;
+            outputs.push(tokio::spawn(copy_output(
+                name,
+                conn,
+                sink,
+                exited.subscribe(),
+                EXIT_DRAIN_IDLE,
+            )));
         }
 
         let mut stdin = None;
@@ -139,6 +154,7 @@ impl Bridge {
             stdin_path,
             stdin,
             outputs,
+            exited,
         })
     }
 
@@ -154,8 +170,11 @@ impl Bridge {
         }
     }
 
-    /// Resolves once every output byte reached containerd's side.
+    /// Call once the process has ended: resolves when every output byte
+    /// reached containerd's side (each stream ended, or stayed silent for
+    /// [`EXIT_DRAIN_IDLE`]).
     pub async fn drained(&mut self) {
+        self.exited.send_replace(true);
         for t in self.outputs.drain(..) {
             let _ = t.await;
         }
@@ -176,6 +195,56 @@ impl Drop for Bridge {
             t.abort();
         }
     }
+}
+
+/// Copies one output stream until the agent ends it, or until it has
+/// been silent for `idle` after the process ended. Time spent writing to
+/// a slow reader on containerd's side never counts as silence.
+async fn copy_output(
+    name: &'static str,
+    mut conn: impl AsyncRead + Unpin,
+    mut sink: impl AsyncWrite + Unpin,
+    mut exited: watch::Receiver<bool>,
+    idle: Duration,
+) {
+    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut ended = *exited.borrow();
+    loop {
+        let read = if ended {
+            match tokio::time::timeout(idle, conn.read(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(
+                        "{name}: the guest sent nothing for {idle:?} after the process ended \
+                         and did not end the stream; closing it"
+                    );
+                    break;
+                }
+            }
+        } else {
+            // Reading is cancel safe: a read cut short here loses nothing.
+            tokio::select! {
+                r = conn.read(&mut buf) => r,
+                _ = exited.wait_for(|e| *e) => {
+                    ended = true;
+                    continue;
+                }
+            }
+        };
+        let n = match read {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!("{name} copy ended: {e}");
+                break;
+            }
+        };
+        if let Err(e) = sink.write_all(&buf[..n]).await {
+            tracing::debug!("{name} copy ended: {e}");
+            break;
+        }
+    }
+    let _ = sink.flush().await;
 }
 
 /// Opens an output FIFO read-write (it never blocks, and a reader that
@@ -229,5 +298,82 @@ mod tests {
     fn uris_are_refused() {
         let e = StdioPaths::check("binary:///usr/bin/logger").unwrap_err();
         assert!(e.to_string().contains("not URIs"), "{e}");
+    }
+
+    const IDLE: Duration = Duration::from_secs(10);
+
+    /// Runs `copy_output` from a guest end the test writes to, into a sink
+    /// the test reads from.
+    fn copying() -> (
+        tokio::io::DuplexStream,
+        tokio::io::DuplexStream,
+        watch::Sender<bool>,
+        JoinHandle<()>,
+    ) {
+        let (guest, conn) = tokio::io::duplex(1024);
+        let (sink, host) = tokio::io::duplex(1024);
+        let (exited, rx) = watch::channel(false);
+        let task = tokio::spawn(copy_output("stdout", conn, sink, rx, IDLE));
+        (guest, host, exited, task)
+    }
+
+    async fn read_all(mut host: tokio::io::DuplexStream) -> Vec<u8> {
+        let mut out = Vec::new();
+        host.read_to_end(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_the_guest_never_ends_is_closed_once_the_process_ended_and_it_stayed_silent() {
+        let (mut guest, host, exited, task) = copying();
+        guest.write_all(b"boot id\n").await.unwrap();
+        // Silent for long before the exit: still open.
+        tokio::time::sleep(IDLE * 30).await;
+        assert!(!task.is_finished());
+        exited.send_replace(true);
+        let started = tokio::time::Instant::now();
+        task.await.unwrap();
+        assert_eq!(started.elapsed(), IDLE);
+        assert_eq!(read_all(host).await, b"boot id\n");
+        drop(guest);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn output_still_arriving_after_the_exit_is_all_delivered() {
+        let (mut guest, host, exited, task) = copying();
+        exited.send_replace(true);
+        for i in 0..5u8 {
+            tokio::time::sleep(IDLE - Duration::from_secs(1)).await;
+            guest.write_all(&[b'a' + i]).await.unwrap();
+        }
+        drop(guest);
+        task.await.unwrap();
+        assert_eq!(read_all(host).await, b"abcde");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_slow_to_take_the_output_is_not_silence() {
+        let (mut guest, mut host, exited, task) = copying();
+        let sent: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+        let data = sent.clone();
+        let writer = tokio::spawn(async move {
+            guest.write_all(&data).await.unwrap();
+            guest
+        });
+        exited.send_replace(true);
+        // The sink holds 1024 bytes: the copy waits on the reader, which
+        // takes a while to come.
+        tokio::time::sleep(IDLE * 3).await;
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 512];
+        while got.len() < sent.len() {
+            let n = host.read(&mut chunk).await.unwrap();
+            got.extend_from_slice(&chunk[..n]);
+            tokio::time::sleep(IDLE * 2).await;
+        }
+        drop(writer.await.unwrap());
+        task.await.unwrap();
+        assert_eq!(got, sent);
+        assert!(read_all(host).await.is_empty());
     }
 }
