@@ -39,6 +39,8 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const CLONE_READY: Duration = Duration::from_secs(20);
 /// How long the guest gets to power off after DestroySandbox.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+/// Lines of each log kept in a warning about a VM that ended unasked.
+const LAST_LOG_LINES: usize = 60;
 /// Timeout of ordinary agent calls; WaitProcess has none.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -87,6 +89,9 @@ pub struct Pod {
     helper_exits: Vec<(&'static str, watch::Receiver<Option<ExitStatus>>)>,
     /// The helper whose exit took the VM down, and how it ended.
     helper_failure: std::sync::OnceLock<String>,
+    /// Set once the shim began shutting the VM down: an exit before it
+    /// was not asked for.
+    stopping: std::sync::atomic::AtomicBool,
     vm: Mutex<RunningVm>,
     network: Option<PodNetwork>,
     /// Stops with the pod (dropped).
@@ -317,6 +322,7 @@ impl Pod {
                 .map(|h| (h.name, h.exit_watch()))
                 .collect(),
             helper_failure: std::sync::OnceLock::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             dir,
             vm: Mutex::new(vm),
             network,
@@ -385,6 +391,19 @@ impl Pod {
         self.vm_exit.borrow().is_some()
     }
 
+    /// Whether the VM ended before the shim asked it to.
+    pub fn ended_unasked(&self) -> bool {
+        self.is_dead() && !self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The end of the guest console and of each helper's log, for a
+    /// warning about a VM or an agent that ended unasked: the guest's last
+    /// words (a panic, the agent's error) are gone with the sandbox
+    /// directory.
+    pub fn last_logs(&self) -> String {
+        podvisor_hypervisor::log_tails(self.dir.root(), LAST_LOG_LINES)
+    }
+
     /// Kills the VM's helpers after the VM died on its own.
     pub async fn reap(&self) {
         self.vm.lock().await.stop(Duration::ZERO).await;
@@ -393,6 +412,9 @@ impl Pod {
     /// Powers the guest off (or kills it), stops the helpers and removes
     /// the sandbox directory with every mount below it.
     pub async fn shutdown(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut refused = None;
         if !self.is_dead() {
             let asked = tokio::time::timeout(
                 POWEROFF_GRACE,
@@ -400,11 +422,21 @@ impl Pod {
                     .destroy_sandbox(ctx(), &api::DestroySandboxRequest::new()),
             )
             .await;
-            if !matches!(asked, Ok(Ok(_))) {
-                tracing::warn!(sandbox = self.id, "DestroySandbox failed; killing the VM");
-            }
+            refused = match asked {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("no answer within {POWEROFF_GRACE:?}")),
+            };
         }
         self.vm.lock().await.stop(POWEROFF_GRACE).await;
+        if let Some(why) = refused {
+            tracing::warn!(
+                sandbox = self.id,
+                "DestroySandbox failed ({why}); the VM was stopped ({}); its last logs:\n{}",
+                self.exit_reason().unwrap_or_default(),
+                self.last_logs()
+            );
+        }
         remove_host_state(&self.dir, self.network.as_ref()).await;
         let cgroup = self.cgroup.lock().ok().and_then(|mut c| c.take());
         drop(cgroup);

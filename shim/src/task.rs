@@ -174,18 +174,24 @@ impl TaskService {
 
     /// The VM is gone: every process in it has exited.
     async fn vm_died(&self, pod: &Pod) {
+        // Read before the exits go out: containerd's delete that follows
+        // them removes the sandbox directory.
+        let last_logs = pod.ended_unasked().then(|| pod.last_logs());
         let containers: Vec<_> = lock(&self.inner.containers).values().cloned().collect();
         for c in containers {
             for p in c.vm_died() {
                 self.publish_exit(&c.id, &p, pod.vm_pid).await;
             }
         }
+        let reason = pod.exit_reason().unwrap_or_default();
+        match last_logs {
+            Some(logs) => tracing::warn!(
+                sandbox = pod.id,
+                "the VM exited unasked ({reason}); its processes are reported dead; its last logs:\n{logs}"
+            ),
+            None => tracing::info!(sandbox = pod.id, "the VM exited ({reason})"),
+        }
         pod.reap().await;
-        tracing::warn!(
-            sandbox = pod.id,
-            "the VM exited ({}); its processes are reported dead",
-            pod.exit_reason().unwrap_or_default()
-        );
     }
 
     async fn publish_exit(&self, container_id: &str, p: &Proc, pid: u32) {

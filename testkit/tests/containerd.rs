@@ -1088,9 +1088,10 @@ fn vm_killed_under_a_running_task(c: &Containerd) -> Result<()> {
 
 /// The guest dying under a running task (its kernel panics, as it does
 /// when the agent, PID 1, dies): the VM ends, the task stops with the
-/// VM-died status, and nothing is left. The test node's guests panic on
-/// an unknown NMI (`unknown_nmi_panic`), which the test sends through the
-/// VM's QMP socket.
+/// VM-died status, the shim's log keeps the end of the guest's console
+/// (gone with the sandbox directory), and nothing is left. The test
+/// node's guests panic on an unknown NMI (`unknown_nmi_panic`), which the
+/// test sends through the VM's QMP socket.
 fn a_guest_panic_ends_the_task_as_a_dead_vm(c: &Containerd) -> Result<()> {
     use std::io::{BufRead, BufReader};
     let id = "panicking";
@@ -1125,6 +1126,18 @@ fn a_guest_panic_ends_the_task_as_a_dead_vm(c: &Containerd) -> Result<()> {
         text(&del)
     );
     ok(&mut c.ctr(&["containers", "rm", id]), 30)?;
+    // The console goes with the sandbox directory: the shim's warning
+    // keeps the guest's last words in containerd's log.
+    let log = c.log();
+    let warned = log
+        .split("the VM exited unasked")
+        .nth(1)
+        .is_some_and(|w| w.contains("--- vm/console.log") && w.contains("Kernel panic"));
+    ensure!(
+        warned,
+        "the shim's log does not carry the guest's panic:\n{}",
+        c.log_tail()
+    );
     wait_clean().context("after the guest's panic")
 }
 
