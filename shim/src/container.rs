@@ -304,6 +304,7 @@ mod tests {
             std::path::Path::new("/nonexistent"),
             &ports,
             &StdioPaths::default(),
+            ("test", ""),
         )
         .await?)
     }

@@ -673,7 +673,7 @@ impl Guest for Pod {
             .await
             .map_err(Self::failed("CreateContainer"))?;
         let ports = resp.ports.clone().unwrap_or_default();
-        Ok(Bridge::connect(&self.vsock, &ports, stdio).await?)
+        Ok(Bridge::connect(&self.vsock, &ports, stdio, (id, "")).await?)
     }
 
     async fn exec(
@@ -696,7 +696,7 @@ impl Guest for Pod {
             .await
             .map_err(Self::failed("ExecProcess"))?;
         let ports = resp.ports.clone().unwrap_or_default();
-        Ok(Bridge::connect(&self.vsock, &ports, stdio).await?)
+        Ok(Bridge::connect(&self.vsock, &ports, stdio, (id, exec_id)).await?)
     }
 
     async fn start(&self, id: &str, exec_id: &str) -> Result<()> {

@@ -84,11 +84,13 @@ pub struct Bridge {
 }
 
 impl Bridge {
-    /// Connects the agent's `ports` and starts copying to and from `paths`.
+    /// Connects the agent's `ports` and starts copying to and from `paths`
+    /// for the process `exec_id` of container `id` (its init: empty).
     pub async fn connect(
         vsock: &Path,
         ports: &api::StdioPorts,
         paths: &StdioPaths,
+        (id, exec_id): (&str, &str),
     ) -> Result<Bridge, StdioError> {
         for p in [&paths.stdin, &paths.stdout, &paths.stderr] {
             StdioPaths::check(p)?;
@@ -110,8 +112,13 @@ impl Bridge {
             }
             let sink = open_output(Path::new(path)).await?;
             let conn = dial(name, port).await?;
+            let stream = if exec_id.is_empty() {
+                format!("{name} of container {id}")
+            } else {
+                format!("{name} of exec {exec_id} in container {id}")
+            };
             outputs.push(tokio::spawn(copy_output(
-                name,
+                stream,
                 conn,
                 sink,
                 exited.subscribe(),
@@ -201,7 +208,7 @@ impl Drop for Bridge {
 /// been silent for `idle` after the process ended. Time spent writing to
 /// a slow reader on containerd's side never counts as silence.
 async fn copy_output(
-    name: &'static str,
+    name: String,
     mut conn: impl AsyncRead + Unpin,
     mut sink: impl AsyncWrite + Unpin,
     mut exited: watch::Receiver<bool>,
@@ -313,7 +320,7 @@ mod tests {
         let (guest, conn) = tokio::io::duplex(1024);
         let (sink, host) = tokio::io::duplex(1024);
         let (exited, rx) = watch::channel(false);
-        let task = tokio::spawn(copy_output("stdout", conn, sink, rx, IDLE));
+        let task = tokio::spawn(copy_output("stdout".into(), conn, sink, rx, IDLE));
         (guest, host, exited, task)
     }
 
