@@ -14,8 +14,8 @@ use podvisor_protocol::api;
 use crate::container::rootfs::secure_join;
 use crate::container::{exec_plan, resource_update, user, validate_id, SpecPlan};
 use crate::error::Result;
-use crate::sandbox::signal_number;
 pub use crate::sandbox::SandboxSetup;
+use crate::sandbox::{pod_tmpfs_plan, signal_number};
 
 /// The rootfs under which [`create_container`] joins a spec's mount
 /// destinations: no such directory exists, so no symlink bends the join.
@@ -31,14 +31,17 @@ pub fn configure_network(req: &api::ConfigureNetworkRequest) -> Result<()> {
     crate::network::plan(req).map(drop)
 }
 
-/// CreateContainer: the id and the OCI spec (process, seccomp filter,
-/// sysctls, namespaces, cgroup files). With no rootfs a user name is
+/// CreateContainer: the id, the pod tmpfs volumes and the OCI spec
+/// (process, seccomp filter, sysctls, namespaces, cgroup files). With no rootfs a user name is
 /// refused and nothing is read from the guest's disk. The answer is where
 /// each mount would land in a rootfs at [`NO_ROOT`], as the container's
 /// setup joins it.
 pub fn create_container(req: &api::CreateContainerRequest) -> Result<Vec<PathBuf>> {
     let id = req.container_id.as_str();
     validate_id("container", id)?;
+    for v in &req.tmpfs {
+        pod_tmpfs_plan(v)?;
+    }
     let terminal = req.stdio.as_ref().is_some_and(|s| s.terminal);
     let spec = SpecPlan::parse(id, &req.oci_spec_json)?;
     let plan = SpecPlan::new(id, spec, None, terminal, &|_| None)?;

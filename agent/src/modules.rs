@@ -149,12 +149,15 @@ pub fn modprobe(dir: &Path, args: &[String]) -> Result<usize, ModuleError> {
 }
 
 fn load_files(files: &[PathBuf]) -> Result<usize, ModuleError> {
-    let params = CString::default();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     for path in files {
         let file = File::open(path).map_err(|source| ModuleError::Read {
             path: path.clone(),
             source,
         })?;
+        let module = canonical(&path.to_string_lossy());
+        // A parameter cannot hold a NUL: one that does is not passed.
+        let params = CString::new(cmdline_params(&cmdline, &module)).unwrap_or_default();
         match finit_module(&file, &params, ModuleInitFlags::empty()) {
             Ok(()) | Err(Errno::EEXIST) => {}
             Err(errno) => {
@@ -166,6 +169,22 @@ fn load_files(files: &[PathBuf]) -> Result<usize, ModuleError> {
         }
     }
     Ok(files.len())
+}
+
+/// The parameters the kernel command line gives `module` (`MODULE.PARAM=VALUE`
+/// or `MODULE.FLAG`, `-` and `_` alike in the module's name, as modprobe
+/// reads them), as
+/// `finit_module` takes them: a built-in driver reads the same words
+/// itself (`dummy.numdummies=0` on podvisor's kernel and Debian's alike).
+fn cmdline_params(cmdline: &str, module: &str) -> String {
+    cmdline
+        .split_whitespace()
+        .filter_map(|word| {
+            let (name, param) = word.split_once('.')?;
+            (canonical(name) == module && !param.is_empty()).then_some(param)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `alias PATTERN MODULE` lines.
@@ -278,6 +297,15 @@ kernel/net/vmw_vsock/vsock.ko:
         assert!(!glob_match(b"a[!0-9]b", b"a5b"));
         assert!(glob_match(b"x*y*z", b"xyyyz"));
         assert!(!glob_match(b"x?z", b"xz"));
+    }
+
+    #[test]
+    fn module_parameters_come_from_the_kernel_command_line() {
+        let cmdline = "console=ttyS0 dummy.numdummies=0 nf-conntrack.hashsize=4096 \
+                       dummy.x=1 dummy_extra.y=2 dummy.flag panic=-1";
+        assert_eq!(cmdline_params(cmdline, "dummy"), "numdummies=0 x=1 flag");
+        assert_eq!(cmdline_params(cmdline, "nf_conntrack"), "hashsize=4096");
+        assert_eq!(cmdline_params(cmdline, "veth"), "");
     }
 
     #[test]

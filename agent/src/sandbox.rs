@@ -29,6 +29,30 @@ pub struct Sandbox {
     ready_ms: u64,
     /// Set once a clone of a warm-start template has finished its restore.
     restored: AtomicBool,
+    /// The pod's in-memory volumes mounted so far, by name.
+    tmpfs: Mutex<HashSet<String>>,
+}
+
+/// Where a pod tmpfs is mounted and its mount data, once its request is
+/// checked: a name that is one plain path component, a mode of permission
+/// bits only.
+pub fn pod_tmpfs_plan(v: &api::PodTmpfs) -> Result<(std::path::PathBuf, String)> {
+    validate_id("pod tmpfs", &v.name)?;
+    if v.mode > 0o7777 {
+        return Err(invalid!(
+            "pod tmpfs {}: mode {:o} is more than permission bits",
+            v.name,
+            v.mode
+        ));
+    }
+    let mut data = format!("mode={:o}", v.mode);
+    if v.size_bytes > 0 {
+        data.push_str(&format!(",size={}", v.size_bytes));
+    }
+    Ok((
+        std::path::Path::new(podvisor_protocol::GUEST_TMPFS_DIR).join(&v.name),
+        data,
+    ))
 }
 
 impl Sandbox {
@@ -40,7 +64,37 @@ impl Sandbox {
             owns_machine,
             ready_ms: boottime_ms(),
             restored: AtomicBool::new(false),
+            tmpfs: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Mounts each of `volumes` not mounted yet. The first container to
+    /// use one sizes it; it stays until the VM ends, as an emptyDir lives
+    /// as long as its pod.
+    fn mount_pod_tmpfs(&self, volumes: &[api::PodTmpfs]) -> Result<()> {
+        let plans = volumes
+            .iter()
+            .map(|v| Ok((v.name.as_str(), pod_tmpfs_plan(v)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut mounted = lock(&self.tmpfs);
+        for (name, (path, data)) in plans {
+            if mounted.contains(name) {
+                continue;
+            }
+            std::fs::create_dir_all(&path)
+                .map_err(|e| internal!("creating {}: {e}", path.display()))?;
+            nix::mount::mount(
+                Some("tmpfs"),
+                &path,
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                Some(data.as_str()),
+            )
+            .map_err(|e| internal!("mounting pod tmpfs {name} ({data}): {e}"))?;
+            tracing::info!("pod tmpfs {name} mounted ({data})");
+            mounted.insert(name.to_string());
+        }
+        Ok(())
     }
 
     fn container(&self, id: &str) -> Result<Arc<Container>> {
@@ -140,8 +194,12 @@ impl Sandbox {
         let stdio = req.stdio.clone().unwrap_or_default();
         let init_pid_of =
             |other: &str| lock(&self.containers).get(other).and_then(|c| c.init_pid());
-        let result =
-            Container::create(id, &req.oci_spec_json, &stdio, &self.reaper, &init_pid_of).await;
+        let result = match self.mount_pod_tmpfs(&req.tmpfs) {
+            Ok(()) => {
+                Container::create(id, &req.oci_spec_json, &stdio, &self.reaper, &init_pid_of).await
+            }
+            Err(e) => Err(e),
+        };
         lock(&self.creating).remove(id);
         let (container, ports) = result?;
         lock(&self.containers).insert(id.to_string(), Arc::new(container));
@@ -323,5 +381,26 @@ mod tests {
         let status = "Name:\tagent\nVmRSS:\t    2048 kB\n";
         assert_eq!(kib_field(status, "VmRSS:"), 2048);
         assert_eq!(kib_field(status, "VmHWM:"), 0);
+    }
+
+    #[test]
+    fn pod_tmpfs_requests_are_checked() {
+        let v = |name: &str, size_bytes: u64, mode: u32| api::PodTmpfs {
+            name: name.into(),
+            size_bytes,
+            mode,
+            ..Default::default()
+        };
+        let (path, data) = pod_tmpfs_plan(&v("empty-dir-cache", 8 << 20, 0o777)).unwrap();
+        assert_eq!(
+            path,
+            std::path::Path::new("/run/podvisor/tmpfs/empty-dir-cache")
+        );
+        assert_eq!(data, "mode=777,size=8388608");
+        assert_eq!(pod_tmpfs_plan(&v("shm", 0, 0o1777)).unwrap().1, "mode=1777");
+        for (name, mode) in [("..", 0o777), ("a/b", 0o777), ("", 0o777), ("x", 0o10000)] {
+            let e = pod_tmpfs_plan(&v(name, 0, mode)).unwrap_err().to_string();
+            assert!(e.contains("pod tmpfs"), "{name:?} {mode:o}: {e}");
+        }
     }
 }

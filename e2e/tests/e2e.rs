@@ -40,6 +40,14 @@ const TESTS: &[(&str, Test)] = &[
         killed_vm_restarts,
     ),
     (
+        "memory_empty_dir_and_dev_shm_are_guest_tmpfs",
+        memory_volumes,
+    ),
+    (
+        "a_privileged_container_creates_a_dummy_link",
+        privileged_dummy_link,
+    ),
+    (
         "namespace_deletion_leaves_nothing_on_the_node",
         nothing_left,
     ),
@@ -583,6 +591,96 @@ fn killed_vm_restarts(c: &Cluster) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The line of the container's /proc/mounts for `dir`.
+fn mount_line(c: &Cluster, pod: &str, container: &str, dir: &str) -> Result<String> {
+    c.exec(
+        pod,
+        container,
+        &["sh", "-c", &format!("grep ' {dir} ' /proc/mounts")],
+    )
+}
+
+/// A memory-backed emptyDir is a tmpfs in the guest, as Kubernetes
+/// promises: its sizeLimit holds (writing past it fails with ENOSPC), and
+/// the pod's containers share it. The pod's /dev/shm is a guest tmpfs too.
+fn memory_volumes(c: &Cluster) -> Result<()> {
+    let mut pod = c.pod("memvol", "Always", &[("a", SLEEP), ("b", SLEEP)]);
+    pod["spec"]["volumes"] = json!([
+        {"name": "cache", "emptyDir": {"medium": "Memory", "sizeLimit": "8Mi"}},
+        {"name": "scratch", "emptyDir": {}}
+    ]);
+    for n in 0..2 {
+        pod["spec"]["containers"][n]["volumeMounts"] = json!([
+            {"name": "cache", "mountPath": "/cache"},
+            {"name": "scratch", "mountPath": "/scratch"}
+        ]);
+    }
+    c.apply(&pod)?;
+    c.wait_ready("memvol")?;
+    let cache = mount_line(c, "memvol", "a", "/cache")?;
+    ensure!(
+        cache.split_whitespace().nth(2) == Some("tmpfs") && cache.contains("size=8192k"),
+        "/cache should be an 8 MiB tmpfs: {cache}"
+    );
+    let scratch = mount_line(c, "memvol", "a", "/scratch")?;
+    ensure!(
+        scratch.split_whitespace().nth(2) == Some("virtiofs"),
+        "a disk-backed emptyDir stays on the node (virtio-fs): {scratch}"
+    );
+    let shm = mount_line(c, "memvol", "a", "/dev/shm")?;
+    ensure!(
+        shm.split_whitespace().nth(2) == Some("tmpfs"),
+        "/dev/shm should be a tmpfs: {shm}"
+    );
+    c.exec("memvol", "a", &["sh", "-c", "echo from-a > /cache/note"])?;
+    let note = c.exec("memvol", "b", &["cat", "/cache/note"])?;
+    ensure!(note == "from-a", "container b reads {note:?} from /cache");
+    let full = c.exec(
+        "memvol",
+        "b",
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/cache/big bs=1M count=16 2>&1; echo rc=$?",
+        ],
+    )?;
+    ensure!(
+        full.contains("No space left on device") && !full.ends_with("rc=0"),
+        "writing 16 MiB into an 8 MiB emptyDir: {full}"
+    );
+    // The guest's memory holds it: the node's tmpfs stays empty.
+    let uid = field(&c.get("pod", "memvol")?, "metadata/uid");
+    let on_node = c.node_sh(&format!(
+        "ls -A /var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/cache"
+    ))?;
+    ensure!(
+        on_node.trim().is_empty(),
+        "the emptyDir's files are on the node: {on_node}"
+    );
+    delete_pods(c, &["memvol"])
+}
+
+/// A privileged container may build networks in its guest: it creates
+/// and deletes a dummy link by the name a host would give it.
+fn privileged_dummy_link(c: &Cluster) -> Result<()> {
+    let script = "ip link add dummy0 type dummy && ip link show dummy0 >/dev/null && \
+                  ip link del dummy0 && echo made-and-deleted; \
+                  trap 'exit 0' TERM; sleep 3600 & wait";
+    let mut pod = c.pod("netadmin", "Never", &[("main", &["sh", "-c", script])]);
+    pod["spec"]["containers"][0]["securityContext"] = json!({"privileged": true});
+    c.apply(&pod)?;
+    c.wait_ready("netadmin")?;
+    let out = c.wait_for("the privileged container's output", 60, || {
+        let log = c.kubectl(&["logs", "netadmin", "-c", "main"])?;
+        Ok((!log.trim().is_empty()).then_some(log))
+    })?;
+    ensure!(
+        out.trim() == "made-and-deleted",
+        "ip link add/del dummy0 in a privileged container: {out}"
+    );
+    delete_pods(c, &["netadmin"])
 }
 
 fn nothing_left(c: &Cluster) -> Result<()> {

@@ -54,8 +54,10 @@ const GUEST_CID: u32 = 3;
 /// containers are reported dead instead of hanging in a kernel that can no
 /// longer finish them. (Seen here: Debian 6.1's "Busy inodes after
 /// unmount of virtiofs" BUG when a pod is stopped right after it started
-/// left the pause process unkillable and StopPodSandbox hanging.)
-const GUEST_PARAMS: &str = "console=ttyS0 panic=-1 oops=panic quiet";
+/// left the pause process unkillable and StopPodSandbox hanging.) The
+/// dummy driver makes no `dummy0` of its own, so a privileged container's
+/// `ip link add dummy0 type dummy` finds the name free, as on a host.
+const GUEST_PARAMS: &str = "console=ttyS0 panic=-1 oops=panic quiet dummy.numdummies=0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {

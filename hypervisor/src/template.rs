@@ -79,7 +79,8 @@ fn bad(dir: &Path, reason: impl Into<String>) -> HypervisorError {
 }
 
 /// The template key of `spec` on `backend` (its description, and the VM
-/// program it runs, by path, size and mtime): a hash of every input.
+/// program it runs, by path, size and mtime; the kernel parameters every
+/// guest gets): a hash of every input.
 pub fn key(backend: &str, program: &Path, spec: &VmSpec) -> Result<String, HypervisorError> {
     let mut h = Xxh3::new();
     let io = |what: &Path| {
@@ -99,8 +100,11 @@ pub fn key(backend: &str, program: &Path, spec: &VmSpec) -> Result<String, Hyper
     }
     h.update(
         format!(
-            "{}\0{}\0{}",
-            spec.vcpus, spec.memory_mib, spec.kernel_params
+            "{}\0{}\0{}\0{}",
+            spec.vcpus,
+            spec.memory_mib,
+            crate::GUEST_PARAMS,
+            spec.kernel_params
         )
         .as_bytes(),
     );

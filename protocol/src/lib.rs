@@ -61,6 +61,10 @@ pub const API_VERSION: u32 = 1;
 /// Where the agent mounts the shared directory in the guest.
 pub const GUEST_SHARED_DIR: &str = "/run/podvisor/shared";
 
+/// Where the agent mounts the pod's in-memory volumes (`PodTmpfs`): a bind
+/// mount's source `<GUEST_TMPFS_DIR>/<name>` in a spec names one.
+pub const GUEST_TMPFS_DIR: &str = "/run/podvisor/tmpfs";
+
 /// In an OCI spec the shim sends, `linux.namespaces[].path` of the form
 /// `<GUEST_NAMESPACE_DIR>/<container-id>/<kind>` (kind as in `/proc/<pid>/ns/`:
 /// pid, ipc, uts, net, cgroup, time) names that namespace of the init of

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use containerd_shim::protos::api::Mount as RootfsMount;
 use nix::mount::{mount, MsFlags};
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
-use podvisor_protocol::{GUEST_NAMESPACE_DIR, GUEST_SHARED_DIR};
+use podvisor_protocol::{api, GUEST_NAMESPACE_DIR, GUEST_SHARED_DIR, GUEST_TMPFS_DIR};
 
 /// Kubernetes' CRI plugin marks sandbox and workload containers so.
 pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -55,6 +55,17 @@ pub struct Bundle {
     pub dir: PathBuf,
     pub spec: Spec,
 }
+
+/// What the guest gets of a container: its OCI spec (JSON), and the pod's
+/// in-memory volumes its mounts use.
+#[derive(Debug)]
+pub struct Shared {
+    pub spec: Vec<u8>,
+    pub tmpfs: Vec<api::PodTmpfs>,
+}
+
+/// kubelet's directory of a pod's emptyDir volumes, each `<dir>/<name>`.
+const EMPTY_DIR: &str = "kubernetes.io~empty-dir";
 
 impl Bundle {
     pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
@@ -127,15 +138,17 @@ impl Bundle {
     }
 
     /// Mounts the rootfs and the bind-mount sources of container `id` under
-    /// `target` (its `shared/<id>/`) and returns the spec the guest gets.
-    /// On error the caller removes `target`.
+    /// `target` (its `shared/<id>/`) and returns what the guest gets. A
+    /// bind of a tmpfs the pod keeps in memory ([`pod_tmpfs`]) is not
+    /// shared: it names the guest's own tmpfs instead. On error the caller
+    /// removes `target`.
     pub fn share(
         &self,
         id: &str,
         rootfs: &[RootfsMount],
         target: &Path,
         pod: &PodRef<'_>,
-    ) -> Result<Vec<u8>, BundleError> {
+    ) -> Result<Shared, BundleError> {
         let fail = |reason: String| BundleError::Share {
             id: id.to_string(),
             reason,
@@ -161,6 +174,7 @@ impl Bundle {
         }
 
         let mut spec = self.spec.clone();
+        let mut tmpfs = Vec::new();
         let guest_dir = Path::new(GUEST_SHARED_DIR).join(id);
         if let Some(mounts) = spec.mounts_mut() {
             let mut shared = Vec::with_capacity(mounts.len());
@@ -178,6 +192,12 @@ impl Bundle {
                         m.destination().display()
                     ))
                 })?;
+                if let Some(volume) = pod_tmpfs(&src, m.destination()) {
+                    m.set_source(Some(Path::new(GUEST_TMPFS_DIR).join(&volume.name)));
+                    tmpfs.push(volume);
+                    shared.push(m);
+                    continue;
+                }
                 let name = format!("mounts/{n}");
                 let host = target.join(&name);
                 let dest = m.destination().display().to_string();
@@ -242,7 +262,46 @@ impl Bundle {
                 res.set_devices(None);
             }
         }
-        serde_json::to_vec(&spec).map_err(|e| fail(format!("encoding the spec: {e}")))
+        let spec =
+            serde_json::to_vec(&spec).map_err(|e| fail(format!("encoding the spec: {e}")))?;
+        Ok(Shared { spec, tmpfs })
+    }
+}
+
+/// The guest tmpfs standing in for the bind source `src` mounted at
+/// `dest`, if `src` is a tmpfs the pod's containers share in memory: a
+/// memory-backed emptyDir (kubelet's `.../kubernetes.io~empty-dir/<name>`,
+/// a tmpfs mount of its own; a disk-backed one is a plain directory and
+/// stays on the host) or the sandbox's `/dev/shm`. The guest's copy keeps
+/// the host tmpfs's size and mode, so a `sizeLimit` (kubelet's `size=`)
+/// holds in the guest, in the guest's memory.
+fn pod_tmpfs(src: &Path, dest: &Path) -> Option<api::PodTmpfs> {
+    use std::os::unix::fs::MetadataExt;
+    let name = pod_tmpfs_name(src, dest)?;
+    let stat = nix::sys::statfs::statfs(src).ok()?;
+    let own_mount =
+        std::fs::metadata(src).ok()?.dev() != std::fs::metadata(src.parent()?).ok()?.dev();
+    if stat.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC || !own_mount {
+        return None;
+    }
+    Some(api::PodTmpfs {
+        name,
+        size_bytes: stat
+            .blocks()
+            .saturating_mul(u64::try_from(stat.block_size()).ok()?),
+        mode: std::fs::metadata(src).ok()?.mode() & 0o7777,
+        ..Default::default()
+    })
+}
+
+/// The pod tmpfs name a bind of `src` at `dest` would have: a memory
+/// emptyDir's `empty-dir-<volume>`, or `shm` for `/dev/shm`.
+fn pod_tmpfs_name(src: &Path, dest: &Path) -> Option<String> {
+    let parent = src.parent()?.file_name()?;
+    match src.file_name()?.to_str() {
+        Some(volume) if parent == EMPTY_DIR => Some(format!("empty-dir-{volume}")),
+        _ if dest == Path::new("/dev/shm") => Some("shm".into()),
+        _ => None,
     }
 }
 
@@ -497,7 +556,7 @@ mod tests {
             r#"[{"type":"pid","path":"/proc/4242/ns/pid"},{"type":"network","path":"/proc/4242/ns/net"},{"type":"mount"}]"#,
         )
         .unwrap();
-        let spec: Spec = serde_json::from_slice(&out).unwrap();
+        let spec: Spec = serde_json::from_slice(&out.spec).unwrap();
         let ns = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
         assert_eq!(ns.len(), 2, "{ns:?}");
         assert_eq!(
@@ -506,6 +565,59 @@ mod tests {
         );
         let e = share(r#"[{"type":"ipc","path":"/proc/1/ns/ipc"}]"#).unwrap_err();
         assert!(e.to_string().contains("/proc/1/ns/ipc"), "{e}");
+    }
+
+    #[test]
+    fn memory_volumes_become_pod_tmpfs() {
+        use nix::mount::{mount, umount2, MntFlags, MsFlags};
+        let dir = tempfile::tempdir().unwrap();
+        let volumes = dir.path().join(EMPTY_DIR);
+        let (memory, disk, other) = (
+            volumes.join("cache"),
+            volumes.join("scratch"),
+            dir.path().join("shm"),
+        );
+        for d in [&memory, &disk, &other] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        for (d, data) in [
+            (&memory, "size=8m,mode=777"),
+            (&other, "size=64m,mode=1777"),
+        ] {
+            mount(
+                Some("tmpfs"),
+                d,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                Some(data),
+            )
+            .unwrap();
+        }
+        let found = [
+            pod_tmpfs(&memory, Path::new("/cache")),
+            pod_tmpfs(&disk, Path::new("/scratch")),
+            pod_tmpfs(&other, Path::new("/data")),
+            pod_tmpfs(&other, Path::new("/dev/shm")),
+        ];
+        for d in [&memory, &other] {
+            umount2(d, MntFlags::MNT_DETACH).unwrap();
+        }
+        let [memory, disk, other, shm] = found;
+        let memory = memory.expect("a tmpfs emptyDir");
+        assert_eq!(
+            (memory.name.as_str(), memory.size_bytes, memory.mode),
+            ("empty-dir-cache", 8 << 20, 0o777)
+        );
+        assert!(disk.is_none(), "a disk emptyDir stays on the host");
+        assert!(
+            other.is_none(),
+            "a tmpfs that is no emptyDir stays on the host"
+        );
+        let shm = shm.expect("the pod's /dev/shm");
+        assert_eq!(
+            (shm.name.as_str(), shm.size_bytes, shm.mode),
+            ("shm", 64 << 20, 0o1777)
+        );
     }
 
     #[test]

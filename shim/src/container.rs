@@ -14,7 +14,7 @@ use containerd_shim::protos::api::Mount as RootfsMount;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use podvisor_names::VM_DIED_EXIT_STATUS;
 
-use crate::bundle::Bundle;
+use crate::bundle::{Bundle, Shared};
 use crate::error::{Result, ShimError};
 use crate::process::{lock, now, Proc, ProcState};
 use crate::stdio::{Bridge, StdioPaths};
@@ -47,12 +47,12 @@ pub struct Exit {
 #[async_trait]
 pub trait Guest: Send + Sync {
     /// Mounts container `id`'s rootfs and volumes where the guest sees
-    /// them; returns the OCI spec the guest gets.
-    fn share(&self, id: &str, bundle: &Bundle, rootfs: &[RootfsMount]) -> Result<Vec<u8>>;
+    /// them; returns what the guest gets.
+    fn share(&self, id: &str, bundle: &Bundle, rootfs: &[RootfsMount]) -> Result<Shared>;
     /// Unmounts and removes what [`Guest::share`] made.
     fn unshare(&self, id: &str);
     /// Creates the container in the guest, its stdio bridged.
-    async fn create(&self, id: &str, spec: Vec<u8>, stdio: &StdioPaths) -> Result<Bridge>;
+    async fn create(&self, id: &str, shared: Shared, stdio: &StdioPaths) -> Result<Bridge>;
     /// Adds an exec to a container, its stdio bridged.
     async fn exec(
         &self,
@@ -99,8 +99,8 @@ impl Container {
         owns_pod: bool,
     ) -> Result<Container> {
         let made = async {
-            let spec = guest.share(id, bundle, rootfs)?;
-            guest.create(id, spec, &stdio).await
+            let shared = guest.share(id, bundle, rootfs)?;
+            guest.create(id, shared, &stdio).await
         }
         .await;
         let bridge = match made {
@@ -311,14 +311,17 @@ mod tests {
 
     #[async_trait]
     impl Guest for FakeGuest {
-        fn share(&self, id: &str, _: &Bundle, _: &[RootfsMount]) -> Result<Vec<u8>> {
+        fn share(&self, id: &str, _: &Bundle, _: &[RootfsMount]) -> Result<Shared> {
             self.record("share", id.into())?;
-            Ok(b"{}".to_vec())
+            Ok(Shared {
+                spec: b"{}".to_vec(),
+                tmpfs: Vec::new(),
+            })
         }
         fn unshare(&self, id: &str) {
             let _ = self.record("unshare", id.into());
         }
-        async fn create(&self, id: &str, _: Vec<u8>, _: &StdioPaths) -> Result<Bridge> {
+        async fn create(&self, id: &str, _: Shared, _: &StdioPaths) -> Result<Bridge> {
             self.record("create", id.into())?;
             no_bridge().await
         }

@@ -18,7 +18,7 @@ use podvisor_protocol::api::{self, AgentClient};
 use podvisor_protocol::hybrid_vsock::{connect_agent, ReadyListener};
 use tokio::sync::{watch, Mutex};
 
-use crate::bundle::{Bundle, PodRef};
+use crate::bundle::{Bundle, PodRef, Shared};
 use crate::cgroup::{CgroupError, PodCgroup};
 use crate::config::{Config, VmSizing};
 use crate::container::{Exit, Guest};
@@ -648,7 +648,7 @@ impl Pod {
 
 #[async_trait]
 impl Guest for Pod {
-    fn share(&self, id: &str, bundle: &Bundle, rootfs: &[RootfsMount]) -> Result<Vec<u8>> {
+    fn share(&self, id: &str, bundle: &Bundle, rootfs: &[RootfsMount]) -> Result<Shared> {
         let pod = PodRef {
             sandbox_id: &self.id,
             vm_pid: self.vm_pid,
@@ -660,10 +660,11 @@ impl Guest for Pod {
         self.dir.remove_container(id);
     }
 
-    async fn create(&self, id: &str, spec: Vec<u8>, stdio: &StdioPaths) -> Result<Bridge> {
+    async fn create(&self, id: &str, shared: Shared, stdio: &StdioPaths) -> Result<Bridge> {
         let req = api::CreateContainerRequest {
             container_id: id.to_string(),
-            oci_spec_json: spec,
+            oci_spec_json: shared.spec,
+            tmpfs: shared.tmpfs,
             stdio: Some(stdio.request()).into(),
             ..Default::default()
         };

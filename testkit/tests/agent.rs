@@ -523,9 +523,9 @@ fn privileged_container_builds_networks(vm: &TestVm) -> BoxFut<'_> {
         // agent as /sbin/modprobe; podvisor's has them built in.
         let modular = manifest("modules_on_demand").is_ok();
         let mut script = "brctl addbr pvbr0 && ip link show pvbr0 >/dev/null && echo bridge; \
-             ip link add pvdummy0 type dummy && echo dummy; \
+             ip link add dummy0 type dummy && echo dummy; \
              ip link add pvveth0 type veth peer name pvveth1 && echo veth; \
-             ip link del pvdummy0; ip link del pvveth0; brctl delbr pvbr0"
+             ip link del dummy0; ip link del pvveth0; brctl delbr pvbr0"
             .to_string();
         let mut want = "bridge\ndummy\nveth\n".to_string();
         if modular {
