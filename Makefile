@@ -38,7 +38,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: images test-images guest-image-debian test-guest-kernel test-vmm-linux test-guest-debian help deps build agent guest-kernel guest-image shim install uninstall demo bench \
         test lint test-unit test-vmm test-security test-guest test-containerd test-network test-warm \
-        test-cri upstream cluster-up cluster-down test-e2e e2e-kind clean \
+        test-cri upstream cluster-up cluster-down cluster-tools test-e2e e2e-kind clean \
         static crds controller-image test-controller vmm-test-hooks fuzz test-fuzz soak test-soak
 
 help:
@@ -117,7 +117,7 @@ demo: deps shim guest-image
 # Debian's), critest's tallies, then pods
 # through the local cluster (create to Running, delete to gone; podvisor
 # beside runc).
-bench: shim guest-image guest-image-debian install upstream
+bench: shim guest-image guest-image-debian install upstream cluster-tools
 	$(CARGO) run --release -q -p podvisor-tools -- bench
 	$(CARGO) build --release -p podvisor-e2e --bins
 	cluster/with.sh target/release/podvisor-pod-bench
@@ -258,16 +258,21 @@ upstream:
 
 # A single-node cluster on this machine (no Docker): podvisor installed as
 # on a node, then etcd, the control plane, containerd 2.x and kubelet.
-cluster-up: install upstream
-	$(CARGO) build --release -p podvisor-tools
+cluster-up: install upstream cluster-tools
 	cluster/up.sh
 
 cluster-down:
 	cluster/down.sh
 
-# The e2e suite on the local cluster; the cluster goes down whatever happens.
-test-e2e: install upstream
+# What cluster/up.sh makes the test image with: the image tool, and the
+# suite's static UDP echo (busybox's nc has no UDP), which it adds as
+# /bin/udp-echo.
+cluster-tools:
 	$(CARGO) build --release -p podvisor-tools
+	$(CARGO) build --release --target $(AGENT_TARGET) -p podvisor-e2e --bin podvisor-udp-echo
+
+# The e2e suite on the local cluster; the cluster goes down whatever happens.
+test-e2e: install upstream cluster-tools
 	$(CARGO) build -p podvisor-e2e --tests
 	cluster/with.sh $(CARGO) test -p podvisor-e2e --test e2e
 
@@ -302,7 +307,7 @@ controller-image: static
 # then the installer's file tests (containerd v2/v3) and the CRD staleness
 # test. The suite's last step uninstalls podvisor from the node as the
 # installer does; make install puts it back afterwards.
-test-controller: install upstream controller-image
+test-controller: install upstream controller-image cluster-tools
 	$(CARGO) test -p podvisor-installer -p podvisor-controller
 	$(CARGO) build -p podvisor-e2e --tests
 	rc=0; PODVISOR_INSTALL=$(CURDIR)/$(MUSL_RELEASE)/podvisor-install \

@@ -175,11 +175,13 @@ start containerd env PATH="$CONTAINERD_BIN:$PATH" "$CONTAINERD_BIN/containerd" \
   --config "$RUN/containerd/config.toml"
 wait_for containerd 30 "$CONTAINERD_BIN/ctr" --address "$CONTAINERD_SOCK" version
 
-# The test images: busybox, and the pod sandbox (pause) image, both built
-# locally from Debian's busybox-static (no registry is reached), and any the
-# tests built into images/ (make controller-image).
+# The test images: busybox (with the suite's static UDP echo, as
+# /bin/udp-echo), and the pod sandbox (pause) image, both built locally from
+# Debian's busybox-static (no registry is reached), and any the tests built
+# into images/ (make controller-image). make cluster-tools builds the tools.
 tools="${PODVISOR_TOOLS:-$here/../target/release/podvisor-tools}"
-"$tools" image "$RUN/busybox.tar" "$BUSYBOX_IMAGE" sh
+udp_echo="${PODVISOR_UDP_ECHO:-$here/../target/x86_64-unknown-linux-musl/release/podvisor-udp-echo}"
+"$tools" image "$RUN/busybox.tar" "$BUSYBOX_IMAGE" --add "$udp_echo:/bin/udp-echo" sh
 "$tools" image "$RUN/pause.tar" "$PAUSE_IMAGE" --pause
 for archive in "$RUN/busybox.tar" "$RUN/pause.tar" "$CLUSTER_DIR"/images/*.tar; do
   [ -f "$archive" ] || continue

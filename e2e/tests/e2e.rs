@@ -47,6 +47,7 @@ const TESTS: &[(&str, Test)] = &[
         "a_privileged_container_creates_a_dummy_link",
         privileged_dummy_link,
     ),
+    ("udp_and_icmp_between_node_and_pods", udp_and_icmp),
     (
         "namespace_deletion_leaves_nothing_on_the_node",
         nothing_left,
@@ -631,8 +632,8 @@ fn memory_volumes(c: &Cluster) -> Result<()> {
     );
     let shm = mount_line(c, "memvol", "a", "/dev/shm")?;
     ensure!(
-        shm.split_whitespace().nth(2) == Some("tmpfs"),
-        "/dev/shm should be a tmpfs: {shm}"
+        shm.split_whitespace().nth(2) == Some("tmpfs") && shm.contains("size=65536k"),
+        "/dev/shm should be containerd's 64 MiB tmpfs: {shm}"
     );
     c.exec("memvol", "a", &["sh", "-c", "echo from-a > /cache/note"])?;
     let note = c.exec("memvol", "b", &["cat", "/cache/note"])?;
@@ -650,11 +651,13 @@ fn memory_volumes(c: &Cluster) -> Result<()> {
         full.contains("No space left on device") && !full.ends_with("rc=0"),
         "writing 16 MiB into an 8 MiB emptyDir: {full}"
     );
-    // The guest's memory holds it: the node's tmpfs stays empty.
+    // The guest's memory holds it: the node's tmpfs (wherever the
+    // kubelet's root is) stays empty.
     let uid = field(&c.get("pod", "memvol")?, "metadata/uid");
-    let on_node = c.node_sh(&format!(
-        "ls -A /var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/cache"
+    let dir = c.node_sh(&format!(
+        "grep -o '[^ ]*/pods/{uid}/volumes/kubernetes.io~empty-dir/cache' /proc/self/mounts"
     ))?;
+    let on_node = c.node_sh(&format!("ls -A {}", dir.trim()))?;
     ensure!(
         on_node.trim().is_empty(),
         "the emptyDir's files are on the node: {on_node}"
@@ -681,6 +684,48 @@ fn privileged_dummy_link(c: &Cluster) -> Result<()> {
         "ip link add/del dummy0 in a privileged container: {out}"
     );
     delete_pods(c, &["netadmin"])
+}
+
+/// UDP echoes round trip node -> pod, pod -> node and pod -> pod, and
+/// pings reach a pod from the node and from another pod. "The node" is a
+/// hostNetwork pod under the default runtime (runc): the node's own network
+/// namespace, on the local cluster and on kind alike. The test image's
+/// `udp-echo` serves and asks (busybox's `nc` has no UDP).
+fn udp_and_icmp(c: &Cluster) -> Result<()> {
+    let serve = |port: u16| format!("trap 'exit 0' TERM; udp-echo serve {port} & wait");
+    let server = serve(9000);
+    c.apply(&c.pod("udpsrv", "Always", &[("main", &["sh", "-c", &server])]))?;
+    c.apply(&c.pod("udppeer", "Always", &[("main", SLEEP)]))?;
+    let on_node = serve(9001);
+    let mut node = c.pod("nodenet", "Always", &[("main", &["sh", "-c", &on_node])]);
+    let spec = node["spec"].as_object_mut().context("pod spec")?;
+    spec.remove("runtimeClassName");
+    spec.insert("hostNetwork".into(), json!(true));
+    c.apply(&node)?;
+    for pod in ["udpsrv", "udppeer", "nodenet"] {
+        c.wait_ready(pod)?;
+    }
+    let ip = |pod: &str| -> Result<String> { Ok(field(&c.get("pod", pod)?, "status/podIP")) };
+    let (srv, node_ip) = (ip("udpsrv")?, ip("nodenet")?);
+    let ask = |from: &str, to: &str, message: &str| -> Result<()> {
+        let answer = c.exec(from, "main", &["udp-echo", "ask", to, message])?;
+        ensure!(
+            answer == message,
+            "UDP {message}: {from} asked {to}, got {answer:?}"
+        );
+        Ok(())
+    };
+    ask("nodenet", &format!("{srv}:9000"), "node-to-pod")?;
+    ask("udppeer", &format!("{node_ip}:9001"), "pod-to-node")?;
+    ask("udppeer", &format!("{srv}:9000"), "pod-to-pod")?;
+    for from in ["nodenet", "udppeer"] {
+        let ping = c.exec(from, "main", &["ping", "-c", "1", "-W", "10", &srv])?;
+        ensure!(
+            ping.contains("1 packets received"),
+            "ping {srv} from {from}: {ping}"
+        );
+    }
+    delete_pods(c, &["udpsrv", "udppeer", "nodenet"])
 }
 
 fn nothing_left(c: &Cluster) -> Result<()> {
