@@ -180,8 +180,12 @@ fn cmdline_params(cmdline: &str, module: &str) -> String {
     cmdline
         .split_whitespace()
         .filter_map(|word| {
-            let (name, param) = word.split_once('.')?;
-            (canonical(name) == module && !param.is_empty()).then_some(param)
+            // The dot that counts is in the key: `initrd=/boot/x.img` is no
+            // module's.
+            let key = word.split_once('=').map_or(word, |(k, _)| k);
+            let (name, _) = key.split_once('.')?;
+            let param = &word[name.len() + 1..];
+            (name.replace('-', "_") == module && !param.is_empty()).then_some(param)
         })
         .collect::<Vec<_>>()
         .join(" ")
@@ -302,7 +306,8 @@ kernel/net/vmw_vsock/vsock.ko:
     #[test]
     fn module_parameters_come_from_the_kernel_command_line() {
         let cmdline = "console=ttyS0 dummy.numdummies=0 nf-conntrack.hashsize=4096 \
-                       dummy.x=1 dummy_extra.y=2 dummy.flag panic=-1";
+                       dummy.x=1 dummy_extra.y=2 dummy.flag panic=-1 initrd=/boot/dummy.img \
+                       a/dummy.z=3";
         assert_eq!(cmdline_params(cmdline, "dummy"), "numdummies=0 x=1 flag");
         assert_eq!(cmdline_params(cmdline, "nf_conntrack"), "hashsize=4096");
         assert_eq!(cmdline_params(cmdline, "veth"), "");

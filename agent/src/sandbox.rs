@@ -1,5 +1,6 @@
 //! The guest as one pod sandbox: its containers by id, the sandbox-wide
-//! settings (hostname, DNS, sysctls), facts about the guest, and the
+//! settings (hostname, DNS, sysctls), the pod's in-memory volumes (a tmpfs
+//! each, shared by its containers), facts about the guest, and the
 //! power-off at the end.
 
 use std::collections::{HashMap, HashSet};
@@ -7,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::mount::MsFlags;
 use podvisor_protocol::api;
 
 use crate::container::{sysctl, validate_id, Container};
@@ -33,10 +35,18 @@ pub struct Sandbox {
     tmpfs: Mutex<HashSet<String>>,
 }
 
-/// Where a pod tmpfs is mounted and its mount data, once its request is
-/// checked: a name that is one plain path component, a mode of permission
-/// bits only.
-pub fn pod_tmpfs_plan(v: &api::PodTmpfs) -> Result<(std::path::PathBuf, String)> {
+/// A pod tmpfs request, checked: where it is mounted, its mount data and
+/// flags, and the directories to make below its root.
+pub struct PodTmpfsPlan {
+    pub path: std::path::PathBuf,
+    pub data: String,
+    pub flags: MsFlags,
+    pub subdirs: Vec<Vec<String>>,
+}
+
+/// Checks a pod tmpfs request: a name that is one plain path component, a
+/// mode of permission bits only, subdirectories of plain components.
+pub fn pod_tmpfs_plan(v: &api::PodTmpfs) -> Result<PodTmpfsPlan> {
     validate_id("pod tmpfs", &v.name)?;
     if v.mode > 0o7777 {
         return Err(invalid!(
@@ -45,14 +55,58 @@ pub fn pod_tmpfs_plan(v: &api::PodTmpfs) -> Result<(std::path::PathBuf, String)>
             v.mode
         ));
     }
-    let mut data = format!("mode={:o}", v.mode);
+    let mut data = format!("mode={:o},uid={},gid={}", v.mode, v.uid, v.gid);
     if v.size_bytes > 0 {
         data.push_str(&format!(",size={}", v.size_bytes));
     }
-    Ok((
-        std::path::Path::new(podvisor_protocol::GUEST_TMPFS_DIR).join(&v.name),
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if v.noexec {
+        flags |= MsFlags::MS_NOEXEC;
+    }
+    let subdirs = v
+        .subdirs
+        .iter()
+        .map(|dir| {
+            let parts: Vec<String> = dir.split('/').map(str::to_string).collect();
+            let plain = |p: &String| {
+                !p.is_empty() && p != "." && p != ".." && !p.contains('\0') && p.len() <= 255
+            };
+            if parts.len() > MAX_SUBDIR_DEPTH || !parts.iter().all(plain) {
+                return Err(invalid!(
+                    "pod tmpfs {}: subdirectory {dir:?} is not a relative path of plain \
+                     components (at most {MAX_SUBDIR_DEPTH})",
+                    v.name
+                ));
+            }
+            Ok(parts)
+        })
+        .collect::<Result<_>>()?;
+    Ok(PodTmpfsPlan {
+        path: std::path::Path::new(podvisor_protocol::GUEST_TMPFS_DIR).join(&v.name),
         data,
-    ))
+        flags,
+        subdirs,
+    })
+}
+
+/// The most components a pod tmpfs subdirectory has.
+const MAX_SUBDIR_DEPTH: usize = 64;
+
+/// Makes `parts` below `root`, one directory at a time, never following a
+/// symbolic link (a container may have put one there).
+fn make_below(root: &std::path::Path, parts: &[String]) -> std::result::Result<(), nix::Error> {
+    use nix::fcntl::{open, openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode};
+    let how = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
+    let mut dir = open(root, how, Mode::empty())?;
+    for p in parts {
+        match mkdirat(&dir, p.as_str(), Mode::from_bits_truncate(0o755)) {
+            Ok(()) | Err(nix::Error::EEXIST) => {}
+            Err(e) => return Err(e),
+        }
+        dir = openat(&dir, p.as_str(), how, Mode::empty())?;
+    }
+    Ok(())
 }
 
 impl Sandbox {
@@ -77,22 +131,25 @@ impl Sandbox {
             .map(|v| Ok((v.name.as_str(), pod_tmpfs_plan(v)?)))
             .collect::<Result<Vec<_>>>()?;
         let mut mounted = lock(&self.tmpfs);
-        for (name, (path, data)) in plans {
-            if mounted.contains(name) {
-                continue;
+        for (name, plan) in plans {
+            if !mounted.contains(name) {
+                std::fs::create_dir_all(&plan.path)
+                    .map_err(|e| internal!("creating {}: {e}", plan.path.display()))?;
+                nix::mount::mount(
+                    Some("tmpfs"),
+                    &plan.path,
+                    Some("tmpfs"),
+                    plan.flags,
+                    Some(plan.data.as_str()),
+                )
+                .map_err(|e| invalid!("mounting pod tmpfs {name} ({}): {e}", plan.data))?;
+                tracing::info!("pod tmpfs {name} mounted ({})", plan.data);
+                mounted.insert(name.to_string());
             }
-            std::fs::create_dir_all(&path)
-                .map_err(|e| internal!("creating {}: {e}", path.display()))?;
-            nix::mount::mount(
-                Some("tmpfs"),
-                &path,
-                Some("tmpfs"),
-                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
-                Some(data.as_str()),
-            )
-            .map_err(|e| internal!("mounting pod tmpfs {name} ({data}): {e}"))?;
-            tracing::info!("pod tmpfs {name} mounted ({data})");
-            mounted.insert(name.to_string());
+            for parts in &plan.subdirs {
+                make_below(&plan.path, parts)
+                    .map_err(|e| invalid!("pod tmpfs {name}: making {}: {e}", parts.join("/")))?;
+            }
         }
         Ok(())
     }
@@ -384,6 +441,19 @@ mod tests {
     }
 
     #[test]
+    fn subdirectories_are_made_without_following_links() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let parts = |p: &str| p.split('/').map(str::to_string).collect::<Vec<_>>();
+        make_below(root.path(), &parts("a/b")).unwrap();
+        make_below(root.path(), &parts("a/b")).unwrap();
+        assert!(root.path().join("a/b").is_dir());
+        std::os::unix::fs::symlink(outside.path(), root.path().join("link")).unwrap();
+        assert!(make_below(root.path(), &parts("link/x")).is_err());
+        assert!(!outside.path().join("x").exists(), "made through a link");
+    }
+
+    #[test]
     fn pod_tmpfs_requests_are_checked() {
         let v = |name: &str, size_bytes: u64, mode: u32| api::PodTmpfs {
             name: name.into(),
@@ -391,15 +461,45 @@ mod tests {
             mode,
             ..Default::default()
         };
-        let (path, data) = pod_tmpfs_plan(&v("empty-dir-cache", 8 << 20, 0o777)).unwrap();
+        let plan = pod_tmpfs_plan(&v("empty-dir-cache", 8 << 20, 0o777)).unwrap();
         assert_eq!(
-            path,
+            plan.path,
             std::path::Path::new("/run/podvisor/tmpfs/empty-dir-cache")
         );
-        assert_eq!(data, "mode=777,size=8388608");
-        assert_eq!(pod_tmpfs_plan(&v("shm", 0, 0o1777)).unwrap().1, "mode=1777");
+        assert_eq!(plan.data, "mode=777,uid=0,gid=0,size=8388608");
+        assert_eq!(plan.flags, MsFlags::MS_NOSUID | MsFlags::MS_NODEV);
+        let shm = api::PodTmpfs {
+            gid: 2000,
+            ..v("shm", 0, 0o1777)
+        };
+        assert_eq!(
+            pod_tmpfs_plan(&shm).unwrap().data,
+            "mode=1777,uid=0,gid=2000"
+        );
+        let sub = api::PodTmpfs {
+            subdirs: vec!["a/b c".into(), "d".into()],
+            noexec: true,
+            ..v("x", 0, 0o777)
+        };
+        let plan = pod_tmpfs_plan(&sub).unwrap();
+        assert_eq!(plan.subdirs, [vec!["a", "b c"], vec!["d"]]);
+        assert!(plan.flags.contains(MsFlags::MS_NOEXEC));
+        for bad in ["../x", "a/../b", "/abs", "a//b", "", "a/.", "n\0ul"] {
+            let req = api::PodTmpfs {
+                subdirs: vec![bad.into()],
+                ..v("x", 0, 0o777)
+            };
+            let e = pod_tmpfs_plan(&req).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("subdirectory")),
+                "{bad:?}: {e:?}"
+            );
+        }
         for (name, mode) in [("..", 0o777), ("a/b", 0o777), ("", 0o777), ("x", 0o10000)] {
-            let e = pod_tmpfs_plan(&v(name, 0, mode)).unwrap_err().to_string();
+            let e = pod_tmpfs_plan(&v(name, 0, mode))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
             assert!(e.contains("pod tmpfs"), "{name:?} {mode:o}: {e}");
         }
     }

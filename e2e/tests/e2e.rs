@@ -615,7 +615,8 @@ fn memory_volumes(c: &Cluster) -> Result<()> {
     for n in 0..2 {
         pod["spec"]["containers"][n]["volumeMounts"] = json!([
             {"name": "cache", "mountPath": "/cache"},
-            {"name": "scratch", "mountPath": "/scratch"}
+            {"name": "scratch", "mountPath": "/scratch"},
+            {"name": "cache", "mountPath": "/sub", "subPath": "part"}
         ]);
     }
     c.apply(&pod)?;
@@ -638,6 +639,18 @@ fn memory_volumes(c: &Cluster) -> Result<()> {
     c.exec("memvol", "a", &["sh", "-c", "echo from-a > /cache/note"])?;
     let note = c.exec("memvol", "b", &["cat", "/cache/note"])?;
     ensure!(note == "from-a", "container b reads {note:?} from /cache");
+    // A subPath is the same volume's directory, in every container.
+    c.exec("memvol", "b", &["sh", "-c", "echo via-subpath > /sub/note"])?;
+    let note = c.exec("memvol", "a", &["cat", "/cache/part/note"])?;
+    ensure!(
+        note == "via-subpath",
+        "container a reads {note:?} from /cache/part"
+    );
+    let sub = mount_line(c, "memvol", "b", "/sub")?;
+    ensure!(
+        sub.split_whitespace().nth(2) == Some("tmpfs"),
+        "the subPath should be on the guest tmpfs: {sub}"
+    );
     let full = c.exec(
         "memvol",
         "b",
@@ -657,9 +670,14 @@ fn memory_volumes(c: &Cluster) -> Result<()> {
     let dir = c.node_sh(&format!(
         "grep -o '[^ ]*/pods/{uid}/volumes/kubernetes.io~empty-dir/cache' /proc/self/mounts"
     ))?;
-    let on_node = c.node_sh(&format!("ls -A {}", dir.trim()))?;
     ensure!(
-        on_node.trim().is_empty(),
+        !dir.trim().is_empty(),
+        "no tmpfs of the emptyDir on the node"
+    );
+    // kubelet made the subPath's directory there; nothing else is.
+    let on_node = c.node_sh(&format!("cd {} && find . -mindepth 1", dir.trim()))?;
+    ensure!(
+        on_node.trim() == "./part",
         "the emptyDir's files are on the node: {on_node}"
     );
     delete_pods(c, &["memvol"])

@@ -397,8 +397,18 @@ pub fn log_tails(dir: &Path, lines: usize) -> String {
         let all: Vec<&str> = text.lines().collect();
         let name = path.strip_prefix(dir).unwrap_or(&path).to_string_lossy();
         out.push_str(&format!("--- {name} (last lines)\n"));
+        // The guest writes the console: each line is marked as quoted and
+        // its control characters are shown escaped, so it cannot pass for a
+        // line of the host's log.
         for l in &all[all.len().saturating_sub(lines)..] {
-            out.push_str(l);
+            out.push_str("| ");
+            for c in l.chars() {
+                if c.is_control() && c != '\t' {
+                    out.extend(c.escape_default());
+                } else {
+                    out.push(c);
+                }
+            }
             out.push('\n');
         }
     }
@@ -474,14 +484,22 @@ mod tests {
         std::fs::write(dir.path().join("vm/console.log"), long).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", dir.path().join("passwd.log")).unwrap();
         std::fs::write(dir.path().join("vm/other.log"), "the VM's own").unwrap();
-        std::fs::write(dir.path().join("virtiofsd.log"), "fs said this\n").unwrap();
+        std::fs::write(
+            dir.path().join("virtiofsd.log"),
+            "fs said this\n\x1b[2Jlevel=info forged\rover\n",
+        )
+        .unwrap();
         std::fs::write(dir.path().join("vm.vsock"), "not a log").unwrap();
         let t = log_tails(dir.path(), 3);
         assert!(
             t.contains("--- vm/console.log") && t.contains("line 49") && !t.contains("line 46"),
             "{t}"
         );
-        assert!(t.contains("fs said this"), "{t}");
+        assert!(t.contains("| fs said this\n"), "{t}");
+        assert!(
+            t.contains("| \\u{1b}[2Jlevel=info forged\\rover\n"),
+            "control characters escaped: {t}"
+        );
         assert!(!t.contains("not a log"), "{t}");
         assert!(!t.contains("root:"), "a link is not followed: {t}");
         assert!(!t.contains("the VM's own"), "{t}");

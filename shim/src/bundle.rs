@@ -8,7 +8,10 @@
 //! `mounts/<n>.<k>` and become mounts of their own in the spec, so each
 //! keeps its read-only or writable state in the guest, and no copy of a
 //! submount sits on the host's directories (which the host could then not
-//! remove). Namespace paths to the pod's sandbox become the
+//! remove). A bind of memory the pod shares (a memory-backed emptyDir, or
+//! a subPath of one; the sandbox's `/dev/shm`) is not shared: it names a
+//! tmpfs of the guest's (`/run/podvisor/tmpfs/<name>`, a `PodTmpfs` the
+//! agent mounts). Namespace paths to the pod's sandbox become the
 //! guest's names for the sandbox's namespaces; the network namespace goes
 //! (the VM's network is the pod's). Host-only parts (hooks, device nodes)
 //! are dropped.
@@ -66,6 +69,9 @@ pub struct Shared {
 
 /// kubelet's directory of a pod's emptyDir volumes, each `<dir>/<name>`.
 const EMPTY_DIR: &str = "kubernetes.io~empty-dir";
+/// kubelet's directory of a pod's subPath binds, each
+/// `<pod>/<dir>/<volume>/<container>/<n>`.
+const VOLUME_SUBPATHS: &str = "volume-subpaths";
 
 impl Bundle {
     pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
@@ -192,8 +198,15 @@ impl Bundle {
                         m.destination().display()
                     ))
                 })?;
-                if let Some(volume) = pod_tmpfs(&src, m.destination()) {
-                    m.set_source(Some(Path::new(GUEST_TMPFS_DIR).join(&volume.name)));
+                if let Some((mut volume, below)) = pod_tmpfs(&src, m.destination(), pod.sandbox_id)
+                {
+                    let guest = Path::new(GUEST_TMPFS_DIR).join(&volume.name);
+                    if below.is_empty() {
+                        m.set_source(Some(guest));
+                    } else {
+                        m.set_source(Some(guest.join(&below)));
+                        volume.subdirs.push(below);
+                    }
                     tmpfs.push(volume);
                     shared.push(m);
                     continue;
@@ -272,35 +285,91 @@ impl Bundle {
 /// `dest`, if `src` is a tmpfs the pod's containers share in memory: a
 /// memory-backed emptyDir (kubelet's `.../kubernetes.io~empty-dir/<name>`,
 /// a tmpfs mount of its own; a disk-backed one is a plain directory and
-/// stays on the host) or the sandbox's `/dev/shm`. The guest's copy keeps
-/// the host tmpfs's size and mode, so a `sizeLimit` (kubelet's `size=`)
-/// holds in the guest, in the guest's memory.
-fn pod_tmpfs(src: &Path, dest: &Path) -> Option<api::PodTmpfs> {
+/// stays on the host) or the `/dev/shm` containerd made for the pod's
+/// sandbox `sandbox_id` (`.../sandboxes/<id>/shm`). The guest's copy keeps
+/// the host tmpfs's size, mode, owner and noexec, so a `sizeLimit`
+/// (kubelet's `size=`) holds in the guest, in the guest's memory.
+///
+/// A subPath of such a volume (kubelet's bind of the directory below the
+/// volume's root, at `<pod>/volume-subpaths/<volume>/<container>/<n>`)
+/// names the same guest tmpfs and the directory below it (with the guest's
+/// copy made where missing), so every container of the pod sees one
+/// volume. A subPath naming a file stays on the host.
+fn pod_tmpfs(src: &Path, dest: &Path, sandbox_id: &str) -> Option<(api::PodTmpfs, String)> {
+    match subpath_of(src) {
+        Some((volume, below)) => Some((tmpfs_volume(&volume, dest, sandbox_id)?, below)),
+        None => Some((tmpfs_volume(src, dest, sandbox_id)?, String::new())),
+    }
+}
+
+/// For a subPath bind `src` of an emptyDir directory: the volume's own
+/// directory, and the path below its root (mountinfo's root of the bind).
+fn subpath_of(src: &Path) -> Option<(PathBuf, String)> {
+    let volume = src.parent()?.parent()?;
+    let subpaths = volume.parent()?;
+    if subpaths.file_name()? != VOLUME_SUBPATHS || !src.is_dir() {
+        return None;
+    }
+    let dir = subpaths
+        .parent()?
+        .join("volumes")
+        .join(EMPTY_DIR)
+        .join(volume.file_name()?);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let below = mount_root(&mountinfo, &src.canonicalize().ok()?)?;
+    let below = below.trim_start_matches('/');
+    (!below.is_empty()).then(|| (dir, below.to_string()))
+}
+
+/// The root (the path within its filesystem) of the last mount at `point`
+/// in a mountinfo text.
+fn mount_root(mountinfo: &str, point: &Path) -> Option<String> {
+    mountinfo.lines().rev().find_map(|line| {
+        let mut f = line.split(' ');
+        let root = unescape(f.nth(3)?);
+        (Path::new(&unescape(f.next()?)) == point).then_some(root)
+    })
+}
+
+/// The pod tmpfs a volume directory (or the sandbox's shm) `src` bound at
+/// `dest` is, if it is one.
+fn tmpfs_volume(src: &Path, dest: &Path, sandbox_id: &str) -> Option<api::PodTmpfs> {
     use std::os::unix::fs::MetadataExt;
-    let name = pod_tmpfs_name(src, dest)?;
+    let name = pod_tmpfs_name(src, dest, sandbox_id)?;
     let stat = nix::sys::statfs::statfs(src).ok()?;
     let own_mount =
         std::fs::metadata(src).ok()?.dev() != std::fs::metadata(src.parent()?).ok()?.dev();
     if stat.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC || !own_mount {
         return None;
     }
+    let root = std::fs::metadata(src).ok()?;
+    let flags = nix::sys::statvfs::statvfs(src).ok()?.flags();
     Some(api::PodTmpfs {
         name,
         size_bytes: stat
             .blocks()
             .saturating_mul(u64::try_from(stat.block_size()).ok()?),
-        mode: std::fs::metadata(src).ok()?.mode() & 0o7777,
+        mode: root.mode() & 0o7777,
+        uid: root.uid(),
+        gid: root.gid(),
+        noexec: flags.contains(nix::sys::statvfs::FsFlags::ST_NOEXEC),
         ..Default::default()
     })
 }
 
 /// The pod tmpfs name a bind of `src` at `dest` would have: a memory
-/// emptyDir's `empty-dir-<volume>`, or `shm` for `/dev/shm`.
-fn pod_tmpfs_name(src: &Path, dest: &Path) -> Option<String> {
-    let parent = src.parent()?.file_name()?;
+/// emptyDir's `empty-dir-<volume>`, or `shm` for the sandbox's `/dev/shm`.
+fn pod_tmpfs_name(src: &Path, dest: &Path, sandbox_id: &str) -> Option<String> {
+    let parent = src.parent()?;
     match src.file_name()?.to_str() {
-        Some(volume) if parent == EMPTY_DIR => Some(format!("empty-dir-{volume}")),
-        _ if dest == Path::new("/dev/shm") => Some("shm".into()),
+        Some(volume) if parent.file_name()? == EMPTY_DIR => Some(format!("empty-dir-{volume}")),
+        Some("shm")
+            if dest == Path::new("/dev/shm")
+                && parent.file_name()? == sandbox_id
+                && parent.parent()?.file_name()? == "sandboxes" =>
+        {
+            Some("shm".into())
+        }
         _ => None,
     }
 }
@@ -571,53 +640,85 @@ mod tests {
     fn memory_volumes_become_pod_tmpfs() {
         use nix::mount::{mount, umount2, MntFlags, MsFlags};
         let dir = tempfile::tempdir().unwrap();
-        let volumes = dir.path().join(EMPTY_DIR);
-        let (memory, disk, other) = (
+        let volumes = dir.path().join("volumes").join(EMPTY_DIR);
+        let (memory, disk, shm, host_shm) = (
             volumes.join("cache"),
             volumes.join("scratch"),
-            dir.path().join("shm"),
+            dir.path().join("sandboxes/sb/shm"),
+            dir.path().join("dev/shm"),
         );
-        for d in [&memory, &disk, &other] {
+        for d in [&memory, &disk, &shm, &host_shm] {
             std::fs::create_dir_all(d).unwrap();
         }
-        for (d, data) in [
-            (&memory, "size=8m,mode=777"),
-            (&other, "size=64m,mode=1777"),
-        ] {
-            mount(
-                Some("tmpfs"),
-                d,
-                Some("tmpfs"),
-                MsFlags::empty(),
-                Some(data),
-            )
-            .unwrap();
-        }
-        let found = [
-            pod_tmpfs(&memory, Path::new("/cache")),
-            pod_tmpfs(&disk, Path::new("/scratch")),
-            pod_tmpfs(&other, Path::new("/data")),
-            pod_tmpfs(&other, Path::new("/dev/shm")),
+        let mounted = [
+            (&memory, "size=8m,mode=777,gid=2000", MsFlags::empty()),
+            (&shm, "size=64m,mode=1777", MsFlags::MS_NOEXEC),
+            (&host_shm, "size=64m,mode=1777", MsFlags::empty()),
         ];
-        for d in [&memory, &other] {
+        for (d, data, flags) in mounted {
+            mount(Some("tmpfs"), d, Some("tmpfs"), flags, Some(data)).unwrap();
+        }
+        // kubelet's bind of a subPath of the memory volume.
+        let subpath = dir.path().join(VOLUME_SUBPATHS).join("cache/ctr/0");
+        std::fs::create_dir_all(memory.join("sub/dir")).unwrap();
+        std::fs::create_dir_all(&subpath).unwrap();
+        mount(
+            Some(&memory.join("sub/dir")),
+            &subpath,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        let below = pod_tmpfs(&subpath, Path::new("/work"), "sb");
+        umount2(&subpath, MntFlags::MNT_DETACH).unwrap();
+        let dev_shm = Path::new("/dev/shm");
+        let found = [
+            pod_tmpfs(&memory, Path::new("/cache"), "sb"),
+            pod_tmpfs(&disk, Path::new("/scratch"), "sb"),
+            pod_tmpfs(&shm, dev_shm, "sb"),
+            pod_tmpfs(&shm, Path::new("/data"), "sb"),
+            pod_tmpfs(&shm, dev_shm, "another"),
+            pod_tmpfs(&host_shm, dev_shm, "sb"),
+        ];
+        for (d, _, _) in mounted {
             umount2(d, MntFlags::MNT_DETACH).unwrap();
         }
-        let [memory, disk, other, shm] = found;
+        let [memory, disk, shm, elsewhere, other_pods, hosts] = found.map(|f| {
+            f.map(|(volume, below)| {
+                assert_eq!(below, "", "{volume:?}");
+                volume
+            })
+        });
+        let (volume, below) = below.expect("a subPath of the memory volume");
+        assert_eq!(
+            (volume.name.as_str(), below.as_str()),
+            ("empty-dir-cache", "sub/dir")
+        );
         let memory = memory.expect("a tmpfs emptyDir");
         assert_eq!(
-            (memory.name.as_str(), memory.size_bytes, memory.mode),
-            ("empty-dir-cache", 8 << 20, 0o777)
+            (
+                memory.name.as_str(),
+                memory.size_bytes,
+                memory.mode,
+                memory.gid,
+                memory.noexec
+            ),
+            ("empty-dir-cache", 8 << 20, 0o777, 2000, false)
         );
         assert!(disk.is_none(), "a disk emptyDir stays on the host");
-        assert!(
-            other.is_none(),
-            "a tmpfs that is no emptyDir stays on the host"
-        );
         let shm = shm.expect("the pod's /dev/shm");
         assert_eq!(
-            (shm.name.as_str(), shm.size_bytes, shm.mode),
-            ("shm", 64 << 20, 0o1777)
+            (shm.name.as_str(), shm.size_bytes, shm.mode, shm.noexec),
+            ("shm", 64 << 20, 0o1777, true)
         );
+        for (what, found) in [
+            ("the sandbox's shm mounted elsewhere", elsewhere),
+            ("another sandbox's shm", other_pods),
+            ("a tmpfs that is not the sandbox's shm", hosts),
+        ] {
+            assert!(found.is_none(), "{what} stays on the host");
+        }
     }
 
     #[test]
