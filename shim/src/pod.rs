@@ -39,8 +39,11 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const CLONE_READY: Duration = Duration::from_secs(20);
 /// How long the guest gets to power off after DestroySandbox.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
-/// Lines of each log kept in a warning about a VM that ended unasked.
-const LAST_LOG_LINES: usize = 60;
+/// Lines of each log kept in a warning about a VM that ended unasked: a
+/// guest panic's first line ("Kernel panic - not syncing") comes before
+/// its backtraces (an NMI's are about 80 lines), and panic=-1 resets the
+/// guest without printing an end marker.
+const LAST_LOG_LINES: usize = 200;
 /// Timeout of ordinary agent calls; WaitProcess has none.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
