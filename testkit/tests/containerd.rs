@@ -1128,11 +1128,17 @@ fn a_guest_panic_ends_the_task_as_a_dead_vm(c: &Containerd) -> Result<()> {
     ok(&mut c.ctr(&["containers", "rm", id]), 30)?;
     // The console goes with the sandbox directory: the shim's warning
     // keeps the guest's last words in containerd's log.
+    // The last such warning is this test's: the log holds the earlier
+    // tests' too.
     let log = c.log();
     let warned = log
-        .split("the VM exited unasked")
-        .nth(1)
-        .is_some_and(|w| w.contains("--- vm/console.log") && w.contains("Kernel panic"));
+        .rfind("the VM exited unasked")
+        .map(|at| &log[at..])
+        .is_some_and(|w| {
+            w.contains("sandbox=\"panicking\"")
+                && w.contains("--- vm/console.log")
+                && w.contains("| Kernel panic - not syncing")
+        });
     ensure!(
         warned,
         "the shim's log does not carry the guest's panic:\n{}",
