@@ -11,6 +11,7 @@ use std::time::Duration;
 use nix::mount::MsFlags;
 use podvisor_protocol::api;
 
+use crate::container::shared::Releases;
 use crate::container::{sysctl, validate_id, Container};
 use crate::error::{internal, invalid, not_found, precondition, AgentError, Result};
 use crate::lock;
@@ -33,6 +34,8 @@ pub struct Sandbox {
     restored: AtomicBool,
     /// The pod's in-memory volumes mounted so far, by name.
     tmpfs: Mutex<HashSet<String>>,
+    /// Removed containers whose shared submounts are yet to go.
+    releases: Releases,
 }
 
 /// A pod tmpfs request, checked: where it is mounted, its mount data and
@@ -119,6 +122,7 @@ impl Sandbox {
             ready_ms: boottime_ms(),
             restored: AtomicBool::new(false),
             tmpfs: Mutex::new(HashSet::new()),
+            releases: Releases::default(),
         }
     }
 
@@ -239,6 +243,7 @@ impl Sandbox {
     ) -> Result<api::StdioPorts> {
         let id = req.container_id.as_str();
         validate_id("container", id)?;
+        self.releases.wait(id).await;
         {
             let containers = lock(&self.containers);
             let mut creating = lock(&self.creating);
@@ -328,7 +333,8 @@ impl Sandbox {
             ));
         }
         lock(&self.containers).remove(id);
-        c.destroy();
+        // Its submounts go a little later; a new container of its id waits.
+        self.releases.later(id, c.destroy());
         tracing::info!("removed");
         Ok(())
     }

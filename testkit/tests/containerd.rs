@@ -87,6 +87,10 @@ fn main() {
             a_memory_hog_is_oom_killed_and_the_pod_carries_on,
         ),
         (
+            "an_exited_container_lets_go_of_its_share_when_removed",
+            an_exited_container_lets_go_of_its_share_when_removed,
+        ),
+        (
             "a_fork_bomb_meets_the_task_cap_and_the_agent_keeps_serving",
             a_fork_bomb_meets_the_task_cap_and_the_agent_keeps_serving,
         ),
@@ -1487,6 +1491,105 @@ fn a_memory_hog_is_oom_killed_and_the_pod_carries_on(c: &Containerd) -> Result<(
                 .join("\n")
         );
         remove_containers(c, &ids)
+    })();
+    let stopped = stop_pod(c, &sandbox);
+    result.and(stopped)
+}
+
+/// Whether a sandbox's virtiofsd (or a child of it) holds the file
+/// `(dev, ino)` open.
+fn virtiofsd_holds(sandbox: &str, (dev, ino): (u64, u64)) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let state = sandbox_state(sandbox)?;
+    let pid = state["processes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "virtiofsd")
+        .and_then(|p| p["pid"].as_u64())
+        .and_then(|p| u32::try_from(p).ok())
+        .context("no virtiofsd in the sandbox's state")?;
+    for pid in with_descendants(pid) {
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))?.flatten() {
+            if std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// A container's rootfs (a host mount in the sandbox's shared directory)
+/// is a virtio-fs submount in the guest, which the agent holds until the
+/// container is removed (so that no release of its files outlives the
+/// submount's superblock: the guest kernel panics then) and then lets go
+/// of. Seen from the host: virtiofsd holds the running container's rootfs
+/// (its root directory, the submount's root) and lets go of it once the
+/// container that ran and exited is removed; the pod's other container
+/// carries on.
+fn an_exited_container_lets_go_of_its_share_when_removed(c: &Containerd) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let d = c.dir();
+    let pod = pod_file(d, "share")?;
+    let ctr = |name: &str, cmd: &str| {
+        json_file(
+            d,
+            &format!("share-{name}.json"),
+            &format!(
+                r#"{{"metadata":{{"name":"{name}"}},"image":{{"image":"docker.io/podvisor/busybox:latest"}},"command":{cmd},"linux":{{}}}}"#
+            ),
+        )
+    };
+    let (keeper, short) = (
+        ctr("keeper", r#"["sleep","600"]"#)?,
+        ctr(
+            "short",
+            r#"["sh","-c","cat /bin/busybox >/dev/null; exit 3"]"#,
+        )?,
+    );
+    let sandbox = ok(&mut c.crictl(&["runp", "--runtime", "podvisor", &pod]), 180)?
+        .trim()
+        .to_string();
+    let result = (|| -> Result<()> {
+        let ids = start_containers(c, &sandbox, &pod, &[keeper.as_str(), short.as_str()])?;
+        let rootfs = Path::new(podvisor_names::paths::STATE_ROOT)
+            .join(&sandbox)
+            .join("shared")
+            .join(&ids[1])
+            .join("rootfs");
+        let meta = std::fs::metadata(&rootfs).with_context(|| format!("{}", rootfs.display()))?;
+        let root = (meta.dev(), meta.ino());
+        ensure!(
+            virtiofsd_holds(&sandbox, root)?,
+            "virtiofsd does not hold the running container's rootfs"
+        );
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let info: serde_json::Value =
+                serde_json::from_str(&ok(&mut c.crictl(&["inspect", "-o", "json", &ids[1]]), 60)?)?;
+            if info.pointer("/status/state").and_then(|v| v.as_str()) == Some("CONTAINER_EXITED") {
+                let code = info.pointer("/status/exitCode").and_then(|v| v.as_i64());
+                ensure!(code == Some(3), "the short container ended {code:?}, not 3");
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the short container still runs after 120 s"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        ok(&mut c.crictl(&["rm", &ids[1]]), 60)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while virtiofsd_holds(&sandbox, root)? {
+            ensure!(
+                Instant::now() < deadline,
+                "virtiofsd still holds the removed container's rootfs after 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let alive = ok(&mut c.crictl(&["exec", &ids[0], "echo", "alive"]), 60)?;
+        ensure!(alive.trim() == "alive", "the keeper answers {alive:?}");
+        remove_containers(c, &ids[..1])
     })();
     let stopped = stop_pod(c, &sandbox);
     result.and(stopped)

@@ -4,6 +4,7 @@
 //! - [`launch`]: fork, namespaces and the setup handshake;
 //! - [`namespaces`]: which namespaces an init makes and which it joins;
 //! - [`rootfs`]: mounts, devices, pivot_root inside the container;
+//! - [`shared`]: its virtio-fs submounts, held by the agent meanwhile;
 //! - [`sysctl`]: kernel parameters the spec sets;
 //! - [`process`]: user, capabilities, rlimits, exec;
 //! - [`seccomp`]: the spec's seccomp profile as a BPF filter;
@@ -17,6 +18,7 @@ pub mod namespaces;
 pub mod process;
 pub mod rootfs;
 pub mod seccomp;
+pub mod shared;
 pub mod stdio;
 pub mod sysctl;
 pub mod user;
@@ -39,6 +41,7 @@ use launch::{LaunchPlan, Launched, Target};
 use namespaces::NamespacePlan;
 use process::ProcessPlan;
 use seccomp::Filter;
+use shared::SharedMounts;
 use stdio::Streams;
 
 /// An error inside a forked child, before it execs; sent to the agent as
@@ -250,6 +253,7 @@ fn check_terminal(plan: &ProcessPlan, terminal: bool) -> Result<()> {
 pub struct Container {
     pub id: String,
     rootfs: PathBuf,
+    shared: SharedMounts,
     cgroup: Cgroup,
     init: Process,
     execs: Mutex<HashMap<String, Arc<Process>>>,
@@ -279,7 +283,14 @@ impl Container {
         } = SpecPlan::new(id, spec, Some(&rootfs), stdio_req.terminal, init_pid_of)?;
         let namespaces = namespaces.open()?;
         let own_pid = namespaces.own_pid;
-        let cgroup = Cgroup::create(Path::new(cgroup::CGROUP_ROOT), id)?;
+        let shared = SharedMounts::hold(id, &rootfs, &spec);
+        let cgroup = match Cgroup::create(Path::new(cgroup::CGROUP_ROOT), id) {
+            Ok(c) => c,
+            Err(e) => {
+                shared.release();
+                return Err(e);
+            }
+        };
         let built = async {
             cgroup.write_all(&resources)?;
             let setup = stdio::prepare(stdio_req)?;
@@ -307,6 +318,7 @@ impl Container {
                     Container {
                         id: id.to_string(),
                         rootfs,
+                        shared,
                         cgroup,
                         init,
                         execs: Mutex::new(HashMap::new()),
@@ -317,6 +329,7 @@ impl Container {
             }
             Err(e) => {
                 cgroup.remove();
+                shared.release();
                 Err(e)
             }
         }
@@ -470,10 +483,11 @@ impl Container {
             .write_all(&resource_update(&self.id, resources_json)?)
     }
 
-    /// Kills whatever is left and frees the cgroup. The caller has made
-    /// sure the container may go.
-    pub fn destroy(&self) {
+    /// Frees the cgroup; returns the shared submounts the agent holds for
+    /// it, to release. The caller has made sure the container may go.
+    pub fn destroy(&self) -> SharedMounts {
         self.cgroup.remove();
+        self.shared.clone()
     }
 
     pub fn kill_all(&self) {

@@ -127,7 +127,10 @@ fn cycle(c: &Containerd, i: usize, host_boot: &str) -> Result<(String, Duration)
             "its sandbox directory is kept in {}",
             kept.display()
         )),
-        Err(why) => e.context(format!("its sandbox directory could not be kept: {why:#}")),
+        Err(why) => e.context(format!(
+            "its sandbox directory could not be kept ({why:#}): when the VM died, the \
+             shim's warning in containerd's log carries its last logs"
+        )),
     });
     let stopped = stop_pod(c, &sandbox).context("StopPodSandbox and RemovePodSandbox");
     result
