@@ -25,9 +25,21 @@ CARGO_FUZZ_VERSION := 0.13.2
 # The fuzz targets' builds (nightly, sanitizers), kept across runs.
 FUZZ_TARGET_DIR := /var/cache/podvisor/fuzz-target
 MUSL_RELEASE := target/$(AGENT_TARGET)/release
-# The controller image the local cluster imports (cluster/up.sh loads
-# build/cluster/images/*.tar).
+# The images the chart runs on the local cluster (cluster/up.sh imports
+# build/cluster/images/*.tar): built locally from busybox and our static
+# binaries (controller-image, node-image), or with IMAGES=dockerfile the
+# Dockerfile's own (make images; about 30 minutes cold).
+IMAGES ?= local
+ifeq ($(IMAGES),dockerfile)
+VERSION := $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' charts/podvisor/Chart.yaml)
+CONTROLLER_IMAGE := docker.io/podvisor/controller:$(VERSION)
+NODE_IMAGE := docker.io/podvisor/node:$(VERSION)
+CLUSTER_IMAGES := images
+else
 CONTROLLER_IMAGE := docker.io/podvisor/controller:test
+NODE_IMAGE := docker.io/podvisor/node:test
+CLUSTER_IMAGES := controller-image node-image
+endif
 # ring's C code for the musl target.
 export CC_x86_64_unknown_linux_musl := musl-gcc
 SHELL        := /bin/bash
@@ -56,7 +68,7 @@ help:
 	@echo "make cluster-up       a local single-node Kubernetes cluster with podvisor (cluster-down stops it)"
 	@echo "make test-e2e         cluster-up, the e2e suite, cluster-down"
 	@echo "make e2e-kind         the e2e suite on a kind cluster (needs Docker and kind)"
-	@echo "make test-controller  installer, Helm chart, VirtualMachine controller on the local cluster"
+	@echo "make test-controller  installer, Helm chart, VirtualMachine controller on the local cluster (IMAGES=dockerfile: the Dockerfile's images)"
 	@echo "make crds             regenerate crds/ and the chart's CRDs from controller/src/crd.rs"
 	@echo "make bench            print the figures of DESIGN.md that can be measured here"
 	@echo "make soak             SOAK_CYCLES (200) CRI pods through their life cycle, 4 at a time; leaks, cycles/min, p50/p99"
@@ -302,17 +314,34 @@ controller-image: static
 	target/release/podvisor-tools image build/cluster/images/controller.tar $(CONTROLLER_IMAGE) \
 	  --add $(MUSL_RELEASE)/podvisor-controller:/usr/local/bin/podvisor-controller podvisor-controller
 
-# The control plane on the local cluster: the node installer run on the node,
-# `helm install` of charts/podvisor, VirtualMachines through the controller;
-# then the installer's file tests (containerd v2/v3) and the CRD staleness
-# test. The suite's last step uninstalls podvisor from the node as the
-# installer does; make install puts it back afterwards.
-test-controller: install upstream controller-image cluster-tools
+# The node image for the local cluster: busybox, the static installer and
+# make install's tree under /opt/podvisor, as the Dockerfile's node image
+# holds them (the Dockerfile builds the real one).
+node-image: install static
+	$(CARGO) build --release -p podvisor-tools
+	mkdir -p build/cluster/images
+	target/release/podvisor-tools image build/cluster/images/node.tar $(NODE_IMAGE) \
+	  --add $(MUSL_RELEASE)/podvisor-install:/usr/local/bin/podvisor-install \
+	  $$(cd $(PREFIX) && find . -type f ! -name install-state.json | sort | \
+	     sed 's|^\./\(.*\)|--add $(PREFIX)/\1:/opt/podvisor/\1|') \
+	  podvisor-install
+
+# The control plane on the local cluster, from a node podvisor was never
+# put on: `helm install` of charts/podvisor, whose installer DaemonSet (the
+# node image) installs podvisor and restarts the cluster's containerd;
+# VirtualMachines through the controller; `helm uninstall` leaves the node
+# as it was. Before it, the installer's file and restart tests (containerd
+# v2/v3 configs) and the CRD staleness test. make install puts podvisor
+# back afterwards.
+test-controller: install upstream $(CLUSTER_IMAGES) cluster-tools
 	$(CARGO) test -p podvisor-installer -p podvisor-controller
 	$(CARGO) build -p podvisor-e2e --tests
-	rc=0; PODVISOR_INSTALL=$(CURDIR)/$(MUSL_RELEASE)/podvisor-install \
+	$(if $(filter dockerfile,$(IMAGES)),mkdir -p build/cluster/images && \
+	  cp build/images/controller.tar build/images/node.tar build/cluster/images/,true)
+	rc=0; $(MAKE) --no-print-directory uninstall >/dev/null; \
+	  PODVISOR_CLUSTER_BARE=1 PODVISOR_CONTROLLER_IMAGE=$(CONTROLLER_IMAGE) PODVISOR_NODE_IMAGE=$(NODE_IMAGE) \
 	  PODVISOR_CONTAINERD_CONFIG=$(CURDIR)/build/cluster/run/containerd/config.toml \
-	  PODVISOR_CONTROLLER_IMAGE=$(CONTROLLER_IMAGE) \
+	  PODVISOR_CONTAINERD_PID_FILE=$(CURDIR)/build/cluster/run/containerd/containerd.pid \
 	  cluster/with.sh $(CARGO) test -p podvisor-e2e --test controller || rc=$$?; \
 	$(MAKE) --no-print-directory install >/dev/null; exit $$rc
 

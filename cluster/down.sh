@@ -30,6 +30,12 @@ if [ -S "$CONTAINERD_SOCK" ]; then
   done
 fi
 for c in kube-proxy containerd kube-scheduler kube-controller-manager kube-apiserver etcd; do stop "$c"; done
+# containerd itself, should its supervisor have been killed before it.
+if [ -f "$CONTAINERD_PID_FILE" ]; then
+  pid="$(cat "$CONTAINERD_PID_FILE")"
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = containerd ] && kill -9 "$pid"
+  rm -f "$CONTAINERD_PID_FILE"
+fi
 # kube-proxy's iptables rules.
 [ -x "$BIN/kube-proxy" ] && "$BIN/kube-proxy" --cleanup >/dev/null 2>&1
 

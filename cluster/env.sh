@@ -13,6 +13,8 @@ LOGS="$CLUSTER_DIR/logs"
 export KUBECONFIG="$RUN/admin.kubeconfig"
 export CONTAINER_RUNTIME_ENDPOINT="unix://$RUN/containerd/containerd.sock"
 CONTAINERD_SOCK="$RUN/containerd/containerd.sock"
+# containerd's own pid (its supervisor's is in $RUN/pids/containerd).
+CONTAINERD_PID_FILE="$RUN/containerd/containerd.pid"
 NODE=podvisor-e2e
 ETCD_PORT=23790
 ETCD_PEER_PORT=23800

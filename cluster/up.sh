@@ -8,7 +8,11 @@
 #
 # podvisor itself must be installed the way a node gets it (`make install`:
 # /opt/podvisor, /etc/podvisor/config.toml); the Makefile's cluster-up does
-# that first. Everything else lives under $PODVISOR_CLUSTER_DIR (default
+# that first. With PODVISOR_CLUSTER_BARE=1 the node is one podvisor was
+# never put on: containerd knows no podvisor runtime, and nothing of
+# podvisor is needed (the chart's installer DaemonSet puts it there).
+# containerd runs under a supervisor that starts it again when it exits, as
+# systemd would: the installer restarts it through its pid file. Everything else lives under $PODVISOR_CLUSTER_DIR (default
 # build/cluster): run/ (PKI, kubeconfigs, data), logs/ (one log per
 # component, and pods/ with the containers' logs). cluster/down.sh stops it and removes run/.
 #
@@ -23,7 +27,8 @@ for b in "$BIN"/{etcd,kube-apiserver,kube-controller-manager,kube-scheduler,kube
          "$CONTAINERD_BIN"/{containerd,ctr,containerd-shim-runc-v2}; do
   [ -x "$b" ] || { echo "cluster/up.sh: $b missing (upstream/build.sh)" >&2; exit 1; }
 done
-[ -x /usr/local/bin/containerd-shim-podvisor-v2 ] ||
+bare="${PODVISOR_CLUSTER_BARE:-0}"
+[ "$bare" = 1 ] || [ -x /usr/local/bin/containerd-shim-podvisor-v2 ] ||
   { echo "cluster/up.sh: podvisor is not installed (make install)" >&2; exit 1; }
 if [ -d "$RUN" ]; then
   echo "cluster/up.sh: $RUN exists; a cluster is up or was not torn down (cluster/down.sh)" >&2
@@ -165,14 +170,22 @@ state = "$RUN/containerd/state"
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
-$(cat "$here/containerd-podvisor.toml")
+$([ "$bare" = 1 ] || cat "$here/containerd-podvisor.toml")
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$RUN/cni"
 EOF
-# Its own runc shim first on PATH; podvisor's is in /usr/local/bin.
-start containerd env PATH="$CONTAINERD_BIN:$PATH" "$CONTAINERD_BIN/containerd" \
-  --config "$RUN/containerd/config.toml"
+# Its own runc shim first on PATH; podvisor's is in /usr/local/bin. Its
+# supervisor starts it again whenever it exits (after a second), writing
+# its pid to $CONTAINERD_PID_FILE; SIGTERM to the supervisor stops both.
+start containerd env PATH="$CONTAINERD_BIN:$PATH" bash -c '
+  trap "kill \$pid 2>/dev/null; wait \$pid; exit 0" TERM
+  while :; do
+    "$0" --config "$1" & pid=$!
+    echo $pid > "$2.tmp" && mv "$2.tmp" "$2"
+    wait $pid; echo "supervisor: containerd exited ($?); starting it again" >&2
+    sleep 1
+  done' "$CONTAINERD_BIN/containerd" "$RUN/containerd/config.toml" "$CONTAINERD_PID_FILE"
 wait_for containerd 30 "$CONTAINERD_BIN/ctr" --address "$CONTAINERD_SOCK" version
 
 # The test images: busybox (with the suite's static UDP echo, as
@@ -235,10 +248,12 @@ start kubelet "$BIN/kubelet" --config "$RUN/kubelet/config.yaml" \
   --cert-dir "$RUN/kubelet/pki" --hostname-override "$NODE" --node-ip "$node_ip"
 wait_for "node $NODE Ready" 120 \
   "$BIN/kubectl" --kubeconfig "$KUBECONFIG" wait --for=condition=Ready "node/$NODE" --timeout=1s
-# What the node installer does on a real node: mark it as able to run podvisor.
-"$BIN/kubectl" --kubeconfig "$KUBECONFIG" label node "$NODE" podvisor.io/runtime=true --overwrite >/dev/null
-# What the chart applies cluster-wide: the RuntimeClass.
-"$BIN/kubectl" --kubeconfig "$KUBECONFIG" apply -f "$here/../deploy/runtimeclass.yaml" >/dev/null
+if [ "$bare" != 1 ]; then
+  # What the node installer does on a real node: mark it as able to run podvisor.
+  "$BIN/kubectl" --kubeconfig "$KUBECONFIG" label node "$NODE" podvisor.io/runtime=true --overwrite >/dev/null
+  # What the chart applies cluster-wide: the RuntimeClass.
+  "$BIN/kubectl" --kubeconfig "$KUBECONFIG" apply -f "$here/../deploy/runtimeclass.yaml" >/dev/null
+fi
 wait_for "default service account" 60 \
   "$BIN/kubectl" --kubeconfig "$KUBECONFIG" get serviceaccount default
 

@@ -1,13 +1,16 @@
 //! The Kubernetes control plane of podvisor, as an operator installs it and
-//! a user meets it: the node installer run on the node, the Helm chart
-//! installed with `helm install`, VirtualMachines created, stopped, started,
-//! deleted and refused. Runs against `KUBECONFIG`; `make test-controller`
-//! brings up the local cluster for it.
+//! a user meets it: `helm install` of the chart on a node podvisor was never
+//! put on (its installer DaemonSet installs podvisor there and restarts
+//! containerd), VirtualMachines created, stopped, started, deleted and
+//! refused, and `helm uninstall` leaving the node as it was. Runs against
+//! `KUBECONFIG`; `make test-controller` brings up the local cluster for it
+//! (PODVISOR_CLUSTER_BARE=1: no podvisor on the node).
 //!
 //! Needs, besides the e2e suite's settings: `HELM` (default helm),
-//! `PODVISOR_INSTALL` (the podvisor-install binary, run on the node),
-//! `PODVISOR_CONTAINERD_CONFIG` (the node's containerd config),
-//! `PODVISOR_CONTROLLER_IMAGE` (an image the node has).
+//! `PODVISOR_CONTROLLER_IMAGE` and `PODVISOR_NODE_IMAGE` (images the node
+//! has), `PODVISOR_CONTAINERD_CONFIG` (the node's containerd config) and
+//! `PODVISOR_CONTAINERD_PID_FILE` (containerd's pid, which its supervisor
+//! writes).
 
 // An integration-test crate: every function here is test code.
 #![allow(
@@ -32,32 +35,27 @@ const LABEL: &str = "podvisor.io/runtime";
 struct Env {
     c: Cluster,
     helm: String,
-    installer: String,
     containerd_config: String,
-    image: String,
+    containerd_pid_file: String,
+    controller_image: String,
+    node_image: String,
     node: String,
     repo: PathBuf,
 }
 
 type Test = fn(&Env) -> Result<()>;
 
-// In this order: the installer and the chart first, the uninstall last.
+// In this order: the chart first, the uninstall last.
 const TESTS: &[(&str, Test)] = &[
-    (
-        "installer_registers_podvisor_on_the_node",
-        installer_installs,
-    ),
-    ("chart_lints_renders_and_installs", chart),
+    ("chart_lints_and_renders", chart_renders),
+    ("helm_install_puts_podvisor_on_the_node", helm_install),
     ("controller_serves_health_and_metrics", controller_health),
     ("virtual_machine_runs_in_a_vm", vm_runs),
     ("run_strategy_halted_stops_always_starts", halted_and_always),
     ("once_and_rerun_on_failure", once_and_rerun),
     ("invalid_specs_are_refused_or_reported", invalid_specs),
     ("deleting_a_vm_removes_its_pod_and_finalizer", delete_vm),
-    (
-        "helm_uninstall_and_installer_uninstall_restore_the_node",
-        uninstall,
-    ),
+    ("helm_uninstall_leaves_the_node_as_it_was", uninstall),
 ];
 
 fn main() -> ExitCode {
@@ -109,9 +107,10 @@ fn setup() -> std::result::Result<Env, String> {
         .map_err(|e| format!("no node: {e:#}"))?;
     Ok(Env {
         helm: std::env::var("HELM").unwrap_or_else(|_| "helm".into()),
-        installer: var("PODVISOR_INSTALL")?,
         containerd_config: var("PODVISOR_CONTAINERD_CONFIG")?,
-        image: var("PODVISOR_CONTROLLER_IMAGE")?,
+        containerd_pid_file: var("PODVISOR_CONTAINERD_PID_FILE")?,
+        controller_image: var("PODVISOR_CONTROLLER_IMAGE")?,
+        node_image: var("PODVISOR_NODE_IMAGE")?,
         node,
         repo: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."),
         c,
@@ -136,18 +135,31 @@ impl Env {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// The chart's values for this cluster: the image the node has, no
-    /// installer DaemonSet (the installer runs on the node directly: this
-    /// cluster's containerd is not a systemd unit to restart).
+    /// The chart's values for this cluster: the images the node has, and
+    /// the installer restarting containerd through its supervisor's pid
+    /// file (this cluster's containerd is not a systemd unit).
     fn values(&self) -> Vec<String> {
-        let (repo, tag) = self
-            .image
-            .rsplit_once(':')
-            .unwrap_or((&self.image, "latest"));
+        let image = |image: &str| {
+            let (repo, tag) = image.rsplit_once(':').unwrap_or((image, "latest"));
+            (repo.to_string(), tag.to_string())
+        };
+        let (controller_repo, controller_tag) = image(&self.controller_image);
+        let (node_repo, node_tag) = image(&self.node_image);
         vec![
-            format!("--set=controller.image.repository={repo}"),
-            format!("--set=controller.image.tag={tag}"),
-            "--set=installer.enabled=false".into(),
+            format!("--set=controller.image.repository={controller_repo}"),
+            format!("--set=controller.image.tag={controller_tag}"),
+            format!("--set=installer.image.repository={node_repo}"),
+            format!("--set=installer.image.tag={node_tag}"),
+            "--set=installer.image.pullPolicy=Never".into(),
+            format!(
+                "--set=installer.containerdConfig={}",
+                self.containerd_config
+            ),
+            "--set=installer.restart=pid-file".into(),
+            format!(
+                "--set=installer.containerdPidFile={}",
+                self.containerd_pid_file
+            ),
         ]
     }
 
@@ -164,12 +176,43 @@ impl Env {
         Ok(field(&json, "data/config.toml"))
     }
 
-    fn installer(&self, verb: &str, node_config: &str) -> Result<String> {
-        self.c.node_sh(&format!(
-            "{} {verb} --host-root / --source /opt/podvisor --node-config {node_config} \
-             --containerd-config {} --restart none --node {} 2>&1",
-            self.installer, self.containerd_config, self.node
-        ))
+    /// What the installer may touch on the node: each path's type, mode and
+    /// owner, each file's checksum (or that it is absent); and the label.
+    fn node_state(&self) -> Result<String> {
+        let files = self.c.node_sh(&format!(
+            "for p in {} /etc/podvisor /opt/podvisor /usr/local/bin/containerd-shim-podvisor-v2; do \
+               if [ -e \"$p\" ] || [ -L \"$p\" ]; then \
+                 find \"$p\" -printf '%y %m %u:%g %p -> %l\\n' | sort; \
+                 find \"$p\" -type f -exec sha256sum {{}} + | sort -k2; \
+               else echo \"absent $p\"; fi; done",
+            self.containerd_config
+        ))?;
+        Ok(format!("{files}label {:?}\n", self.node_label()?))
+    }
+
+    /// containerd's pid now.
+    fn containerd_pid(&self) -> Result<String> {
+        Ok(self
+            .c
+            .node_sh(&format!("cat {}", self.containerd_pid_file))?
+            .trim()
+            .to_string())
+    }
+
+    /// The installer DaemonSet's pods.
+    fn installer_pods(&self) -> Result<Vec<Value>> {
+        let pods = self.c.kubectl(&[
+            "-n",
+            SYSTEM,
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/component=installer",
+            "-o",
+            "json",
+        ])?;
+        let pods: Value = serde_json::from_str(&pods)?;
+        Ok(pods["items"].as_array().cloned().unwrap_or_default())
     }
 
     fn vm(&self, name: &str, spec: Value) -> Value {
@@ -251,49 +294,12 @@ fn kubectl_client_json(c: &Cluster, yaml: &str) -> Result<Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-/// Where the suite keeps the node's podvisor config from before the install.
-fn saved_node_config() -> PathBuf {
-    std::env::temp_dir().join("podvisor-node-config.before")
+/// Where the suite keeps the node's state from before `helm install`.
+fn saved_node_state() -> PathBuf {
+    std::env::temp_dir().join("podvisor-node-state.before")
 }
 
-fn installer_installs(e: &Env) -> Result<()> {
-    let config = e.node_config()?;
-    ensure!(
-        config.contains("\"podvisor.io/vcpus\"") && config.contains("max_vcpus = 16"),
-        "rendered node config: {config}"
-    );
-    let path = std::env::temp_dir().join("podvisor-node-config.toml");
-    std::fs::write(&path, &config)?;
-    let before = e.c.node_sh(&format!("cat {}", e.containerd_config))?;
-    let own_config = e.c.node_sh("cat /etc/podvisor/config.toml")?;
-    std::fs::write(saved_node_config(), &own_config)?;
-    e.c.kubectl(&["label", "node", &e.node, &format!("{LABEL}-")])?;
-    ensure!(e.node_label()?.is_empty(), "label still set");
-
-    let log = e.installer("install", &path.display().to_string())?;
-    ensure!(
-        e.node_label()? == "true",
-        "installer did not label the node: {log}"
-    );
-    let installed = e.c.node_sh("cat /etc/podvisor/config.toml")?;
-    ensure!(installed == config, "node config: {installed:?}");
-    // This cluster's containerd has podvisor registered by cluster/up.sh
-    // (no marker): the operator's entry, which the installer leaves as it is
-    // (the edit itself is tested on v2 and v3 files in installer/tests).
-    let after = e.c.node_sh(&format!("cat {}", e.containerd_config))?;
-    ensure!(
-        after == before && after.contains("runtime_type = \"io.containerd.podvisor.v2\""),
-        "containerd config:\n{after}"
-    );
-    ensure!(log.contains("already has the podvisor runtime"), "{log}");
-    // Twice: nothing changes.
-    e.installer("install", &path.display().to_string())?;
-    ensure!(e.c.node_sh("cat /etc/podvisor/config.toml")? == config);
-    ensure!(e.node_label()? == "true");
-    Ok(())
-}
-
-fn chart(e: &Env) -> Result<()> {
+fn chart_renders(e: &Env) -> Result<()> {
     let chart = e.chart();
     e.helm(&["lint", "--strict", "--kube-version=1.34.0", &chart])?;
     let all = e.helm(&[
@@ -317,6 +323,10 @@ fn chart(e: &Env) -> Result<()> {
             "no {kind} rendered"
         );
     }
+    ensure!(
+        all.contains("--restart=systemd"),
+        "the installer restarts a systemd containerd by default:\n{all}"
+    );
     // The chart's RuntimeClass is deploy/runtimeclass.yaml.
     let rc = e.helm(&[
         "template",
@@ -330,16 +340,53 @@ fn chart(e: &Env) -> Result<()> {
         kubectl_client_json(&e.c, &rc)? == kubectl_client_json(&e.c, &deploy)?,
         "chart RuntimeClass differs from deploy/runtimeclass.yaml:\n{rc}"
     );
-    // The values schema refuses what the node could not run.
-    let bad = e.helm(&["template", RELEASE, &chart, "--set=node.hypervisor=xen"]);
+    // The values schema refuses what the node could not run, and a restart
+    // it cannot do.
+    for (bad, names) in [
+        ("--set=node.hypervisor=xen", "hypervisor"),
+        ("--set=installer.restart=reboot", "restart"),
+        (
+            "--set=installer.containerdPidFile=run/containerd.pid",
+            "containerdPidFile",
+        ),
+        (
+            "--set=installer.restart=pid-file",
+            "installer.containerdPidFile is needed",
+        ),
+    ] {
+        let out = e.helm(&["template", RELEASE, &chart, "--kube-version=1.34.0", bad]);
+        ensure!(
+            out.as_ref()
+                .is_err_and(|err| err.to_string().contains(names)),
+            "{bad} was not refused naming {names}: {out:?}"
+        );
+    }
+    let config = e.node_config()?;
     ensure!(
-        bad.as_ref()
-            .is_err_and(|err| err.to_string().contains("hypervisor")),
-        "schema accepted hypervisor=xen: {bad:?}"
+        config.contains("\"podvisor.io/vcpus\"") && config.contains("max_vcpus = 16"),
+        "rendered node config: {config}"
     );
+    Ok(())
+}
 
-    // Installed for real: the chart brings its own RuntimeClass.
+fn helm_install(e: &Env) -> Result<()> {
+    // A node podvisor was never put on.
+    let before = e.node_state()?;
+    ensure!(
+        before.contains("absent /opt/podvisor") && before.contains("label \"\""),
+        "the node has podvisor already:\n{before}"
+    );
+    let containerd_config = e.c.node_sh(&format!("cat {}", e.containerd_config))?;
+    ensure!(
+        !containerd_config.contains("io.containerd.podvisor.v2"),
+        "containerd knows podvisor already:\n{containerd_config}"
+    );
+    std::fs::write(saved_node_state(), &before)?;
+    let containerd_before = e.containerd_pid()?;
+
+    // The chart brings its own RuntimeClass.
     e.c.kubectl(&["delete", "runtimeclass", "podvisor", "--ignore-not-found"])?;
+    let chart = e.chart();
     let mut args = vec![
         "install",
         RELEASE,
@@ -353,6 +400,64 @@ fn chart(e: &Env) -> Result<()> {
     let values = e.values();
     args.extend(values.iter().map(String::as_str));
     e.helm(&args)?;
+
+    // The installer's pod is Ready (its probe: podvisor is installed) and
+    // its log shows each step.
+    let pods = e.installer_pods()?;
+    ensure!(pods.len() == 1, "installer pods: {pods:?}");
+    let pod = &pods[0];
+    let ready = pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True");
+    ensure!(ready, "installer pod not Ready: {}", pod["status"]);
+    ensure!(
+        field(pod, "spec/containers/0/image") == e.node_image,
+        "installer image: {}",
+        pod["spec"]["containers"][0]["image"]
+    );
+    let log =
+        e.c.kubectl(&["-n", SYSTEM, "logs", &field(pod, "metadata/name")])?;
+    for step in [
+        "files installed",
+        "podvisor runtime registered with containerd",
+        "containerd started again by its supervisor",
+        "node labelled",
+        "installed; uninstalling on SIGTERM",
+    ] {
+        ensure!(log.contains(step), "installer log lacks {step:?}:\n{log}");
+    }
+
+    // The node has podvisor, containerd was restarted and took it.
+    ensure!(e.node_label()? == "true", "node not labelled:\n{log}");
+    let installed = e.c.node_sh("cat /etc/podvisor/config.toml")?;
+    ensure!(installed == e.node_config()?, "node config: {installed:?}");
+    let same = e.c.node_sh(
+        "cd /opt/podvisor && sha256sum bin/containerd-shim-podvisor-v2 bin/podvisor-vmm \
+         share/guest/kernel share/guest/initramfs && readlink /usr/local/bin/containerd-shim-podvisor-v2",
+    )?;
+    ensure!(
+        same.lines().count() == 5
+            && same.ends_with("/opt/podvisor/bin/containerd-shim-podvisor-v2\n"),
+        "installed files:\n{same}"
+    );
+    let config = e.c.node_sh(&format!("cat {}", e.containerd_config))?;
+    ensure!(
+        config.contains("runtime_type = \"io.containerd.podvisor.v2\""),
+        "containerd config:\n{config}"
+    );
+    let containerd_after = e.containerd_pid()?;
+    ensure!(
+        containerd_after != containerd_before,
+        "containerd was not restarted (pid {containerd_after})"
+    );
+    let info = e.c.node_sh("crictl info")?;
+    ensure!(
+        info.contains("io.containerd.podvisor.v2"),
+        "containerd's CRI does not know podvisor after the restart"
+    );
+
     let crd =
         e.c.get("crd", "virtualmachines.podvisor.io")
             .context("CRD not installed")?;
@@ -718,7 +823,7 @@ fn uninstall(e: &Env) -> Result<()> {
     // finalizer needs it).
     e.c.kubectl(&["delete", "pvm", "--all", "--wait=true", "--timeout=180s"])?;
     e.helm(&["uninstall", RELEASE, "-n", SYSTEM, "--wait", "--timeout=3m"])?;
-    e.c.wait_for("the release's pods gone", 120, || {
+    e.c.wait_for("the release's pods gone", 180, || {
         let pods = e.c.kubectl(&[
             "-n",
             SYSTEM,
@@ -745,25 +850,18 @@ fn uninstall(e: &Env) -> Result<()> {
         "left after helm uninstall: {left}"
     );
 
-    let before = e.c.node_sh(&format!("cat {}", e.containerd_config))?;
-    let path = std::env::temp_dir().join("podvisor-node-config.toml");
-    e.installer("uninstall", &path.display().to_string())?;
+    // The installer's pod uninstalled podvisor on its SIGTERM: the node is
+    // as it was before helm install, byte for byte.
+    let before = std::fs::read_to_string(saved_node_state())?;
+    let after = e.node_state()?;
     ensure!(
-        e.node_label()?.is_empty(),
-        "label still set after uninstall"
+        after == before,
+        "the node differs after helm uninstall:\nbefore:\n{before}\nafter:\n{after}"
     );
-    let after = e.c.node_sh(&format!("cat {}", e.containerd_config))?;
-    ensure!(after == before, "containerd config changed:\n{after}");
-    let restored = e.c.node_sh("cat /etc/podvisor/config.toml")?;
+    let info = e.c.node_sh("crictl info")?;
     ensure!(
-        restored == std::fs::read_to_string(saved_node_config())?,
-        "node config not restored: {restored}"
-    );
-    let gone =
-        e.c.node_sh("ls /opt/podvisor /usr/local/bin/containerd-shim-podvisor-v2 2>&1 || true")?;
-    ensure!(
-        gone.matches("No such file").count() == 2,
-        "podvisor files left: {gone}"
+        !info.contains("io.containerd.podvisor.v2"),
+        "containerd still knows podvisor after the uninstall"
     );
     Ok(())
 }

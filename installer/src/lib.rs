@@ -1,6 +1,7 @@
-//! `podvisor-install`'s logic: the containerd config edit (`containerd`) and
-//! the node's files (`node`). `main.rs` adds restarting containerd and
-//! labelling the node.
+//! `podvisor-install`'s logic: the containerd config edit (`containerd`),
+//! the node's files (`node`) and restarting containerd (`restart`).
+//! `main.rs` adds labelling the node.
 
 pub mod containerd;
 pub mod node;
+pub mod restart;

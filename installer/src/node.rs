@@ -130,11 +130,12 @@ impl Node {
 
         let config = self.host(NODE_CONFIG);
         let current = read_opt(&config)?;
+        // Remember the operator's file the first time, even one that is
+        // already what is installed: uninstall leaves it as it was.
+        if !state_path.exists() {
+            state.previous_node_config = current.clone();
+        }
         if current.as_deref() != Some(node_config) {
-            // Remember the operator's file only the first time.
-            if !state_path.exists() {
-                state.previous_node_config = current;
-            }
             write_atomically(&config, node_config.as_bytes())?;
         }
 

@@ -198,6 +198,20 @@ fn operators_node_config_comes_back() {
 }
 
 #[test]
+fn an_operators_node_config_equal_to_the_installed_one_stays() {
+    let host = Host::new(Some("version = 2\n"));
+    let same = fs::read_to_string(&host.node_config).unwrap();
+    fs::create_dir_all(host.root.join("etc/podvisor")).unwrap();
+    fs::write(host.root.join("etc/podvisor/config.toml"), &same).unwrap();
+    host.ok("install");
+    host.ok("uninstall");
+    assert_eq!(
+        host.read("etc/podvisor/config.toml").as_deref(),
+        Some(same.as_str())
+    );
+}
+
+#[test]
 fn uninstall_refuses_while_sandboxes_run() {
     let host = Host::new(Some("version = 2\n"));
     host.ok("install");
@@ -267,8 +281,25 @@ fn bad_configs_fail_clearly_and_change_nothing() {
 fn daemon_installs_then_uninstalls_on_sigterm() {
     let original = fixture("containerd-v3.toml");
     let host = Host::new(Some(&original));
+    let ready_file = host.root.with_file_name("ready");
+    let ready = || {
+        Command::new(BIN)
+            .arg("ready")
+            .arg("--ready-file")
+            .arg(&ready_file)
+            .output()
+            .unwrap()
+    };
+    let not_yet = ready();
+    assert!(!not_yet.status.success());
+    assert!(
+        String::from_utf8_lossy(&not_yet.stderr).contains("not installed yet"),
+        "{not_yet:?}"
+    );
     let mut child = Command::new(BIN)
         .arg("daemon")
+        .arg("--ready-file")
+        .arg(&ready_file)
         .arg("--host-root")
         .arg(&host.root)
         .arg("--source")
@@ -280,13 +311,15 @@ fn daemon_installs_then_uninstalls_on_sigterm() {
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while host.read("opt/podvisor/install-state.json").is_none() {
+    // Ready (the DaemonSet's probe) once installed.
+    while !ready().status.success() {
         assert!(
             std::time::Instant::now() < deadline,
-            "daemon did not install"
+            "daemon did not become ready"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    assert!(host.read("opt/podvisor/install-state.json").is_some());
     assert_eq!(
         host.containerd().as_deref(),
         Some(fixture("containerd-v3.installed.toml").as_str())
@@ -301,4 +334,5 @@ fn daemon_installs_then_uninstalls_on_sigterm() {
     assert!(status.success(), "{status}");
     assert_eq!(host.containerd().as_deref(), Some(original.as_str()));
     assert!(!host.root.join("opt/podvisor").exists());
+    assert!(!ready().status.success(), "still ready after the uninstall");
 }

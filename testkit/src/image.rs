@@ -147,8 +147,8 @@ pub fn archive(out: &Path, name: &str, def: &ImageDef) -> Result<()> {
 
 /// Writes an OCI archive of a busybox image named `name` (for example
 /// `docker.io/podvisor/busybox:latest`) running `cmd` by default, with
-/// `files` (host path, path in the image) added, such as a static binary
-/// of ours for the cluster tests' controller image.
+/// `files` (host path, path in the image) added with their modes, such as
+/// a static binary of ours for the cluster tests' controller image.
 pub fn busybox_archive_with(
     out: &Path,
     name: &str,
@@ -157,9 +157,12 @@ pub fn busybox_archive_with(
 ) -> Result<()> {
     let mut def = ImageDef::with_cmd(cmd);
     for (from, to) in files {
-        let data = std::fs::read(from)
-            .with_context(|| format!("adding {} to the image", from.display()))?;
-        def = def.file(to, data, 0o755);
+        let adding = || format!("adding {} to the image", from.display());
+        let data = std::fs::read(from).with_context(adding)?;
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(from).with_context(adding)?.permissions(),
+        ) & 0o7777;
+        def = def.file(to, data, mode);
     }
     write_archive(out, name, &build(&def)?)
 }
