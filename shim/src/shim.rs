@@ -96,11 +96,8 @@ impl containerd_shim::asynchronous::Shim for Shim {
             Role::Sandbox => self.id.as_str(),
             Role::Member { sandbox_id } => sandbox_id.as_str(),
         };
-        remove_socket(&containerd_shim::socket_address(
-            &self.address,
-            &self.namespace,
-            grouping,
-        ));
+        let socket = containerd_shim::socket_address(&self.address, &self.namespace, grouping);
+        remove_socket(&socket);
         match role {
             Role::Sandbox => {
                 let dir = SandboxDir::open(&self.id);
@@ -116,6 +113,10 @@ impl containerd_shim::asynchronous::Shim for Shim {
                 if let Some(path) = bundle.as_ref().and_then(Bundle::cgroups_path) {
                     crate::cgroup::remove_leftover(&path);
                 }
+                // Again, now that nothing of the sandbox runs: a process
+                // of the dead shim's (one it was starting when it died)
+                // may have held its socket a moment longer.
+                remove_socket(&socket);
             }
             Role::Member { sandbox_id } => SandboxDir::open(&sandbox_id).remove_container(&self.id),
         }
