@@ -1443,15 +1443,7 @@ fn a_full_volume_gives_enospc_and_the_pod_carries_on(c: &Containerd) -> Result<(
 fn a_memory_hog_is_oom_killed_and_the_pod_carries_on(c: &Containerd) -> Result<()> {
     let d = c.dir();
     let pod = pod_file(d, "hog")?;
-    let ctr = |name: &str, cmd: &str| {
-        json_file(
-            d,
-            &format!("hog-{name}.json"),
-            &format!(
-                r#"{{"metadata":{{"name":"{name}"}},"image":{{"image":"docker.io/podvisor/busybox:latest"}},"command":{cmd},"linux":{{}}}}"#
-            ),
-        )
-    };
+    let ctr = |name: &str, cmd: &str| busybox_container(d, "hog", name, cmd);
     let (neighbour, hog) = (
         ctr("neighbour", r#"["sleep","600"]"#)?,
         ctr("hog", r#"["tail","/dev/zero"]"#)?,
@@ -1461,16 +1453,7 @@ fn a_memory_hog_is_oom_killed_and_the_pod_carries_on(c: &Containerd) -> Result<(
         .to_string();
     let result = (|| -> Result<()> {
         let ids = start_containers(c, &sandbox, &pod, &[neighbour.as_str(), hog.as_str()])?;
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let status = loop {
-            let info: serde_json::Value =
-                serde_json::from_str(&ok(&mut c.crictl(&["inspect", "-o", "json", &ids[1]]), 60)?)?;
-            if info.pointer("/status/state").and_then(|v| v.as_str()) == Some("CONTAINER_EXITED") {
-                break info;
-            }
-            ensure!(Instant::now() < deadline, "the hog still runs after 300 s");
-            std::thread::sleep(Duration::from_millis(500));
-        };
+        let status = wait_exited(c, &ids[1], 300).context("the hog")?;
         let (code, reason) = (
             status.pointer("/status/exitCode").and_then(|v| v.as_i64()),
             status.pointer("/status/reason").and_then(|v| v.as_str()),
@@ -1494,6 +1477,33 @@ fn a_memory_hog_is_oom_killed_and_the_pod_carries_on(c: &Containerd) -> Result<(
     })();
     let stopped = stop_pod(c, &sandbox);
     result.and(stopped)
+}
+
+/// A CRI container config of the busybox image running `cmd` (a JSON
+/// array), in `d` as `<prefix>-<name>.json`.
+fn busybox_container(d: &Path, prefix: &str, name: &str, cmd: &str) -> Result<String> {
+    json_file(
+        d,
+        &format!("{prefix}-{name}.json"),
+        &format!(
+            r#"{{"metadata":{{"name":"{name}"}},"image":{{"image":"docker.io/podvisor/busybox:latest"}},"command":{cmd},"linux":{{}}}}"#
+        ),
+    )
+}
+
+/// Waits up to `secs` for CRI container `id` to have exited; its
+/// `crictl inspect`.
+fn wait_exited(c: &Containerd, id: &str, secs: u64) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let info: serde_json::Value =
+            serde_json::from_str(&ok(&mut c.crictl(&["inspect", "-o", "json", id]), 60)?)?;
+        if info.pointer("/status/state").and_then(|v| v.as_str()) == Some("CONTAINER_EXITED") {
+            return Ok(info);
+        }
+        ensure!(Instant::now() < deadline, "still runs after {secs} s");
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// Whether a sandbox's virtiofsd (or a child of it) holds the file
@@ -1531,15 +1541,7 @@ fn an_exited_container_lets_go_of_its_share_when_removed(c: &Containerd) -> Resu
     use std::os::unix::fs::MetadataExt;
     let d = c.dir();
     let pod = pod_file(d, "share")?;
-    let ctr = |name: &str, cmd: &str| {
-        json_file(
-            d,
-            &format!("share-{name}.json"),
-            &format!(
-                r#"{{"metadata":{{"name":"{name}"}},"image":{{"image":"docker.io/podvisor/busybox:latest"}},"command":{cmd},"linux":{{}}}}"#
-            ),
-        )
-    };
+    let ctr = |name: &str, cmd: &str| busybox_container(d, "share", name, cmd);
     let (keeper, short) = (
         ctr("keeper", r#"["sleep","600"]"#)?,
         ctr(
@@ -1563,21 +1565,9 @@ fn an_exited_container_lets_go_of_its_share_when_removed(c: &Containerd) -> Resu
             virtiofsd_holds(&sandbox, root)?,
             "virtiofsd does not hold the running container's rootfs"
         );
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let info: serde_json::Value =
-                serde_json::from_str(&ok(&mut c.crictl(&["inspect", "-o", "json", &ids[1]]), 60)?)?;
-            if info.pointer("/status/state").and_then(|v| v.as_str()) == Some("CONTAINER_EXITED") {
-                let code = info.pointer("/status/exitCode").and_then(|v| v.as_i64());
-                ensure!(code == Some(3), "the short container ended {code:?}, not 3");
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the short container still runs after 120 s"
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        let info = wait_exited(c, &ids[1], 120).context("the short container")?;
+        let code = info.pointer("/status/exitCode").and_then(|v| v.as_i64());
+        ensure!(code == Some(3), "the short container ended {code:?}, not 3");
         ok(&mut c.crictl(&["rm", &ids[1]]), 60)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while virtiofsd_holds(&sandbox, root)? {
