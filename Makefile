@@ -24,22 +24,11 @@ DEB_PACKAGES := $(BUILD_DEB_PACKAGES) qemu-system-x86 qemu-system-common seabios
 CARGO_FUZZ_VERSION := 0.13.2
 # The fuzz targets' builds (nightly, sanitizers), kept across runs.
 FUZZ_TARGET_DIR := /var/cache/podvisor/fuzz-target
-MUSL_RELEASE := target/$(AGENT_TARGET)/release
 # The images the chart runs on the local cluster (cluster/up.sh imports
-# build/cluster/images/*.tar): built locally from busybox and our static
-# binaries (controller-image, node-image), or with IMAGES=dockerfile the
-# Dockerfile's own (make images; about 30 minutes cold).
-IMAGES ?= local
-ifeq ($(IMAGES),dockerfile)
+# build/cluster/images/*.tar): the Dockerfile's own (make images).
 VERSION := $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' charts/podvisor/Chart.yaml)
 CONTROLLER_IMAGE := docker.io/podvisor/controller:$(VERSION)
 NODE_IMAGE := docker.io/podvisor/node:$(VERSION)
-CLUSTER_IMAGES := images
-else
-CONTROLLER_IMAGE := docker.io/podvisor/controller:test
-NODE_IMAGE := docker.io/podvisor/node:test
-CLUSTER_IMAGES := controller-image node-image
-endif
 # ring's C code for the musl target.
 export CC_x86_64_unknown_linux_musl := musl-gcc
 SHELL        := /bin/bash
@@ -51,7 +40,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 .PHONY: images test-images guest-image-debian test-guest-kernel test-vmm-linux test-guest-debian help deps build agent guest-kernel guest-image shim install uninstall demo bench \
         test lint test-unit test-vmm test-security test-guest test-containerd test-network test-warm \
         test-cri upstream cluster-up cluster-down cluster-tools test-e2e e2e-kind clean \
-        static crds controller-image test-controller vmm-test-hooks fuzz test-fuzz soak test-soak
+        static crds test-controller vmm-test-hooks fuzz test-fuzz soak test-soak
 
 help:
 	@echo "make deps             install what the build and tests need (as root; deps-build: the build only)"
@@ -61,14 +50,14 @@ help:
 	@echo "make install          install the shim, guest image and config under $(PREFIX), $(CONFIG_DIR)"
 	@echo "make demo             start a private containerd and run a container in a VM"
 	@echo "make images           the Dockerfiles' images, built with buildah, as OCI archives in build/images/"
-	@echo "make test-images      those images in containerd 2.x: each entrypoint run, the node tree checked"
-	@echo "make test             lint, unit tests, VMM, guest, containerd, network, CRI, e2e and controller tests"
+	@echo "make test-images      those images in containerd 2.x: each entrypoint run, the node trees and kind's config checked"
+	@echo "make test             lint, unit tests, VMM, guest, containerd, network, CRI, e2e, image and controller tests"
 	@echo "make test-cri         critest (CRI validation) for podvisor beside runc, containerd 1.6 and 2.x"
 	@echo "make upstream         Kubernetes, Helm, containerd 2.x and cri-tools from the Go module proxy (cached)"
 	@echo "make cluster-up       a local single-node Kubernetes cluster with podvisor (cluster-down stops it)"
 	@echo "make test-e2e         cluster-up, the e2e suite, cluster-down"
 	@echo "make e2e-kind         the e2e suite on a kind cluster (needs Docker and kind)"
-	@echo "make test-controller  installer, Helm chart, VirtualMachine controller on the local cluster (IMAGES=dockerfile: the Dockerfile's images)"
+	@echo "make test-controller  the Dockerfile's images, installer, Helm chart, VirtualMachine controller on the local cluster"
 	@echo "make crds             regenerate crds/ and the chart's CRDs from controller/src/crd.rs"
 	@echo "make bench            print the figures of DESIGN.md that can be measured here"
 	@echo "make soak             SOAK_CYCLES (200) CRI pods through their life cycle, 4 at a time; leaks, cycles/min, p50/p99"
@@ -163,7 +152,7 @@ test-soak:
 	$(MAKE) --no-print-directory soak SOAK_CYCLES=20
 
 # test-controller last: it ends with the node installer's uninstall.
-test: lint test-unit test-fuzz test-guest-kernel test-vmm test-vmm-linux test-security test-guest test-guest-debian test-containerd test-network test-warm test-soak test-cri test-e2e test-controller
+test: lint test-unit test-fuzz test-guest-kernel test-vmm test-vmm-linux test-security test-guest test-guest-debian test-containerd test-network test-warm test-soak test-cri test-e2e test-images test-controller
 
 # Crates only the VMM may link: the shim and the hypervisor layer know
 # nothing of KVM ioctls (they run podvisor-vmm, and its probe, as programs).
@@ -288,14 +277,17 @@ test-e2e: install upstream cluster-tools
 	$(CARGO) build -p podvisor-e2e --tests
 	cluster/with.sh $(CARGO) test -p podvisor-e2e --test e2e
 
-# The Dockerfile's images (controller, node), built with buildah from local
-# stand-ins of their base images, as OCI archives in build/images/.
+# The Dockerfiles' images (controller, node; kind-node on the node image),
+# built with buildah from local stand-ins of their base images, as OCI
+# archives in build/images/.
 images:
 	images/build.sh
 
-# Each image imported into a private containerd 2.x and its entrypoint run.
+# Each image imported into a private containerd 2.x and its entrypoint run;
+# the kind node's containerd config and tree checked.
 test-images: images
 	upstream/build.sh containerd
+	$(CARGO) build -p podvisor-shim --bins
 	$(CARGO) test -p podvisor-testkit --test images
 
 # Static (musl) controller and installer, as the images ship them.
@@ -306,38 +298,19 @@ crds:
 	$(CARGO) run -q -p podvisor-controller -- crd > crds/virtualmachines.podvisor.io.yaml
 	cp crds/virtualmachines.podvisor.io.yaml charts/podvisor/crds/
 
-# The controller image for the local cluster (busybox + the static binary;
-# the Dockerfile builds the real one).
-controller-image: static
-	$(CARGO) build --release -p podvisor-tools
-	mkdir -p build/cluster/images
-	target/release/podvisor-tools image build/cluster/images/controller.tar $(CONTROLLER_IMAGE) \
-	  --add $(MUSL_RELEASE)/podvisor-controller:/usr/local/bin/podvisor-controller podvisor-controller
-
-# The node image for the local cluster: busybox, the static installer and
-# make install's tree under /opt/podvisor, as the Dockerfile's node image
-# holds them (the Dockerfile builds the real one).
-node-image: install static
-	$(CARGO) build --release -p podvisor-tools
-	mkdir -p build/cluster/images
-	target/release/podvisor-tools image build/cluster/images/node.tar $(NODE_IMAGE) \
-	  --add $(MUSL_RELEASE)/podvisor-install:/usr/local/bin/podvisor-install \
-	  $$(cd $(PREFIX) && find . -type f ! -name install-state.json | sort | \
-	     sed 's|^\./\(.*\)|--add $(PREFIX)/\1:/opt/podvisor/\1|') \
-	  podvisor-install
-
-# The control plane on the local cluster, from a node podvisor was never
-# put on: `helm install` of charts/podvisor, whose installer DaemonSet (the
-# node image) installs podvisor and restarts the cluster's containerd;
+# The control plane on the local cluster with the Dockerfile's images, from
+# a node podvisor was never put on: `helm install` of charts/podvisor, whose
+# installer DaemonSet (the node image) installs podvisor and restarts the
+# cluster's containerd;
 # VirtualMachines through the controller; `helm uninstall` leaves the node
 # as it was. Before it, the installer's file and restart tests (containerd
 # v2/v3 configs) and the CRD staleness test. make install puts podvisor
 # back afterwards.
-test-controller: install upstream $(CLUSTER_IMAGES) cluster-tools
+test-controller: install upstream images cluster-tools
 	$(CARGO) test -p podvisor-installer -p podvisor-controller
 	$(CARGO) build -p podvisor-e2e --tests
-	$(if $(filter dockerfile,$(IMAGES)),mkdir -p build/cluster/images && \
-	  cp build/images/controller.tar build/images/node.tar build/cluster/images/,true)
+	mkdir -p build/cluster/images
+	cp build/images/controller.tar build/images/node.tar build/cluster/images/
 	rc=0; $(MAKE) --no-print-directory uninstall >/dev/null; \
 	  PODVISOR_CLUSTER_BARE=1 PODVISOR_CONTROLLER_IMAGE=$(CONTROLLER_IMAGE) PODVISOR_NODE_IMAGE=$(NODE_IMAGE) \
 	  PODVISOR_CONTAINERD_CONFIG=$(CURDIR)/build/cluster/run/containerd/config.toml \
@@ -345,8 +318,8 @@ test-controller: install upstream $(CLUSTER_IMAGES) cluster-tools
 	  cluster/with.sh $(CARGO) test -p podvisor-e2e --test controller || rc=$$?; \
 	$(MAKE) --no-print-directory install >/dev/null; exit $$rc
 
-# The same suite on kind (Docker hosts): a node image with podvisor
-# installed by `make install`'s steps (e2e/kind/), then the suite.
+# The same suite on kind (Docker hosts): kind's node image with podvisor
+# installed on it by the node image's installer (e2e/kind/), then the suite.
 e2e-kind:
 	e2e/kind/run.sh
 

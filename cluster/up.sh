@@ -143,7 +143,7 @@ start kube-scheduler "$BIN/kube-scheduler" \
 
 # --- containerd 2.x: CRI with runc (default) and podvisor, CNI on a bridge.
 # Its config is in the version 2 format, which containerd 2.x converts, as
-# kind's node images have it (so e2e/kind/cluster.yaml patches it alike). ---
+# kind's node images have it. ---
 cat > "$RUN/cni/10-podvisor-e2e.conflist" <<EOF
 {"cniVersion": "1.0.0", "name": "podvisor-e2e", "plugins": [
   {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false,
@@ -191,7 +191,8 @@ wait_for containerd 30 "$CONTAINERD_BIN/ctr" --address "$CONTAINERD_SOCK" versio
 # The test images: busybox (with the suite's static UDP echo, as
 # /bin/udp-echo), and the pod sandbox (pause) image, both built locally from
 # Debian's busybox-static (no registry is reached), and any the tests built
-# into images/ (make controller-image). make cluster-tools builds the tools.
+# into images/ (make test-controller: the chart's). make cluster-tools
+# builds the tools.
 tools="${PODVISOR_TOOLS:-$here/../target/release/podvisor-tools}"
 udp_echo="${PODVISOR_UDP_ECHO:-$here/../target/x86_64-unknown-linux-musl/release/podvisor-udp-echo}"
 "$tools" image "$RUN/busybox.tar" "$BUSYBOX_IMAGE" --add "$udp_echo:/bin/udp-echo" sh

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds the images the repository's Dockerfile defines (targets controller
-# and node) with buildah, daemonless, from the Dockerfile as users build it
-# with Docker, and exports each as an OCI archive: build/images/<name>.tar,
-# tagged docker.io/podvisor/<name>:<version> (the chart's appVersion).
+# Builds the images the repository's Dockerfiles define with buildah,
+# daemonless, from the Dockerfiles as users build them with Docker: the
+# controller and node images (Dockerfile) and the kind node image on the
+# node image (e2e/kind/Dockerfile). Exports each as an OCI archive,
+# build/images/<name>.tar, tagged docker.io/podvisor/<name>:<version> (the
+# chart's appVersion).
 # Prints each image's size.
 #
 # The registry images the Dockerfile starts FROM are local stand-ins where
@@ -39,17 +41,24 @@ buildah bud --pull=never --layers --target toolchain -t "$toolchain" -f "$root/D
   > "$out/toolchain.log" 2>&1 || { tail -40 "$out/toolchain.log" >&2; echo "images: the toolchain stage failed (log: $out/toolchain.log)" >&2; exit 1; }
 
 kept=("$toolchain")
-for target in controller node; do
-  tag="docker.io/podvisor/$target:$version"
+# build NAME DOCKERFILE [BUILDAH-BUD-ARGS...]: docker.io/podvisor/NAME, as
+# $out/NAME.tar.
+build() {
+  local name=$1 file=$2 tag="docker.io/podvisor/$1:$version" started
+  shift 2
   started=$(date +%s)
-  # The guest image's initramfs holds /dev/console: mknod, as Docker's RUN may.
-  buildah bud --pull=never --layers --cap-add CAP_MKNOD --target "$target" -t "$tag" -f "$root/Dockerfile" "$root" \
-    > "$out/$target.log" 2>&1 || { tail -40 "$out/$target.log" >&2; echo "images: $target failed (log: $out/$target.log)" >&2; exit 1; }
-  rm -f "$out/$target.tar"
-  buildah push -q "$tag" "oci-archive:$out/$target.tar:$tag"
+  buildah bud --pull=never --layers "$@" -t "$tag" -f "$file" "$root" > "$out/$name.log" 2>&1 ||
+    { tail -40 "$out/$name.log" >&2; echo "images: $name failed (log: $out/$name.log)" >&2; exit 1; }
+  rm -f "$out/$name.tar"
+  buildah push -q "$tag" "oci-archive:$out/$name.tar:$tag"
   kept+=("$tag")
-  echo "images: $tag -> $out/$target.tar ($(du -h "$out/$target.tar" | cut -f1), built in $(( $(date +%s) - started )) s)"
-done
+  echo "images: $tag -> $out/$name.tar ($(du -h "$out/$name.tar" | cut -f1), built in $(( $(date +%s) - started )) s)"
+}
+# The guest image's initramfs holds /dev/console: mknod, as Docker's RUN may.
+build controller "$root/Dockerfile" --target controller --cap-add CAP_MKNOD
+build node "$root/Dockerfile" --target node --cap-add CAP_MKNOD
+# kind's node with podvisor installed on it by the node image's installer.
+build kind-node "$root/e2e/kind/Dockerfile" --build-arg PODVISOR_NODE="docker.io/podvisor/node:$version"
 
 # Every other image of earlier builds goes (each build leaves a layer of
 # the source and one of its results); the stand-ins, the toolchain stage and

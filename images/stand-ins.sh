@@ -13,6 +13,16 @@
 #   gcr.io/distroless/static-debian12:nonroot no shell, no libc: passwd and
 #                                             group (nonroot 65532), CA
 #                                             certificates, /tmp
+#   docker.io/kindest/node:v1.34.0            kind v0.30.0's own node base
+#                                             (the base stage of its
+#                                             images/base/Dockerfile, from
+#                                             the Go module upstream/kind
+#                                             pins), then what kind's build
+#                                             stages and `kind build
+#                                             node-image` add, from what
+#                                             this machine builds or has
+#                                             instead of GitHub clones (see
+#                                             below)
 #
 # Each trusts what this machine trusts: the CA certificates added to it
 # (/usr/local/share/ca-certificates, such as a proxy's), which Debian's
@@ -26,9 +36,10 @@
 #        images/stand-ins.sh --names   the names it makes, one a line
 set -euo pipefail
 names=(docker.io/library/debian:bookworm-slim docker.io/library/rust:1-bookworm
-       gcr.io/distroless/static-debian12:nonroot)
+       gcr.io/distroless/static-debian12:nonroot docker.io/kindest/node:v1.34.0)
 if [ "${1:-}" = --names ]; then printf '%s\n' "${names[@]}"; exit 0; fi
 here="$(cd "$(dirname "$0")" && pwd)"
+root="$(dirname "$here")"
 suite=bookworm
 mirror=http://deb.debian.org/debian
 label=io.podvisor.stand-in
@@ -130,4 +141,54 @@ if ! have "$static" "$static_key"; then
     --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     --env SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt --os linux --arch amd64 "$c"
   commit "$c" "$static" "$static_key"
+fi
+
+# --- kindest/node:v1.34.0 ---
+# kind's base stage runs as kind releases it. Its build stages clone
+# containerd, runc, crictl and the CNI plugins from GitHub, and `kind build
+# node-image` adds Kubernetes' binaries; in their place: containerd 2.x,
+# crictl and kubelet, kubeadm, kubectl from upstream/build.sh (the Go module
+# proxy; Kubernetes at upstream/k8s's patch release, not exactly v1.34.0),
+# runc and the CNI plugins from Debian. Left out: the control-plane and
+# kindnet images kind preloads, its default CNI and storage manifests, and
+# the rootless-only fuse-overlayfs snapshotter, so this node is a base to
+# build on and inspect here, not one `kind create cluster` could run.
+kind=${names[3]}
+"$root/upstream/build.sh" k8s containerd cri-tools >/dev/null
+up="$root/build/upstream"
+kind_dir=$(cd "$root/upstream/kind" && GOFLAGS=-mod=readonly go mod download -json sigs.k8s.io/kind |
+  sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+[ -d "$kind_dir/images/base" ] || die "kind's module has no images/base (upstream/kind)"
+kind_key=$(key "$slim_key $kind_dir" "$(readlink -f "$up/k8s" "$up/containerd" "$up/cri-tools")" \
+  "$(dpkg-query -W runc containernetworking-plugins)")
+if ! have "$kind" "$kind_key"; then
+  for bin in /usr/sbin/runc /usr/lib/cni/host-local; do
+    [ -x "$bin" ] || die "$bin missing (make deps)"
+  done
+  base=localhost/podvisor/kind-base:latest
+  log=$(mktemp /var/tmp/podvisor-kind-base.XXXXXX)
+  buildah bud --pull=never --target base --build-arg BASE_IMAGE="$slim" -t "$base" \
+    -f "$kind_dir/images/base/Dockerfile" "$kind_dir/images/base" >"$log" 2>&1 ||
+    { tail -30 "$log" >&2; die "kind's base stage failed (log: $log)"; }
+  rm -f "$log"
+  c=$(buildah from --pull=never "$base")
+  mnt=$(buildah mount "$c")
+  install -m 0755 -t "$mnt/usr/local/bin" "$up/containerd/containerd" "$up/containerd/ctr" \
+    "$up/containerd/containerd-shim-runc-v2" "$up/cri-tools/crictl"
+  install -m 0755 /usr/sbin/runc "$mnt/usr/local/sbin/runc"
+  install -d "$mnt/opt/cni/bin"
+  install -m 0755 -t "$mnt/opt/cni/bin" /usr/lib/cni/{host-local,loopback,ptp,portmap}
+  install -m 0755 -t "$mnt/usr/bin" "$up/k8s/kubeadm" "$up/k8s/kubelet" "$up/k8s/kubectl"
+  "$up/k8s/kubelet" --version | awk '{print $2}' > "$mnt/kind/version"
+  buildah umount "$c" >/dev/null
+  # As kind's build stage: the runtime spec its containerd config names.
+  buildah run "$c" -- sh -c 'ctr oci spec \
+      | jq ".hooks.createContainer[.hooks.createContainer| length] |= . + {\"path\": \"/kind/bin/mount-product-files.sh\"}" \
+      | jq "del(.process.rlimits)" > /etc/containerd/cri-base.json \
+    && containerd --version >/dev/null && runc --version >/dev/null'
+  buildah config --cmd '' "$c"
+  buildah config --env container=docker --stop-signal SIGRTMIN+3 \
+    --entrypoint '["/usr/local/bin/entrypoint", "/sbin/init"]' "$c"
+  commit "$c" "$kind" "$kind_key"
+  buildah rmi "$base" >/dev/null 2>&1 || true
 fi

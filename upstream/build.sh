@@ -2,7 +2,8 @@
 # Builds the upstream binaries the tests run, each from the Go module proxy
 # at the release its module here pins:
 #   k8s         etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-#               kube-proxy, kubelet, kubectl (the local cluster)
+#               kube-proxy, kubelet, kubectl (the local cluster), kubeadm
+#               (kindest/node's stand-in, images/stand-ins.sh)
 #   helm        helm (the chart tests)
 #   containerd  containerd 2.x, ctr, containerd-shim-runc-v2 (the tests'
 #               second containerd beside Debian's 1.6, and the cluster's)
@@ -43,7 +44,8 @@ build_k8s() {
     k8s.io/kubernetes/cmd/kube-scheduler \
     k8s.io/kubernetes/cmd/kube-proxy \
     k8s.io/kubernetes/cmd/kubelet \
-    k8s.io/kubernetes/cmd/kubectl)
+    k8s.io/kubernetes/cmd/kubectl \
+    k8s.io/kubernetes/cmd/kubeadm)
 }
 
 build_helm() {

@@ -325,26 +325,3 @@ pub fn field(v: &Value, path: &str) -> String {
         other => other.to_string(),
     }
 }
-
-#[cfg(test)]
-mod tests {
-    /// The kind config registers podvisor with containerd exactly as the
-    /// local cluster does (cluster/containerd-podvisor.toml).
-    #[test]
-    fn kind_config_registers_the_runtime_like_the_local_cluster() {
-        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-        let read = |p: &str| std::fs::read_to_string(format!("{root}/{p}")).unwrap();
-        let settings = |text: &str| -> Vec<String> {
-            text.lines()
-                .map(str::trim)
-                .filter(|l| l.starts_with('[') || l.contains(" = "))
-                .map(String::from)
-                .collect()
-        };
-        let local = settings(&read("cluster/containerd-podvisor.toml"));
-        let kind = read("e2e/kind/cluster.yaml");
-        let patch = &kind[kind.find("containerdConfigPatches:").unwrap()..];
-        assert!(!local.is_empty());
-        assert_eq!(settings(patch), local);
-    }
-}

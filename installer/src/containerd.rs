@@ -274,4 +274,24 @@ root = "/var/lib/containerd"
     fn removing_from_a_file_without_it_changes_nothing() {
         assert_eq!(remove_runtime(V2).unwrap(), V2);
     }
+
+    /// The local cluster's containerd config (cluster/up.sh) registers
+    /// podvisor with the settings this module adds on a node.
+    #[test]
+    fn the_local_cluster_registers_the_runtime_as_installed() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../cluster/containerd-podvisor.toml"
+        );
+        let local = std::fs::read_to_string(path).unwrap();
+        let settings = |text: &str| -> Vec<String> {
+            text.lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with('[') || l.contains(" = "))
+                .map(String::from)
+                .collect()
+        };
+        let installed = add_runtime("version = 2\n").unwrap();
+        assert_eq!(settings(&local), settings(&installed)[1..], "{installed}");
+    }
 }
