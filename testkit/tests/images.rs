@@ -173,8 +173,8 @@ fn toml_at<'a>(doc: &'a toml::Value, path: &[&str]) -> Result<&'a toml::Value> {
 /// (e2e/kind/Dockerfile), looked at without booting it (kind needs Docker):
 /// kind's containerd 2.x takes the runtime the installer registered in
 /// kind's config, and keeps kind's own settings; the node config, tree and
-/// shim are in place and the shim runs there; QEMU and Kubernetes' node
-/// binaries are there.
+/// shim are in place and the shim runs there; QEMU, the virtiofsd the
+/// node config names and Kubernetes' node binaries are there.
 fn kind_node(c: &Containerd) -> Result<()> {
     let (reference, config) = import(c, "kind-node")?;
     ensure!(
@@ -190,7 +190,7 @@ fn kind_node(c: &Containerd) -> Result<()> {
             "sh",
             "-c",
             "containerd --version && kubelet --version && kubeadm version -o short \
-             && qemu-system-x86_64 --version",
+             && qemu-system-x86_64 --version && /usr/lib/qemu/virtiofsd --version",
         ],
     )?;
     for want in [
@@ -198,6 +198,7 @@ fn kind_node(c: &Containerd) -> Result<()> {
         "Kubernetes v1.34.",
         "\nv1.34.",
         "QEMU emulator version",
+        "virtiofsd version",
     ] {
         ensure!(versions.contains(want), "no {want:?} in:\n{versions}");
     }
