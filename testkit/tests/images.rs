@@ -16,6 +16,7 @@
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{ensure, Context, Result};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -77,9 +78,15 @@ fn import(c: &Containerd, name: &str) -> Result<(String, Value)> {
 }
 
 /// `ctr run --rm` of `reference` under runc with `args` as its command;
-/// its stdout.
+/// its stdout. Each run has a container id of its own: the tests run in
+/// parallel.
 fn run(c: &Containerd, reference: &str, args: &[&str]) -> Result<String> {
-    let id = format!("image-check-{}", std::process::id());
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let id = format!(
+        "image-check-{}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    );
     ok(c.ctr(&[
         "run",
         "--rm",
